@@ -1,0 +1,1 @@
+"""veofast.checkpoint"""

@@ -1,0 +1,65 @@
+"""Choosing the implementation of an op: the Triton kernels or the plain-torch reference.
+
+``backend="auto"`` takes Triton for CUDA tensors and the reference elsewhere; ``"triton"`` and ``"torch"``
+force one. A backend that was asked for explicitly and cannot run raises; a fallback that ``auto`` takes on a
+CUDA device (Triton not installed) is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("veofast.ops")
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None when triton imports, else the reason it does not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(op: str, reason: str) -> None:
+    logger.warning("veofast.ops.%s: using the torch reference on CUDA because %s", op, reason)
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for running ``op`` on ``device``.
+
+    Raises ``ValueError`` for an unknown backend name and ``RuntimeError`` when ``backend="triton"`` was asked
+    for but cannot run (no triton, or tensors on a CPU without ``TRITON_INTERPRET=1``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    error = triton_import_error()
+    runnable = error is None and (device.type == "cuda" or triton_interpreting())
+    if backend == "triton":
+        if error is not None:
+            raise RuntimeError(f"{op}: backend='triton' was asked for but triton does not import ({error})")
+        if not runnable:
+            raise RuntimeError(
+                f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got device {device}"
+            )
+        return "triton"
+    if device.type == "cuda":
+        if error is None:
+            return "triton"
+        _log_fallback_once(op, f"triton does not import ({error})")
+    return "torch"
