@@ -1,1 +1,11 @@
-"""veofast.checkpoint"""
+"""Checkpoints: DCP save/resume of the whole training state (HF export lives in veofast.models.hf_io)."""
+
+from .checkpointer import (
+    checkpoint_path,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = ["checkpoint_path", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]

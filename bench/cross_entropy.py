@@ -1,0 +1,173 @@
+"""Benchmark of the fused linear cross-entropy: forward + backward, bf16, 10% of labels ignored, mean loss.
+
+Providers side by side in one process: veofast (Triton, and the torch reference), torch eager
+(``x @ W.T`` -> float -> ``F.cross_entropy``), torch.compile of eager, and, when importable, liger-kernel's
+``LigerFusedLinearCrossEntropyLoss`` and cut-cross-entropy's ``linear_cross_entropy``. At the anchor shape veofast
+also runs with several logits-chunk budgets (``kernels.cross_entropy.DEFAULT_CHUNK_BYTES``).
+
+Extra peak memory = peak allocated during fwd+bwd minus what existed before (inputs, weight) minus the gradients of
+hidden and weight that the step leaves behind: the ANCHORS.md convention ("above the steady state where inputs,
+weight and their grads exist").
+
+    python bench/cross_entropy.py [--quick] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import H200_BF16_TFLOPS, peak_extra_gib, print_table, record, time_ms  # noqa: E402
+from veofast.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+
+SUITE = "cross_entropy"
+H = 4096
+ANCHOR = (16384, H, 151936)
+SHAPES = [ANCHOR, (4096, H, 151936), (65536, H, 151936), (16384, H, 32000), (16384, H, 128256), (16384, H, 262144)]
+CHUNK_SWEEP_MIB = (128, 256, 1024, 2048)
+
+
+def eager(h, w, y):
+    return F.cross_entropy((h @ w.t()).float(), y)
+
+
+def providers() -> dict:
+    """name -> loss function (h, w, y) -> 0-dim loss; peers that do not import are skipped with a note."""
+    found = {
+        "veofast-triton": lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="triton"),
+        "veofast-torch": lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="torch"),
+        "torch-eager": eager,
+        "torch-compile": torch.compile(eager),
+    }
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+        found["liger"] = lambda h, w, y: liger(w, h, y)
+    except Exception as exc:  # ImportError or a broken install
+        print(f"note: liger-kernel skipped ({type(exc).__name__}: {exc})")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        found["cut-cross-entropy"] = lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=-100)
+    except Exception as exc:
+        print(f"note: cut-cross-entropy skipped ({type(exc).__name__}: {exc})")
+    return found
+
+
+def make_inputs(n: int, h: int, v: int, *, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(n, h, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02).requires_grad_()
+    labels = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    labels[torch.rand(n, device="cuda", generator=gen) < 0.1] = -100
+    return hidden, weight, labels
+
+
+def measure(name: str, fn, hidden, weight, labels, repeats: int) -> dict:
+    """Median fwd+bwd time and extra peak memory of one provider; an OOM or error is recorded, not raised."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    row = {"provider": name, "N": n, "H": h, "V": v, "dtype": "bfloat16", "ignored": 0.1}
+
+    def step():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, labels).backward()
+
+    try:
+        ms = time_ms(step, warmup=3, repeats=repeats)
+        hidden.grad = weight.grad = None
+        grads_gib = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**30
+        row["extra_peak_gib"] = peak_extra_gib(step) - grads_gib
+        floor_ms = 6 * n * h * v / (H200_BF16_TFLOPS * 1e12) * 1e3
+        row.update(ms=ms, tflops=6 * n * h * v / ms / 1e9, pct_floor=100 * floor_ms / ms)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "OOM"
+        print(f"note: {name} at N={n} V={v}: out of memory")
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"note: {name} at N={n} V={v} failed:\n{traceback.format_exc()}")
+    hidden.grad = weight.grad = None
+    torch.cuda.empty_cache()
+    return record(SUITE, row)
+
+
+def correctness(hidden, weight, labels) -> None:
+    """Loss and gradients of veofast and of torch's bf16 path, each against torch in fp32, at one shape."""
+
+    def loss_and_grads(fn, h, w):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = fn(h, w, labels)
+        loss.backward()
+        return loss.detach().double(), h.grad.double(), w.grad.double()
+
+    ref = loss_and_grads(lambda h, w, y: F.cross_entropy(h @ w.t(), y), hidden.float(), weight.float())
+    for name, fn in [("veofast-triton", lambda h, w, y: fused_linear_cross_entropy(h, w, y)), ("torch-bf16", eager)]:
+        got = loss_and_grads(fn, hidden, weight)
+        errs = [((g - r).norm() / r.norm()).item() for g, r in zip(got, ref, strict=True)]
+        del got
+        print(
+            f"correctness {name} vs torch fp32: loss rel err {errs[0]:.2e}, grad_hidden rel err {errs[1]:.2e}, "
+            f"grad_weight rel err {errs[2]:.2e}"
+        )
+        record(
+            SUITE,
+            {
+                "provider": name,
+                "check": "rel_err_vs_fp32",
+                "N": hidden.shape[0],
+                "V": weight.shape[0],
+                "loss_rel_err": errs[0],
+                "grad_hidden_rel_err": errs[1],
+                "grad_weight_rel_err": errs[2],
+            },
+        )
+    del ref
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the anchor shape")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/cross_entropy.py needs a CUDA GPU")
+    import veofast.kernels.cross_entropy as kernels
+
+    rows = []
+    found = providers()
+    for n, h, v in [ANCHOR] if args.quick else SHAPES:
+        hidden, weight, labels = make_inputs(n, h, v)
+        if (n, h, v) == ANCHOR:
+            correctness(hidden, weight, labels)
+        for name, fn in found.items():
+            rows.append(measure(name, fn, hidden, weight, labels, args.repeats))
+        if (n, h, v) == ANCHOR:
+            default = kernels.DEFAULT_CHUNK_BYTES
+            for mib in CHUNK_SWEEP_MIB:
+                kernels.DEFAULT_CHUNK_BYTES = mib * 2**20
+                rows.append(
+                    measure(
+                        f"veofast-triton[chunk {mib}MiB]", found["veofast-triton"], hidden, weight, labels, args.repeats
+                    )
+                )
+            kernels.DEFAULT_CHUNK_BYTES = default
+        del hidden, weight, labels
+        torch.cuda.empty_cache()
+    print(
+        f"\nfused linear cross-entropy, fwd+bwd, bf16, {torch.cuda.get_device_name()}; default chunk "
+        f"{kernels.DEFAULT_CHUNK_BYTES // 2**20} MiB; floor = 6NHV at {H200_BF16_TFLOPS} TFLOP/s"
+    )
+    print_table(rows, ["provider", "N", "H", "V", "ms", "tflops", "pct_floor", "extra_peak_gib", "error"])
+
+
+if __name__ == "__main__":
+    main()

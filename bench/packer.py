@@ -1,0 +1,121 @@
+"""Dynamic-batching packer: speed of the C++ and Python best-fit-decreasing packers, and packing efficiency.
+
+Lengths are log-normal (median 600 tokens, sigma 1.0), clipped to [1, 8192]; the budget is 8192 tokens.
+
+- speed: sequences packed per second by one call over n sequences (n = the buffer sizes 200 and 2000, and a
+  large 100k), C++ (``veofast._C``) vs the pure-Python fallback, on one core.
+- efficiency: a stream of sequences through ``DynamicBatcher`` with buffers of 200 and 2000: real tokens /
+  (budget * micro-batches), beside the lower bound ``ceil(sum(len) / budget)`` micro-batches and a sequential
+  next-fit baseline.
+
+Run: ``python bench/packer.py [--sequences 20000]``; results append to ``bench/results/packer.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+
+from bench.common import print_table, record
+from veofast.data.dynamic_batching import DynamicBatcher
+from veofast.data.packing import cpp_available, pack_sequences
+
+BUDGET = 8192
+
+
+def lognormal_lengths(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(rng.lognormal(math.log(600), 1.0, n)), 1, BUDGET).astype(np.int64)
+
+
+def seconds_per_call(fn, *, min_seconds: float = 0.5, repeats: int = 5) -> float:
+    """Median over ``repeats`` rounds of the mean time of ``fn()`` in a round of at least ``min_seconds``."""
+    fn()
+    rounds = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds / repeats:
+                break
+        rounds.append(elapsed / calls)
+    return float(np.median(rounds))
+
+
+def bench_speed() -> list[dict]:
+    rows = []
+    for n in (200, 2000, 100_000):
+        lengths = lognormal_lengths(n, seed=n)
+        row = {"bench": "speed", "n": n, "budget": BUDGET}
+        py_s = seconds_per_call(lambda lengths=lengths: pack_sequences(lengths, BUDGET, backend="python"))
+        row["python_seq_per_s"] = n / py_s
+        if cpp_available():
+            cpp_s = seconds_per_call(lambda lengths=lengths: pack_sequences(lengths, BUDGET, backend="cpp"))
+            row["cpp_seq_per_s"] = n / cpp_s
+            row["speedup"] = py_s / cpp_s
+        rows.append(record("packer", row))
+    return rows
+
+
+def next_fit_bins(lengths: np.ndarray) -> int:
+    bins, room = 0, 0
+    for length in lengths.tolist():
+        if length > room:
+            bins, room = bins + 1, BUDGET
+        room -= length
+    return bins
+
+
+def bench_efficiency(sequences: int) -> list[dict]:
+    rows = []
+    lengths = lognormal_lengths(sequences + 10 * 2000, seed=0)  # the tail keeps the last buffers full
+    for buffer_size in (200, 2000):
+        stream = iter([{"input_ids": np.zeros(n, np.int64), "labels": np.zeros(n, np.int64)} for n in lengths])
+        batcher = DynamicBatcher(stream, budget_at=lambda _: BUDGET, max_tokens=BUDGET, buffer_size=buffer_size)
+        taken, micro_batches, tokens = 0, 0, 0
+        start = time.perf_counter()
+        while taken < sequences:
+            samples = batcher.next_micro_batch()
+            taken += len(samples)
+            micro_batches += 1
+            tokens += sum(len(s["input_ids"]) for s in samples)
+        elapsed = time.perf_counter() - start
+        row = {
+            "bench": "efficiency",
+            "buffer_size": buffer_size,
+            "sequences": taken,
+            "tokens": tokens,
+            "micro_batches": micro_batches,
+            "lower_bound": math.ceil(tokens / BUDGET),
+            "efficiency": tokens / (BUDGET * micro_batches),
+            "next_fit_efficiency": lengths[:taken].sum() / (BUDGET * next_fit_bins(lengths[:taken])),
+            "batcher_seq_per_s": taken / elapsed,
+            "packer": "cpp" if cpp_available() else "python",
+        }
+        rows.append(record("packer", row))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sequences", type=int, default=20_000, help="sequences streamed per efficiency run")
+    args = parser.parse_args()
+    speed = bench_speed()
+    print("packer speed (sequences/s, one call over n sequences, one core)")
+    print_table(speed, ["n", "cpp_seq_per_s", "python_seq_per_s", "speedup"])
+    print()
+    efficiency = bench_efficiency(args.sequences)
+    print(f"packing efficiency, log-normal lengths (median 600, max {BUDGET}), budget {BUDGET}")
+    print_table(
+        efficiency,
+        ["buffer_size", "sequences", "micro_batches", "lower_bound", "efficiency", "next_fit_efficiency", "packer"],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Triton kernel and host launcher of the fused linear cross-entropy.
+
+Design: tokens are processed in chunks of ``chunk_rows(...)`` rows. For each chunk
+1. ``logits = hidden_chunk @ weight.T (+ bias)`` with cuBLAS, into a reused buffer in the input dtype;
+2. ``_ce_rows_kernel`` (one program per token) makes two passes over that token's logits: an online logsumexp
+   (plus the sum of logits for label smoothing), then, when gradients are wanted, it overwrites the logits in place
+   with ``dloss/dlogits`` scaled by the token's weight;
+3. ``grad_hidden_chunk = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden_chunk`` with cuBLAS (fp32
+   accumulation inside the GEMM; ``grad_weight`` itself is kept in the weight's dtype, so it costs no memory beyond
+   the gradient that has to exist anyway).
+
+The full ``(N, V)`` logits never exist: the extra memory is one ``(chunk_rows, V)`` buffer. Nothing here reads a
+device value on the host, so there is no host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Bytes of the reused (chunk_rows, V) logits buffer, the only extra memory besides the gradients themselves. The
+# grad_weight GEMM has K = chunk_rows and re-reads and re-writes all of grad_weight once per chunk, so bigger chunks
+# are faster and cost memory (bench/cross_entropy.py sweeps this; 512 MiB = 1664 rows at V=151936 in bf16).
+DEFAULT_CHUNK_BYTES = 512 * 2**20
+# Chunk row counts are multiples of this, so the GEMMs see well-shaped tiles.
+CHUNK_ROW_MULTIPLE = 128
+MAX_BLOCK_V = 4096
+
+_NEG_BIG = -1.0e30  # finite "minus infinity": keeps exp(m_old - m_new) free of (-inf) - (-inf) = nan
+
+
+def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, *, budget_bytes: int | None = None) -> int:
+    """Rows per chunk. All ``n_tokens`` if their logits fit in ``budget_bytes`` (default ``DEFAULT_CHUNK_BYTES``);
+    else the fewest chunks that fit, balanced, each a multiple of ``CHUNK_ROW_MULTIPLE`` rows (at least one)."""
+    budget = DEFAULT_CHUNK_BYTES if budget_bytes is None else budget_bytes
+    max_rows = max(CHUNK_ROW_MULTIPLE, budget // (vocab * elem_bytes) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+    if n_tokens <= max_rows:
+        return max(1, n_tokens)
+    per_chunk = -(-n_tokens // -(-n_tokens // max_rows))  # ceil(n / number of chunks)
+    return -(-per_chunk // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
+
+
+@triton.jit
+def _softcap(x, softcap):
+    """softcap * tanh(x / softcap), written with exp so that it is accurate near 0 and saturates cleanly."""
+    y = x / softcap
+    e = tl.exp(-2.0 * tl.abs(y))
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr,
+    stride_row,
+    labels_ptr,
+    scale_ptr,
+    scale_stride,
+    loss_ptr,
+    z_ptr,
+    V,
+    ignore_index,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One token (row) per program.
+
+    logits: (rows, V) in the input dtype, overwritten with scale * dloss/dlogits when COMPUTE_GRAD;
+    labels: (rows,); scale: token weights, read at ``row * scale_stride`` (stride 0 for one shared scalar);
+    loss, z: (rows,) fp32, the cross-entropy and the z-loss term of each token (0 where ignored).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = (label != ignore_index) & (label >= 0) & (label < V)
+
+    offs = tl.arange(0, BLOCK_V)
+    m_vec = tl.full([BLOCK_V], _NEG_BIG, tl.float32)
+    s_vec = tl.zeros([BLOCK_V], tl.float32)
+    sum_vec = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = _softcap(x, softcap)
+        if HAS_SMOOTHING:
+            sum_vec += tl.where(mask, x, 0.0)
+        x = tl.where(mask, x, _NEG_BIG)
+        m_new = tl.maximum(m_vec, x)
+        s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
+        m_vec = m_new
+    m = tl.max(m_vec, axis=0)
+    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0))
+
+    safe_label = tl.where(valid, label, 0)
+    x_label = tl.load(row_ptr + safe_label).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_label = _softcap(x_label, softcap)
+    if HAS_SMOOTHING:
+        ce = lse - (1.0 - label_smoothing) * x_label - label_smoothing / V * tl.sum(sum_vec, axis=0)
+    else:
+        ce = lse - x_label
+    z = lse_square_scale * lse * lse
+    tl.store(loss_ptr + row, tl.where(valid, ce, 0.0))
+    tl.store(z_ptr + row, tl.where(valid, z, 0.0))
+
+    if COMPUTE_GRAD:
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        scale = tl.where(valid, scale, 0.0)
+        p_coef = 1.0 + 2.0 * lse_square_scale * lse
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            raw = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            x = raw
+            if HAS_SOFTCAP:
+                x = _softcap(raw, softcap)
+            grad = tl.exp(x - lse) * p_coef
+            if HAS_SMOOTHING:
+                grad = grad - label_smoothing / V - (1.0 - label_smoothing) * (cols == label).to(tl.float32)
+            else:
+                grad = grad - (cols == label).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = x / softcap
+                grad = grad * (1.0 - t * t)
+            tl.store(row_ptr + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def ce_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    token_scale: torch.Tensor,
+    loss: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    compute_grad: bool,
+    block_v: int | None = None,
+) -> None:
+    """Launch ``_ce_rows_kernel`` on one chunk.
+
+    logits: (rows, V), rows contiguous (overwritten with dlogits when ``compute_grad``); labels: (rows,);
+    token_scale: 0-dim or (rows,) fp32; loss, z: (rows,) fp32 outputs.
+    """
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1 and labels.is_contiguous() and loss.is_contiguous() and z.is_contiguous()
+    block = min(block_v or MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    _ce_rows_kernel[(rows,)](
+        logits,
+        logits.stride(0),
+        labels,
+        token_scale,
+        token_scale.stride(0) if token_scale.dim() else 0,
+        loss,
+        z,
+        vocab,
+        ignore_index,
+        float(label_smoothing),
+        float(lse_square_scale),
+        float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None,
+        HAS_SMOOTHING=label_smoothing != 0.0,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+
+
+def linear_cross_entropy_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    token_scale: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    chunk_budget_bytes: int | None = None,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token cross-entropy of ``hidden @ weight.T + bias`` and, if asked, the gradients of
+    ``sum_n token_scale[n] * (ce[n] + z[n])``.
+
+    hidden: (N, H); weight: (V, H) same dtype; bias: (V,) or None; labels: (N,) int; token_scale: 0-dim or (N,) fp32.
+    Labels equal to ``ignore_index`` or outside [0, V) count as ignored (loss 0, no gradient).
+    Returns ce (N,) fp32, z (N,) fp32 (``lse_square_scale * lse**2``), grad_hidden (N, H), grad_weight (V, H),
+    grad_bias (V,), each grad in its input's dtype or None when not asked for.
+    """
+    n_tokens, _ = hidden.shape
+    vocab = weight.shape[0]
+    compute_grad = grad_hidden or grad_weight or grad_bias
+    ce = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    z = torch.empty_like(ce)
+    g_hidden = hidden.new_empty(hidden.shape) if grad_hidden else None  # contiguous, so chunk rows are too
+    g_weight = (weight.new_empty(weight.shape) if n_tokens else weight.new_zeros(weight.shape)) if grad_weight else None
+    g_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if grad_bias else None
+    rows = chunk_rows(n_tokens, vocab, hidden.element_size(), budget_bytes=chunk_budget_bytes)
+    buffer = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+    weight_t = weight.t()
+    for start in range(0, n_tokens, rows):
+        end = min(start + rows, n_tokens)
+        h = hidden[start:end]
+        logits = buffer[: end - start]
+        if bias is None:
+            torch.mm(h, weight_t, out=logits)
+        else:
+            torch.addmm(bias, h, weight_t, out=logits)
+        scale = token_scale[start:end] if token_scale.dim() else token_scale
+        ce_rows(
+            logits,
+            labels[start:end],
+            scale,
+            ce[start:end],
+            z[start:end],
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale,
+            softcap=softcap,
+            compute_grad=compute_grad,
+            block_v=block_v,
+        )
+        if g_hidden is not None:
+            torch.mm(logits, weight, out=g_hidden[start:end])
+        if g_weight is not None:
+            if start == 0:
+                torch.mm(logits.t(), h, out=g_weight)
+            else:
+                g_weight.addmm_(logits.t(), h)
+        if g_bias is not None:
+            g_bias += logits.sum(0, dtype=torch.float32)
+    if g_bias is not None and bias is not None:
+        g_bias = g_bias.to(bias.dtype)
+    return ce, z, g_hidden, g_weight, g_bias

@@ -1,0 +1,302 @@
+"""Train a dense or MoE language model: ``torchrun --nproc_per_node=N tasks/train.py configs/moe.yaml [--train.lr 1e-4 ...]``.
+
+The VeOmni layers in order: arguments -> parallel state -> data -> model -> parallelize -> optimizer -> loop.
+Each step takes a list of micro-batches, learns the global label-token count with one all-reduce, and
+accumulates gradients of ``sum(token losses) / global count``; gradients are clipped over the right groups,
+non-finite steps are skipped, and metrics go to ``<output_dir>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from veofast.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from veofast.data import build_dataloader, build_iterative_dataset, build_mapping_dataset
+from veofast.data.chat_template import build_chat_template
+from veofast.data.data_transform import process_pretrain_example, process_sft_example
+from veofast.distributed.parallel_state import get_parallel_state, init_parallel_state
+from veofast.distributed.torch_parallelize import build_parallelize_model
+from veofast.models import build_foundation_model, build_tokenizer
+from veofast.optim import build_lr_scheduler, build_optimizer
+from veofast.utils.arguments import (
+    ArgumentError,
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    parse_args,
+    save_args,
+    to_dict,
+)
+from veofast.train_step import to_device, train_step
+from veofast.utils.flops import peak_tflops
+from veofast.utils.helper import create_profiler, exit_process, set_seed
+from veofast.utils.logging import get_logger
+from veofast.utils.metrics import MetricsWriter
+
+logger = get_logger("veofast.train")
+
+
+@dataclass
+class Arguments:
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    train: TrainingArguments = field(default_factory=TrainingArguments)
+
+
+def build_transform(args: Arguments, tokenizer):
+    if args.data.data_type == "plaintext":
+        return partial(
+            process_pretrain_example, tokenizer=tokenizer, max_seq_len=args.data.max_seq_len,
+            text_keys=args.data.text_keys,
+        )
+    chat_template = build_chat_template(args.data.chat_template, tokenizer)
+    return partial(
+        process_sft_example, chat_template=chat_template, max_seq_len=args.data.max_seq_len,
+        text_keys=args.data.text_keys,
+    )
+
+
+def build_dataset(args: Arguments, path: str, transform):
+    if args.data.datasets_type == "iterable":
+        return build_iterative_dataset(path, transform=transform, seed=args.train.seed)
+    return build_mapping_dataset(path, transform=transform)
+
+
+def build_loader(args: Arguments, dataset, train_steps: int):
+    return build_dataloader(
+        dataset=dataset,
+        micro_batch_size=args.train.micro_batch_size,
+        global_batch_size=args.train.global_batch_size,
+        dataloader_batch_size=args.train.dataloader_batch_size,
+        seed=args.train.seed,
+        max_seq_len=args.data.max_seq_len,
+        train_steps=train_steps,
+        rmpad=args.train.rmpad,
+        rmpad_with_pos_ids=args.train.rmpad_with_pos_ids,
+        bsz_warmup_ratio=args.train.bsz_warmup_ratio,
+        bsz_warmup_init_mbtoken=args.train.bsz_warmup_init_mbtoken,
+        dyn_bsz_margin=args.train.dyn_bsz_margin,
+        dyn_bsz_buffer_size=args.train.dyn_bsz_buffer_size,
+        num_workers=args.data.num_workers,
+        drop_last=args.data.drop_last,
+        pin_memory=args.data.pin_memory,
+        prefetch_factor=args.data.prefetch_factor,
+    )
+
+
+def check_output_dir(args: Arguments) -> None:
+    """Refuse to start over another run's checkpoints unless resuming or asked to overwrite."""
+    if args.train.load_path is None and not args.train.overwrite_output_dir and list_checkpoints(args.train.output_dir):
+        raise ArgumentError(
+            f"train.output_dir {args.train.output_dir!r} already holds checkpoints of another run; resume with "
+            "--train.load_path auto, choose another output_dir, or pass --train.overwrite_output_dir true"
+        )
+
+
+def resolve_load_path(args: Arguments) -> str | None:
+    if args.train.load_path != "auto":
+        return args.train.load_path
+    latest = find_latest_checkpoint(args.train.output_dir)
+    if latest is None:
+        logger.info_rank0("load_path auto: no checkpoint in %s, starting from scratch", args.train.output_dir)
+    return latest
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, group, max_batches: int) -> float:
+    """Mean token loss over the evaluation set (or its first ``max_batches`` micro-batches per rank)."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    seen = 0
+    for micro_batches in loader:
+        for micro_batch in micro_batches:
+            batch = to_device(micro_batch, device)
+            batch.pop("num_label_tokens", None)
+            out = model(**batch, num_items_in_batch=1)  # loss = sum over label tokens
+            labels = batch.get("labels")
+            count = (labels[..., 1:] != -100).sum() if labels is not None else 0
+            totals += torch.stack([out.lm_loss.double(), torch.as_tensor(count, device=device).double()])
+            seen += 1
+            if max_batches and seen >= max_batches:
+                break
+        if max_batches and seen >= max_batches:
+            break
+    dist.all_reduce(totals, group=group)
+    model.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def main() -> None:
+    args = parse_args(Arguments)
+    train = args.train
+    check_output_dir(args)
+    init_parallel_state(
+        dp_size=train.data_parallel_size, tp_size=train.tensor_parallel_size, ep_size=train.expert_parallel_size,
+        pp_size=train.pipeline_parallel_size, cp_size=train.context_parallel_size,
+        ulysses_size=train.ulysses_parallel_size, dp_mode=train.data_parallel_mode,
+    )
+    ps = get_parallel_state()
+    set_seed(train.seed, deterministic=train.deterministic)
+    if ps.is_main_process:
+        save_args(args, train.output_dir)
+    logger.info_rank0("parallel state: world %d, dp %d, sp %d, ep %d on %s", ps.world_size, ps.dp_size,
+                      ps.sp_size, ps.ep_size, ps.device_type)
+
+    # ---- data
+    if not args.data.train_path:
+        raise ArgumentError("data.train_path is required")
+    tokenizer = build_tokenizer(args.model.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
+    transform = build_transform(args, tokenizer)
+    train_dataset = build_dataset(args, args.data.train_path, transform)
+    dataset_length = len(train_dataset) if args.data.datasets_type == "mapping" else None
+    train.compute_train_steps(args.data.max_seq_len, args.data.train_size, dataset_length)
+    total_steps = train.train_steps * train.num_train_epochs
+    if train.max_steps is not None:
+        total_steps = min(total_steps, train.max_steps)
+    train_loader = build_loader(args, train_dataset, train.train_steps)
+    eval_loader = None
+    if args.data.eval_path and train.eval_steps > 0:
+        eval_loader = build_loader(args, build_dataset(args, args.data.eval_path, transform), None)
+
+    # ---- model, parallelism, optimizer
+    model = build_foundation_model(
+        config_path=args.model.config_path, weights_path=args.model.model_path, init_device=train.init_device,
+        config_overrides=args.model.config_overrides, ops_backend=args.model.ops_backend, seed=train.seed,
+    )
+    config = model.config
+    model = build_parallelize_model(
+        model, enable_full_shard=train.enable_full_shard, enable_mixed_precision=train.enable_mixed_precision,
+        enable_gradient_checkpointing=train.enable_gradient_checkpointing, init_device=train.init_device,
+        enable_fsdp_offload=train.enable_fsdp_offload, basic_modules=args.model.basic_modules,
+        enable_compile=train.compile, seed=train.seed,
+    )
+    optimizer = build_optimizer(
+        model, lr=train.lr, weight_decay=train.weight_decay, betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_eps,
+    )
+    lr_scheduler = build_lr_scheduler(
+        optimizer, train_steps=total_steps, lr=train.lr, lr_min=train.lr_min, lr_warmup_ratio=train.lr_warmup_ratio,
+        lr_decay_style=train.lr_decay_style, lr_decay_ratio=train.lr_decay_ratio,
+    )
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info_rank0("model: %s, %.2fM parameters, %d steps", config.model_type, num_params / 1e6, total_steps)
+
+    # ---- resume
+    global_step = 0
+    load_path = resolve_load_path(args) if train.load_path else None
+    if load_path:
+        extra = load_checkpoint(load_path, model, optimizer)
+        lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        train_loader.load_state_dict(extra["dataloader"])
+        global_step = extra["global_step"]
+        logger.info_rank0("resumed from %s at step %d", load_path, global_step)
+
+    metrics = MetricsWriter(
+        train.output_dir, enabled=ps.is_main_process, use_tensorboard=train.use_tensorboard,
+        use_wandb=train.use_wandb, wandb_project=train.wandb_project, wandb_name=train.wandb_name,
+        config=to_dict(args),
+    )
+    profiler = None
+    if train.enable_profiling and ps.is_main_process:
+        profiler = create_profiler(
+            start_step=train.profile_start_step, end_step=train.profile_end_step, trace_dir=train.profile_trace_dir,
+            record_shapes=train.profile_record_shapes, profile_memory=train.profile_profile_memory,
+            with_stack=train.profile_with_stack,
+        )
+        profiler.start()
+
+    def save(step: int) -> None:
+        extra = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict(),
+                 "dataloader": train_loader.state_dict()}
+        path = save_checkpoint(train.output_dir, step, model, optimizer, extra, keep=train.keep_checkpoints)
+        if train.save_hf_weights:
+            from veofast.models.hf_io import save_hf_weights
+
+            save_hf_weights(model, os.path.join(path, "hf"), tokenizer=tokenizer)
+        logger.info_rank0("saved checkpoint %s", path)
+
+    # ---- the loop
+    device, group = ps.device, ps.fsdp_group
+    peak = peak_tflops()
+    bad_steps = 0
+    progress = None
+    if ps.is_main_process:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True)
+    model.train()
+    start_epoch = global_step // train.train_steps
+    data_iterator = iter(train_loader)
+    for epoch in range(start_epoch, train.num_train_epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        for _ in range(global_step % train.train_steps if epoch == start_epoch else 0, train.train_steps):
+            if global_step >= total_steps:
+                break
+            step_start = time.perf_counter()
+            result = train_step(model, next(data_iterator), optimizer, lr_scheduler, config=config, ps=ps,
+                                max_grad_norm=train.max_grad_norm)
+            global_step += 1
+            if result.skipped:
+                bad_steps += 1
+                logger.warning_rank0("step %d: non-finite loss %s / grad norm %s, update skipped (%d in a row)",
+                                     global_step, result.loss, result.grad_norm, bad_steps)
+            else:
+                bad_steps = 0
+            step_time = time.perf_counter() - step_start
+            record = {
+                "step": global_step, "epoch": epoch, "loss": result.loss, "grad_norm": result.grad_norm,
+                "lr": lr_scheduler.get_last_lr()[0], "tokens": result.tokens,
+                "tokens_per_sec": result.tokens / step_time,
+                "tokens_per_sec_per_gpu": result.tokens / step_time / ps.world_size,
+                "step_time": step_time, "skipped": result.skipped,
+            }
+            if result.aux_loss is not None:
+                record["aux_loss"] = result.aux_loss
+            if peak is not None:
+                record["mfu"] = result.flops / step_time / ps.world_size / (peak * 1e12)
+            if torch.cuda.is_available():
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if eval_loader is not None and global_step % train.eval_steps == 0:
+                record["eval_loss"] = evaluate(model, eval_loader, device, group, train.eval_batches)
+            if global_step % train.log_steps == 0 or "eval_loss" in record:
+                metrics.write(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{result.loss:.4f}", gnorm=f"{result.grad_norm:.2f}")
+            if profiler is not None:
+                profiler.step()
+                if global_step == train.profile_end_step:
+                    profiler.stop()
+                    profiler = None
+            if bad_steps >= train.max_bad_steps:
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row (last at step {global_step}); stopping")
+            if train.save_steps > 0 and global_step % train.save_steps == 0 and global_step < total_steps:
+                save(global_step)
+        if global_step >= total_steps:
+            break
+    if profiler is not None:
+        profiler.stop()
+    save(global_step)
+    if progress is not None:
+        progress.close()
+    metrics.close()
+    logger.info_rank0("training done: %d steps, output in %s", global_step, train.output_dir)
+
+
+if __name__ == "__main__":
+    code = 0
+    try:
+        main()
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

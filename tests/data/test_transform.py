@@ -1,0 +1,59 @@
+"""Transforms: pre-training split with one-token overlap, EOS, SFT, bad records."""
+
+from __future__ import annotations
+
+import pytest
+
+from veofast.data.chat_template import build_chat_template
+from veofast.data.data_transform import build_data_transform, process_pretrain_example, process_sft_example
+from veofast.data.records import BadRecordError
+
+
+def test_pretrain_short(tokenizer):
+    (sample,) = process_pretrain_example({"text": "abc"}, tokenizer, max_seq_len=16)
+    assert sample["input_ids"] == tokenizer.encode("abc") + [tokenizer.eos_token_id]
+    assert sample["labels"] == sample["input_ids"]
+
+
+@pytest.mark.parametrize("length", [9, 10, 11, 25])
+def test_pretrain_split_covers_every_target_once(tokenizer, length):
+    text = "x" * (length - 1)  # + EOS = length tokens
+    pieces = process_pretrain_example({"body": text}, tokenizer, max_seq_len=10, text_keys=["title", "body"])
+    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    assert all(2 <= len(p["input_ids"]) <= 10 for p in pieces)
+    # piece k starts where piece k-1 ended minus one token; targets (all but each piece's first) partition ids[1:]
+    start, targets = 0, []
+    for piece in pieces:
+        assert piece["input_ids"] == ids[start : start + len(piece["input_ids"])]
+        targets += piece["input_ids"][1:]
+        start += len(piece["input_ids"]) - 1
+    assert targets == ids[1:]
+
+
+def test_pretrain_bad_records(tokenizer):
+    with pytest.raises(BadRecordError, match="none of the keys"):
+        process_pretrain_example({"txt": "a"}, tokenizer, max_seq_len=8)
+    with pytest.raises(BadRecordError, match="must be a string"):
+        process_pretrain_example({"text": 3}, tokenizer, max_seq_len=8)
+    with pytest.raises(BadRecordError, match="empty"):
+        process_pretrain_example({"text": ""}, tokenizer, max_seq_len=8)
+
+
+def test_sft(tokenizer):
+    template = build_chat_template("chatml", tokenizer)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (sample,) = process_sft_example({"messages": messages}, template, max_seq_len=64)
+    assert sample == template.encode_messages(messages, max_seq_len=64)
+    with pytest.raises(BadRecordError, match="no assistant token within max_seq_len=5"):
+        process_sft_example({"messages": messages}, template, max_seq_len=5)
+    with pytest.raises(BadRecordError, match="non-empty list"):
+        process_sft_example({"messages": []}, template, max_seq_len=64)
+
+
+def test_build_data_transform(tokenizer):
+    pretrain = build_data_transform("plaintext", tokenizer=tokenizer, max_seq_len=8)
+    assert pretrain({"text": "ab"})[0]["labels"] == tokenizer.encode("ab") + [tokenizer.eos_token_id]
+    sft = build_data_transform("conversation", tokenizer=tokenizer, max_seq_len=64)
+    assert sft({"messages": [{"role": "assistant", "content": "ok"}]})
+    with pytest.raises(ValueError, match="data_type"):
+        build_data_transform("images", tokenizer=tokenizer, max_seq_len=8)

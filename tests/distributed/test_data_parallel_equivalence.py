@@ -1,0 +1,37 @@
+"""A 2-rank data-parallel run (FSDP2 and DDP) gives the losses and gradient norms of a 1-rank run on the
+same global batch: the loss is normalised by the global label-token count and the norm reduced correctly."""
+
+import json
+
+import pytest
+from dist_launch import torchrun
+
+WORKER = "tests/distributed/workers/train_steps_worker.py"
+
+
+def run(tmp_path, nproc, *options):
+    out = tmp_path / f"out_{nproc}_{'_'.join(options)}.json"
+    torchrun(WORKER, str(out), *options, nproc=nproc)
+    return json.loads(out.read_text())
+
+
+def assert_same(a, b, rel=2e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["label_tokens"] == y["label_tokens"]
+        for key in ("loss", "grad_norm", "aux_loss"):
+            if x[key] is not None:
+                assert x[key] == pytest.approx(y[key], rel=rel), (key, a, b)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "llama"])
+def test_fsdp2_two_ranks_match_one(tmp_path, model_type):
+    single = run(tmp_path, 1, model_type)
+    double = run(tmp_path, 2, model_type)
+    assert_same(single, double)
+
+
+def test_ddp_and_cpu_init_match_fsdp(tmp_path):
+    fsdp = run(tmp_path, 1, "llama")
+    ddp = run(tmp_path, 2, "llama", "dp_mode=ddp", "init_device=cpu")
+    assert_same(fsdp, ddp)

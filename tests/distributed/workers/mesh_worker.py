@@ -1,0 +1,33 @@
+"""Build a parallel state from command-line sizes (dp sp ep out_dir); each rank writes its view as JSON."""
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from veofast.distributed.parallel_state import init_parallel_state
+from veofast.utils.helper import exit_process
+
+
+def main():
+    dp, sp, ep = (int(x) for x in sys.argv[1:4])
+    ps = init_parallel_state(dp_size=dp, ulysses_size=sp, ep_size=ep, dp_mode="fsdp2", device_type="cpu")
+    view = {
+        "rank": ps.global_rank, "dp_rank": ps.dp_rank, "dp_size": ps.dp_size, "sp_rank": ps.sp_rank,
+        "sp_size": ps.sp_size, "ep_rank": ps.ep_rank, "ep_size": ps.ep_size, "fsdp_size": ps.fsdp_mesh.size(),
+        "dp_group": dist.get_process_group_ranks(ps.dp_group), "sp_group": dist.get_process_group_ranks(ps.sp_group),
+        "ep_group": dist.get_process_group_ranks(ps.ep_group),
+        "fsdp_group": dist.get_process_group_ranks(ps.fsdp_group), "tp_size": ps.tp_mesh.size(),
+    }
+    with open(f"{sys.argv[4]}/view_rank{ps.global_rank}.json", "w") as f:
+        json.dump(view, f)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+        code = 0
+    except Exception as exc:  # report the error text for the test to check
+        print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
+        code = 3
+    exit_process(code)

@@ -1,0 +1,349 @@
+"""Tests of fused_linear_cross_entropy: torch and Triton (interpreter on CPU) paths against a float64 oracle.
+
+CPU: fp32/fp16 only (the interpreter's bf16 tl.dot is wrong, though this kernel uses no dot) and small shapes, the
+interpreter is slow. GPU tests (marked ``gpu``) cover bf16, the chunked path at realistic sizes and the no-sync rule.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from veofast.ops.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+
+BACKENDS = ["torch", "triton"]
+
+
+def oracle(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
+    label_smoothing=0.0,
+    lse_square_scale=0.0,
+    softcap=None,
+):
+    """Unchunked float64 definition: returns (loss, z_term)."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = labels != ignore_index
+    ce = F.cross_entropy(
+        logits, labels.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    z = torch.where(valid, lse_square_scale * torch.logsumexp(logits, -1) ** 2, 0.0)
+    per_token = ce + z
+    if reduction == "none":
+        return per_token, z
+    if reduction == "sum":
+        return per_token.sum(), z.sum()
+    denom = valid.sum().clamp(min=1) if num_items_in_batch is None else max(int(num_items_in_batch), 1)
+    return per_token.sum() / denom, z.sum() / denom
+
+
+def make_inputs(n, h, v, *, dtype=torch.float32, device="cpu", ignored=0.1, bias=False, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen) * 2.0
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignored] = -100
+    b = torch.randn(v, generator=gen) if bias else None
+    to = dict(device=device, dtype=dtype)
+    return hidden.to(**to), weight.to(**to), labels.to(device), None if b is None else b.to(**to)
+
+
+def run(fn, hidden, weight, labels, bias=None, grad_out=None, **kwargs):
+    """Forward + backward on fresh leaves; returns (loss, z_term, grad_hidden, grad_weight, grad_bias)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    loss, z = fn(leaves[0], leaves[1], labels, bias=leaves[2], return_z_loss=True, **kwargs)
+    (loss if grad_out is None else loss * grad_out.to(loss)).sum().backward()
+    return loss.detach(), z, *(t.grad if t is not None else None for t in leaves)
+
+
+def oracle_run(hidden, weight, labels, bias=None, grad_out=None, **kwargs):
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    loss, z = oracle(leaves[0], leaves[1], labels, bias=leaves[2], **kwargs)
+    (loss if grad_out is None else loss * grad_out.double()).sum().backward()
+    return loss.detach(), z.detach(), *(t.grad if t is not None else None for t in leaves)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close64(got, want, *, rtol):
+    """Every result within ``rtol`` of the oracle, relative to the oracle's largest magnitude."""
+    for name, g, w in zip(["loss", "z", "grad_hidden", "grad_weight", "grad_bias"], got, want, strict=True):
+        if w is None:
+            assert g is None, name
+            continue
+        assert torch.isfinite(g).all(), name
+        assert max_err(g, w) <= rtol * max(w.abs().max().item(), 1e-3), (name, max_err(g, w), w.abs().max().item())
+
+
+def call(backend):
+    return lambda *a, **k: fused_linear_cross_entropy(*a, backend=backend, **k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,h,v", [(1, 16, 1001), (97, 32, 1001), (48, 64, 257)])
+def test_fp32_matches_float64(backend, n, h, v):
+    inputs = make_inputs(n, h, v)
+    assert_close64(run(call(backend), *inputs), oracle_run(*inputs), rtol=1e-5)
+
+
+FEATURES = [
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(num_items_in_batch=50),
+    dict(num_items_in_batch="tensor"),
+    dict(label_smoothing=0.1),
+    dict(lse_square_scale=1e-2),
+    dict(softcap=3.0),
+    dict(bias=True),
+    dict(ignore_index=5, label_smoothing=0.2, lse_square_scale=1e-3, softcap=5.0, bias=True, reduction="none"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_features_match_float64(backend, feature):
+    kwargs = dict(feature)
+    hidden, weight, labels, bias = make_inputs(40, 32, 301, bias=kwargs.pop("bias", False))
+    if kwargs.get("ignore_index") is not None:
+        labels[labels == -100] = kwargs["ignore_index"]
+    if kwargs.get("num_items_in_batch") == "tensor":
+        kwargs["num_items_in_batch"] = torch.tensor(77)
+    grad_out = torch.rand(40) + 0.5 if kwargs.get("reduction") == "none" else None
+    got = run(call(backend), hidden, weight, labels, bias, grad_out, **kwargs)
+    assert_close64(got, oracle_run(hidden, weight, labels, bias, grad_out, **kwargs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_grads(backend, reduction):
+    hidden, weight, labels, bias = make_inputs(8, 16, 101, bias=True)
+    labels.fill_(-100)
+    loss, z, gh, gw, gb = run(call(backend), hidden, weight, labels, bias, reduction=reduction, lse_square_scale=0.1)
+    for t in (loss, z, gh, gw, gb):
+        assert torch.isfinite(t).all() and (t == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_error_bound(backend):
+    """|fast - ref64| <= 2 |torch fp16 - ref64| + floor, with torch fp16 = (h @ W.T).float() -> F.cross_entropy."""
+    hidden, weight, labels, _ = make_inputs(48, 64, 1001, dtype=torch.float16)
+    want = oracle_run(hidden, weight, labels)
+    got = run(call(backend), hidden, weight, labels)
+    eager = run(
+        lambda h, w, y, bias=None, return_z_loss=True: (F.cross_entropy((h @ w.t()).float(), y), 0 * h.sum()),
+        hidden,
+        weight,
+        labels,
+    )
+    for i, name in [(0, "loss"), (2, "grad_hidden"), (3, "grad_weight")]:
+        floor = 1e-3 * want[i].abs().max().item()
+        assert max_err(got[i], want[i]) <= 2 * max_err(eager[i], want[i]) + floor, name
+
+
+def test_kernel_chunks_and_vocab_blocks(monkeypatch):
+    """The launcher on several token chunks and vocab blocks (ragged last ones) matches the reference pass."""
+    import veofast.kernels.cross_entropy as kernels
+
+    from veofast.ops.cross_entropy import _reference_pass
+
+    monkeypatch.setattr(kernels, "CHUNK_ROW_MULTIPLE", 16)
+    hidden, weight, labels, bias = make_inputs(40, 16, 300, bias=True)
+    scale = torch.rand(40) + 0.5
+    opts = dict(
+        ignore_index=-100,
+        label_smoothing=0.1,
+        lse_square_scale=1e-2,
+        softcap=4.0,
+        grad_hidden=True,
+        grad_weight=True,
+        grad_bias=True,
+    )
+    got = kernels.linear_cross_entropy_pass(
+        hidden, weight, bias, labels, scale, chunk_budget_bytes=1, block_v=128, **opts
+    )
+    want = _reference_pass(hidden, weight, bias, labels, scale, **opts)
+    for g, w in zip(got, want, strict=True):
+        assert max_err(g, w) <= 1e-5 * w.abs().max().item()
+
+
+def test_chunk_rows_rule():
+    from veofast.kernels.cross_entropy import CHUNK_ROW_MULTIPLE, chunk_rows
+
+    budget = 512 * 2**20
+    assert chunk_rows(4096, 32000, 2, budget_bytes=budget) == 4096  # fits: one chunk of all tokens
+    for n, v in [(16384, 151936), (4096, 151936), (65536, 262144), (1000, 10**7)]:
+        rows = chunk_rows(n, v, 2, budget_bytes=budget)
+        chunks = -(-n // rows)
+        assert rows % CHUNK_ROW_MULTIPLE == 0 and (rows * v * 2 <= budget or rows == CHUNK_ROW_MULTIPLE)
+        assert chunks == -(-n // max(CHUNK_ROW_MULTIPLE, budget // (2 * v) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE))
+    assert chunk_rows(0, 100, 4) == 1
+
+
+def test_reference_chunks(monkeypatch):
+    import veofast.ops.cross_entropy as op
+
+    monkeypatch.setattr(op, "REFERENCE_CHUNK_ELEMENTS", 7 * 301)
+    inputs = make_inputs(40, 32, 301, bias=True)
+    assert_close64(run(fused_linear_cross_entropy_reference, *inputs), oracle_run(*inputs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_int32_labels(backend):
+    hidden, weight, labels, _ = make_inputs(24, 16, 101)
+    want = oracle(hidden, weight, labels, reduction="none")[0]
+    loss = fused_linear_cross_entropy(
+        hidden.view(2, 12, 16), weight, labels.view(2, 12).int(), reduction="none", backend=backend
+    )
+    assert loss.shape == (2, 12) and max_err(loss.flatten(), want) <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_grad(backend, reduction):
+    hidden, weight, labels, _ = make_inputs(16, 16, 101)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, labels, reduction=reduction, backend=backend)
+    want = oracle(hidden, weight, labels, reduction=reduction)[0]
+    assert loss.shape == want.shape and max_err(loss, want) <= 1e-5 * want.abs().max().item()
+
+
+def test_out_of_range_labels():
+    hidden, weight, labels, _ = make_inputs(8, 16, 101)
+    labels[3] = 101
+    with pytest.raises(ValueError, match="labels"):
+        fused_linear_cross_entropy(hidden, weight, labels, backend="torch")
+    # The Triton path cannot check without a sync: such a token is treated as ignored.
+    got = fused_linear_cross_entropy(hidden, weight, labels, backend="triton")
+    labels[3] = -100
+    assert max_err(got, oracle(hidden, weight, labels)[0]) <= 1e-5
+
+
+def test_bad_inputs():
+    hidden, weight, labels, _ = make_inputs(4, 8, 11)
+    f = fused_linear_cross_entropy
+    with pytest.raises(ValueError, match="weight"):
+        f(hidden, weight[:, :4], labels)
+    with pytest.raises(ValueError, match="weight"):
+        f(hidden, weight.double(), labels)
+    with pytest.raises(ValueError, match="labels"):
+        f(hidden, weight, labels[:3])
+    with pytest.raises(ValueError, match="labels"):
+        f(hidden, weight, labels.float())
+    with pytest.raises(ValueError, match="bias"):
+        f(hidden, weight, labels, bias=torch.zeros(10))
+    with pytest.raises(ValueError, match="reduction"):
+        f(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        f(hidden, weight, labels, backend="cuda")
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        f(hidden, weight, labels, num_items_in_batch=-1)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        f(hidden, weight, labels, reduction="sum", num_items_in_batch=3)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        f(hidden, weight, labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="softcap"):
+        f(hidden, weight, labels, softcap=0.0)
+    with pytest.raises(ValueError, match="lse_square_scale"):
+        f(hidden, weight, labels, lse_square_scale=-1.0)
+    with pytest.raises(ValueError, match="labels"):
+        f(hidden, weight, labels.to("meta"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend):
+    inputs = make_inputs(16, 16, 101)
+    torch._dynamo.reset()
+    compiled = torch.compile(call(backend), backend="aot_eager", fullgraph=True)
+    assert_close64(run(compiled, *inputs, lse_square_scale=1e-3), oracle_run(*inputs, lse_square_scale=1e-3), rtol=1e-5)
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+
+
+def eager_torch(hidden, weight, labels, bias=None, return_z_loss=True):
+    """torch's own path in the input dtype: logits in that dtype, then fp32 cross-entropy."""
+    return F.cross_entropy((hidden @ weight.t()).float(), labels), torch.zeros(())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_bytes", [None, 16 * 2**20])
+def test_gpu_error_bound(dtype, chunk_bytes, monkeypatch):
+    """N=2048, H=1024, V=32003: |triton - ref64| <= 2 |torch same-dtype - ref64| + floor.
+
+    With 16 MiB chunks (8 chunks of 256 rows) grad_weight is accumulated chunk by chunk in the weight's dtype, so its
+    rounding error grows like sqrt(chunks): its bound is 2 sqrt(chunks) |torch - ref64| + floor.
+    """
+    import veofast.kernels.cross_entropy as kernels
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(kernels, "DEFAULT_CHUNK_BYTES", chunk_bytes)
+    n, h, v = 2048, 1024, 32003
+    chunks = -(-n // kernels.chunk_rows(n, v, 2))
+    inputs = make_inputs(n, h, v, dtype=dtype, device="cuda")
+    want = oracle_run(*inputs)
+    got = run(call("triton"), *inputs)
+    eager = run(eager_torch, *inputs)
+    for i, name, k in [(0, "loss", 2), (2, "grad_hidden", 2), (3, "grad_weight", 2 * chunks**0.5)]:
+        floor = 1e-3 * want[i].abs().max().item()
+        assert max_err(got[i], want[i]) <= k * max_err(eager[i], want[i]) + floor, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_gpu_features_fp32(feature):
+    kwargs = dict(feature)
+    hidden, weight, labels, bias = make_inputs(300, 128, 5003, device="cuda", bias=kwargs.pop("bias", False))
+    if kwargs.get("ignore_index") is not None:
+        labels[labels == -100] = kwargs["ignore_index"]
+    if kwargs.get("num_items_in_batch") == "tensor":
+        kwargs["num_items_in_batch"] = torch.tensor(77, device="cuda")
+    grad_out = torch.rand(300, device="cuda") + 0.5 if kwargs.get("reduction") == "none" else None
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = run(call("triton"), hidden, weight, labels, bias, grad_out, **kwargs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert_close64(got, oracle_run(hidden, weight, labels, bias, grad_out, **kwargs), rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    hidden, weight, labels, _ = make_inputs(1024, 256, 32003, dtype=torch.bfloat16, device="cuda")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    fused_linear_cross_entropy(hidden, weight, labels).backward()  # warm-up (kernel compilation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=1000, lse_square_scale=1e-4)
+        loss.backward()
+        fused_linear_cross_entropy(hidden, weight, labels).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor():
+    inputs = make_inputs(512, 256, 32003, dtype=torch.bfloat16, device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(call("triton"), fullgraph=True)
+    got = run(compiled, *inputs)
+    want = run(call("triton"), *inputs)
+    for g, w in zip(got, want, strict=True):
+        if w is not None:
+            assert max_err(g, w) <= 1e-2 * w.abs().max().item()

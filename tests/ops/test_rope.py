@@ -1,0 +1,163 @@
+"""apply_rotary: Triton path (interpreter on CPU, bf16 on GPU) and torch path against a float64 reference."""
+
+import pytest
+import torch
+
+from veofast.ops.rope import apply_rotary, apply_rotary_reference
+
+# Error floor per dtype, relative to the largest reference value.
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def assert_close(name, fast, ref_dtype, ref64, dtype, k=2.0):
+    """|fast - ref64| <= k * |ref_dtype - ref64| + floor, in the max norm."""
+    err_fast = (fast.double() - ref64).abs().max().item()
+    err_ref = (ref_dtype.double() - ref64).abs().max().item()
+    bound = k * err_ref + FLOOR[dtype] * max(1.0, ref64.abs().max().item())
+    assert err_fast <= bound, f"{name}: error {err_fast:.3g} > bound {bound:.3g} (torch {dtype} error {err_ref:.3g})"
+
+
+def inv_freq_for(head_dim, device, base=10000.0):
+    return 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
+def packed_positions(n_tokens, gen, device, max_position=4096):
+    """Positions of packed documents (restarting at 0), then shuffled, with a few large positions mixed in."""
+    positions, start = [], 0
+    while start < n_tokens:
+        length = int(torch.randint(1, 40, (1,), generator=gen))
+        positions.append(torch.arange(min(length, n_tokens - start)))
+        start += length
+    pos = torch.cat(positions)[torch.randperm(n_tokens, generator=gen)]
+    large = torch.arange(0, n_tokens, max(1, n_tokens // 5))
+    pos[large] = torch.randint(0, max_position, (len(large),), generator=gen)
+    return pos.to(device)
+
+
+def run(q, k, pos, inv_freq, grads, scaling, backend, cast=None):
+    leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k)]
+    if backend == "reference":
+        outs = apply_rotary_reference(*leaves, pos, inv_freq, scaling=scaling)
+    else:
+        outs = apply_rotary(*leaves, pos, inv_freq, scaling=scaling, backend=backend)
+    loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, grads, strict=True))
+    return outs, torch.autograd.grad(loss, leaves)
+
+
+def check_against_reference(n_tokens, n_q, n_k, head_dim, dtype, scaling, device, backend, *, fused_qkv=False):
+    seed = n_tokens * 1000 + n_q * 100 + head_dim
+    gen = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=gen, device=device).to(dtype)
+    if fused_qkv:  # q and k as strided views of one projection output, like a fused qkv linear gives them
+        qkv = randn(n_tokens, (n_q + 2 * n_k) * head_dim)
+        q = qkv[:, : n_q * head_dim].view(n_tokens, n_q, head_dim)
+        k = qkv[:, n_q * head_dim : (n_q + n_k) * head_dim].view(n_tokens, n_k, head_dim)
+    else:
+        q, k = randn(n_tokens, n_q, head_dim), randn(n_tokens, n_k, head_dim)
+    pos = packed_positions(n_tokens, torch.Generator().manual_seed(seed), device)
+    inv_freq = inv_freq_for(head_dim, device)
+    grads = [randn(n_tokens, n_q, head_dim), randn(n_tokens, n_k, head_dim)]
+
+    outs, dgrads = run(q, k, pos, inv_freq, grads, scaling, backend)
+    outs_ref, dgrads_ref = run(q, k, pos, inv_freq, grads, scaling, "reference")
+    outs64, dgrads64 = run(q, k, pos, inv_freq, grads, scaling, "reference", cast=torch.float64)
+    for name, a, b, c in zip(
+        ["q", "k", "dq", "dk"], outs + dgrads, outs_ref + dgrads_ref, outs64 + dgrads64, strict=True
+    ):
+        assert a.dtype == dtype and a.shape == c.shape
+        assert_close(name, a, b, c, dtype)
+
+
+@pytest.mark.parametrize(
+    "n_tokens, n_q, n_k, head_dim",
+    [(1, 1, 1, 2), (13, 4, 2, 16), (6, 3, 1, 64), (3, 2, 2, 128), (5, 3, 2, 96), (7, 1, 3, 16)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scaling", [1.0, 0.75])
+def test_triton_interpreter_matches_reference(n_tokens, n_q, n_k, head_dim, dtype, scaling):
+    check_against_reference(n_tokens, n_q, n_k, head_dim, dtype, scaling, "cpu", "triton")
+
+
+def test_triton_interpreter_97_tokens():
+    check_against_reference(97, 2, 1, 16, torch.float32, 0.75, "cpu", "triton")
+
+
+def test_triton_interpreter_strided_inputs():
+    check_against_reference(11, 4, 2, 32, torch.float32, 1.0, "cpu", "triton", fused_qkv=True)
+
+
+def test_rotation_by_position_is_relative():
+    """<rope(q, m), rope(k, n)> depends only on m - n: the property RoPE exists for."""
+    q, k = torch.randn(1, 1, 32, dtype=torch.float64), torch.randn(1, 1, 32, dtype=torch.float64)
+    inv_freq = inv_freq_for(32, "cpu")
+    dots = []
+    for m, n in [(5, 2), (103, 100), (3, 0)]:
+        q_rot, _ = apply_rotary(q, k, torch.tensor([m]), inv_freq, backend="torch")
+        _, k_rot = apply_rotary(q, k, torch.tensor([n]), inv_freq, backend="torch")
+        dots.append((q_rot * k_rot).sum().item())
+    assert max(dots) - min(dots) < 1e-4
+
+
+def test_torch_backend_is_reference():
+    q, k, pos = torch.randn(6, 4, 16), torch.randn(6, 2, 16), torch.tensor([0, 1, 2, 0, 1, 0])
+    inv_freq = inv_freq_for(16, "cpu")
+    out = apply_rotary(q, k, pos, inv_freq, scaling=0.5, backend="torch")
+    ref = apply_rotary_reference(q, k, pos, inv_freq, scaling=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles(backend):
+    q, k = torch.randn(6, 4, 16, requires_grad=True), torch.randn(6, 2, 16, requires_grad=True)
+    pos, inv_freq = torch.tensor([0, 1, 2, 0, 1, 0]), inv_freq_for(16, "cpu")
+
+    def step(q, k):
+        q_rot, k_rot = apply_rotary(q, k, pos, inv_freq, scaling=0.9, backend=backend)
+        return (q_rot[:, :2] * k_rot).sum()
+
+    eager = torch.autograd.grad(step(q, k), [q, k])
+    compiled = torch.autograd.grad(torch.compile(step, backend="aot_eager", fullgraph=True)(q, k), [q, k])
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+Q, K, POS, FREQ = torch.ones(4, 2, 8), torch.ones(4, 1, 8), torch.arange(4), inv_freq_for(8, "cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(q=torch.ones(4, 8)), "q must be a floating tensor"),
+        (dict(q=torch.ones(4, 2, 8, dtype=torch.int32)), "q must be a floating tensor"),
+        (dict(k=torch.ones(3, 1, 8)), "k must have shape"),
+        (dict(k=torch.ones(4, 1, 6)), "k must have shape"),
+        (dict(k=torch.ones(4, 1, 8, dtype=torch.float16)), "k must match q's dtype"),
+        (dict(q=torch.ones(4, 2, 7), k=torch.ones(4, 1, 7)), "head_dim .* must be even"),
+        (dict(position_ids=torch.arange(4).float()), "position_ids must be an int32/int64"),
+        (dict(position_ids=torch.arange(4)[None]), "position_ids must be an int32/int64"),
+        (dict(position_ids=torch.arange(5)), "position_ids must be an int32/int64"),
+        (dict(inv_freq=FREQ[:3]), "inv_freq must be a float32"),
+        (dict(inv_freq=FREQ.bfloat16()), "inv_freq must be a float32"),
+        (dict(scaling="1"), "scaling must be a float"),
+        (dict(backend="fast"), "backend must be one of"),
+        (dict(q=Q.double(), k=K.double(), backend="triton"), "triton backend takes"),
+    ],
+)
+def test_bad_inputs_raise(kwargs, match):
+    args = dict(q=Q, k=K, position_ids=POS, inv_freq=FREQ, scaling=1.0, backend="auto") | kwargs
+    with pytest.raises(ValueError, match=match):
+        apply_rotary(args.pop("q"), args.pop("k"), args.pop("position_ids"), args.pop("inv_freq"), **args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "n_tokens, n_q, n_k, head_dim", [(16384, 32, 8, 128), (8192, 32, 8, 64), (4099, 16, 2, 128), (97, 5, 1, 96)]
+)
+@pytest.mark.parametrize("scaling", [1.0, 0.8])
+def test_gpu_bf16_matches_reference(n_tokens, n_q, n_k, head_dim, scaling):
+    check_against_reference(n_tokens, n_q, n_k, head_dim, torch.bfloat16, scaling, "cuda", "auto")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_strided_inputs():
+    check_against_reference(4096, 32, 8, 128, torch.bfloat16, 1.0, "cuda", "auto", fused_qkv=True)

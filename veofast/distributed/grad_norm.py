@@ -1,0 +1,64 @@
+"""Gradient norm and clipping that are correct under FSDP2, DDP and expert parallelism.
+
+Each gradient's squared norm is summed over exactly the ranks that hold distinct pieces of it: the mesh
+dimensions on which its DTensor is sharded, plus the expert-parallel group for expert weights sliced by
+expert parallelism (marked with the attribute ``_veofast_norm_groups``). Replicated copies are counted
+once. No host-device synchronisation: the norm and the clip factor stay on the device.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+NORM_GROUPS_ATTR = "_veofast_norm_groups"
+
+
+def _reduce_groups(param: torch.Tensor) -> tuple:
+    groups = []
+    if isinstance(param, DTensor):
+        mesh = param.device_mesh
+        for dim, placement in enumerate(param.placements):
+            if isinstance(placement, Shard) and mesh.size(dim) > 1:
+                groups.append(mesh.get_group(dim))
+    groups.extend(getattr(param, NORM_GROUPS_ATTR, ()))
+    return tuple(groups)
+
+
+@torch.no_grad()
+def total_grad_norm(parameters) -> torch.Tensor:
+    """The global L2 norm of the gradients of ``parameters`` (fp32 scalar on the gradients' device)."""
+    by_groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for param in parameters:
+        if param.grad is None:
+            continue
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        by_groups[_reduce_groups(param)].append(grad)
+    total = None
+    for groups, grads in by_groups.items():
+        squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]).sum()
+        for group in groups:
+            dist.all_reduce(squares, group=group)
+        total = squares if total is None else total + squares.to(total.device)
+    if total is None:
+        return torch.zeros(())
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most ``max_norm`` (<= 0: measure only); return the
+    norm before clipping. Non-finite norms leave the gradients untouched (the loop skips such steps)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = total_grad_norm(params)
+    if max_norm > 0 and params:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+        for p in params:
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            grad.mul_(coef.to(grad.device, grad.dtype))
+    return norm

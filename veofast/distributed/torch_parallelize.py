@@ -1,0 +1,123 @@
+"""``build_parallelize_model``: wrap a single-device veofast model for data parallelism from outside.
+
+FSDP2 (``fully_shard``) puts each decoder layer (and any ``basic_modules``) in its own unit and the rest
+(embeddings, final norm, LM head) in the root unit, sharded over the parallel state's FSDP mesh (data x
+sequence parallel). Mixed precision keeps fp32 master weights, computes in bf16 and reduces gradients in
+fp32. A model built on the meta device is materialised after sharding, so each rank only ever allocates
+its own shards; it is then loaded from its ``weights_path`` or initialised with the run's seed.
+Expert parallelism and Ulysses sequence parallelism are applied here too, before sharding.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from veofast.models.auto import materialize_model
+
+from .parallel_state import get_parallel_state
+
+logger = logging.getLogger("veofast.distributed")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.warning(message)
+
+
+def _is_on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _wrap_classes(model: nn.Module, basic_modules: list[str] | None) -> list[nn.Module]:
+    names = set(getattr(model, "_no_split_modules", []) or []) | set(basic_modules or [])
+    known = {type(m).__name__ for m in model.modules()}
+    unknown = sorted(n for n in names if n not in known)
+    if unknown:
+        raise ValueError(f"basic_modules: no module class named {unknown} in the model (classes: {sorted(known)})")
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+
+
+def build_parallelize_model(
+    model: nn.Module,
+    *,
+    enable_full_shard: bool = True,
+    enable_mixed_precision: bool = True,
+    enable_gradient_checkpointing: bool = False,
+    init_device: str = "meta",
+    enable_fsdp_offload: bool = False,
+    basic_modules: list[str] | None = None,
+    enable_compile: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Parallelise ``model`` according to ``get_parallel_state()`` and return it (FSDP2 wraps in place).
+
+    ``dp_mode`` ``"fsdp2"`` shards parameters (ZeRO-3 with ``enable_full_shard``, else ZeRO-2: parameters
+    stay gathered between forward and backward); ``"ddp"`` replicates them. ``enable_mixed_precision``
+    computes in bf16 on CUDA (on CPU it stays fp32, logged once). ``enable_fsdp_offload`` keeps shards and
+    optimizer state on the CPU. ``init_device`` is the device the model was built on.
+    """
+    ps = get_parallel_state()
+    if ps.tp_enabled:
+        raise NotImplementedError("build_parallelize_model: tensor parallelism (tp_size > 1) is not implemented")
+    if ps.dp_mode == "fsdp1":
+        raise ValueError("build_parallelize_model: dp_mode 'fsdp1' is not supported; use 'fsdp2' (or 'ddp')")
+    if ps.dp_mode == "ddp" and (ps.sp_enabled or ps.ep_enabled or enable_fsdp_offload):
+        raise ValueError("build_parallelize_model: dp_mode 'ddp' supports neither SP, EP nor offload; use 'fsdp2'")
+    if enable_fsdp_offload and ps.device_type != "cuda":
+        raise ValueError("build_parallelize_model: enable_fsdp_offload needs CUDA (the model is already on the CPU)")
+    on_meta = _is_on_meta(model)
+    if init_device == "meta" and not on_meta:
+        raise ValueError("build_parallelize_model: init_device='meta' but the model's parameters are not on meta")
+
+    if enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if ps.ep_enabled:
+        from .expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, ps)
+    if ps.sp_enabled:
+        from .sequence_parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(model, ps)
+    if enable_compile:
+        for layer in _wrap_classes(model, None):
+            layer.compile()
+
+    device = ps.device
+    if ps.dp_mode == "fsdp2":
+        mixed = enable_mixed_precision and ps.device_type == "cuda"
+        if enable_mixed_precision and not mixed:
+            _log_once("mixed precision is off on CPU: bf16 compute is only used on CUDA")
+        fsdp_kwargs = {"mesh": ps.fsdp_mesh, "reshard_after_forward": enable_full_shard}
+        if mixed:
+            fsdp_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if enable_fsdp_offload:
+            fsdp_kwargs["offload_policy"] = CPUOffloadPolicy()
+        if ps.ep_enabled:
+            from .expert_parallel import shard_experts
+
+            shard_experts(model, ps, fsdp_kwargs)
+        for module in _wrap_classes(model, basic_modules):
+            fully_shard(module, **fsdp_kwargs)
+        fully_shard(model, **fsdp_kwargs)
+        if on_meta:
+            model.to_empty(device="cpu" if enable_fsdp_offload else device)
+            materialize_model(model, seed=seed)
+        elif init_device == "cpu" and not enable_fsdp_offload:
+            model.to(device)
+        return model
+
+    # DDP: materialise the full model on this rank, then replicate.
+    if on_meta:
+        model.to_empty(device=device)
+        materialize_model(model, seed=seed)
+    model.to(device)
+    if ps.world_size == 1:
+        return model
+    device_ids = [ps.local_rank] if ps.device_type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=ps.dp_group)

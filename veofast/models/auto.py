@@ -1,0 +1,86 @@
+"""``build_foundation_model`` and ``build_tokenizer``: models from HF configs (or YAML overrides) and
+tokenizers from local directories, with no hub access at run time."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .config import DecoderConfig, load_hf_config_dict
+from .decoder import CausalLM
+
+logger = logging.getLogger("veofast.models")
+
+
+def build_config(
+    config_path: str | None = None, *, config_overrides: dict | None = None, ops_backend: str = "auto"
+) -> DecoderConfig:
+    """Read ``config_path`` (a config.json or a directory holding one) and apply ``config_overrides``.
+
+    Without ``config_path`` the overrides are the whole HF config and must name ``model_type``.
+    """
+    hf = load_hf_config_dict(config_path) if config_path else {}
+    hf.update(config_overrides or {})
+    if not hf:
+        raise ValueError("build_foundation_model: give model.config_path, model.model_path or model.config_overrides")
+    return DecoderConfig.from_hf_dict(hf, ops_backend=ops_backend)
+
+
+def build_foundation_model(
+    config_path: str | None = None,
+    weights_path: str | None = None,
+    init_device: str = "meta",
+    *,
+    config_overrides: dict | None = None,
+    ops_backend: str = "auto",
+    seed: int = 0,
+) -> CausalLM:
+    """Build a veofast ``CausalLM``.
+
+    ``init_device="meta"`` allocates nothing: ``build_parallelize_model`` shards the model, then
+    materialises it and loads ``weights_path`` (each rank reads only its shards) or initialises it randomly.
+    ``"cpu"``/``"cuda"`` build the full model there, randomly initialised with ``seed`` or loaded from
+    ``weights_path`` (HF safetensors, single file or sharded with an index).
+    """
+    if init_device not in ("meta", "cpu", "cuda"):
+        raise ValueError(f"init_device must be 'meta', 'cpu' or 'cuda', got {init_device!r}")
+    if weights_path is not None and not os.path.isdir(weights_path):
+        raise FileNotFoundError(f"build_foundation_model: weights_path {weights_path!r} is not a directory")
+    config = build_config(config_path or weights_path, config_overrides=config_overrides, ops_backend=ops_backend)
+    device = torch.device("cuda", torch.cuda.current_device()) if init_device == "cuda" else torch.device(init_device)
+    with device:
+        model = CausalLM(config)
+    model.weights_path = weights_path
+    if init_device != "meta":
+        materialize_model(model, seed=seed)
+    return model
+
+
+def materialize_model(model: CausalLM, *, seed: int = 0) -> None:
+    """Fill the (already allocated) parameters: load ``model.weights_path`` if set, else a seeded random init."""
+    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        model.lm_head.weight = model.model.embed_tokens.weight  # nn.Module.to_empty from meta unties them
+    if getattr(model, "weights_path", None):
+        from .hf_io import load_hf_weights
+
+        model.init_buffers()
+        load_hf_weights(model, model.weights_path)
+    else:
+        model.init_weights(seed)
+
+
+def build_tokenizer(tokenizer_path: str, *, trust_remote_code: bool = False):
+    """Load a tokenizer with transformers' AutoTokenizer from a local directory (never from the hub)."""
+    if tokenizer_path is None or not os.path.isdir(tokenizer_path):
+        raise FileNotFoundError(
+            f"build_tokenizer: tokenizer_path {tokenizer_path!r} is not a directory; point model.tokenizer_path "
+            "at a directory with tokenizer.json / tokenizer_config.json"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"build_tokenizer: cannot load a tokenizer from {tokenizer_path!r}: {exc}") from exc

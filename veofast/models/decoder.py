@@ -1,0 +1,212 @@
+"""The decoder-only causal LM: embeddings -> decoder layers -> final norm -> LM head with a fused loss.
+
+One class serves Llama 3, Qwen2/2.5, Qwen3 (qk-norm) and Qwen2/Qwen3-MoE; ``DecoderConfig`` says which
+features are on. Inputs are HF-style; a packed micro-batch (``input_ids (1, T)``, ``cu_seqlens``,
+``max_seqlen``, ``position_ids``) runs attention per document without padding. Parameter names match the
+transformers 5 in-memory names (``model.layers.0.self_attn.q_proj.weight``, ``...mlp.experts.gate_up_proj``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from veofast.ops import fused_linear_cross_entropy
+
+from .config import DecoderConfig
+from .layers import MLP, Attention, RMSNorm
+from .init import init_parameter
+from .moe import SparseMoeBlock, expert_init_std, load_balancing_loss
+from .rotary import rotary_frequencies
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    """``loss``: LM loss (+ aux loss when the config enables it); ``logits (B, T, V)`` only without labels;
+    ``aux_loss``: the MoE load-balancing loss (None for dense models); ``lm_loss``: the loss without it."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.ops_backend)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.ops_backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.ops_backend)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        inv_freq: torch.Tensor,
+        rope_scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden (N, H)`` -> ``(hidden (N, H), router_stats (2, E) or None)``."""
+        attn = self.self_attn(self.input_layernorm(hidden), position_ids, cu_seqlens, max_seqlen, inv_freq, rope_scaling)
+        normed, residual = self.post_attention_layernorm(attn, residual=hidden)
+        if self.is_moe:
+            out, stats = self.mlp(normed)
+        else:
+            out, stats = self.mlp(normed), None
+        return residual + out, stats
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.ops_backend)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM with an HF-compatible ``forward`` and a fused linear cross-entropy loss."""
+
+    _no_split_modules = ["DecoderLayer"]
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, scaling = rotary_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scaling = scaling
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------------------------------ initialisation
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Random init as transformers does (normal(0, initializer_range) for Linear, Embedding and expert
+        weights; ones for norms; zero biases), then the RoPE buffers.
+
+        Each parameter draws from its own generator seeded by ``seed`` and its name, and a sharded parameter
+        (a DTensor) fills its local shard from the same full tensor: the weights are identical whatever the
+        world size or sharding.
+        """
+        std = expert_init_std(self.config)
+        for name, param in self.named_parameters():
+            init_parameter(param, name, seed, std)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the non-persistent buffers (needed after ``to_empty`` from the meta device)."""
+        inv_freq, _ = rotary_frequencies(self.config)
+        self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer's activations in backward instead of storing them."""
+        self.gradient_checkpointing = True
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        num_label_tokens: int | None = None,
+    ) -> CausalLMOutput:
+        """Run the LM on ``input_ids (B, T)``.
+
+        Packed micro-batches (B == 1) pass ``cu_seqlens (docs + 1,) int32``, ``max_seqlen`` and
+        ``position_ids (1, T)`` restarting per document. Without ``cu_seqlens`` each row is one document
+        (right padding, marked by ``attention_mask`` and ``labels == -100``, is harmless under causal masking).
+
+        ``labels (B, T)`` are HF-style (the model shifts them); ``shift_labels (B, T)`` are already shifted
+        (position t holds the label that logits at t predict; used under sequence parallelism). The loss is
+        the sum over label tokens divided by ``num_items_in_batch`` when given (the loop passes the global
+        label-token count of the step), else the mean over this micro-batch's label tokens.
+        ``num_label_tokens`` is the collator's local count; the loss does not need it.
+        """
+        del num_label_tokens  # the collator's count is for the loop; the loss counts on the device
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        batch, seq_len = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, device=device, dtype=torch.int32)
+            max_seqlen = seq_len
+        elif max_seqlen is None:
+            raise ValueError("max_seqlen (a Python int) must be given with cu_seqlens")
+        elif batch != 1:
+            raise ValueError(f"packed inputs (cu_seqlens given) must have batch size 1, got {batch}")
+
+        hidden = self.model.embed_tokens(input_ids).view(batch * seq_len, -1)
+        flat_positions = position_ids.reshape(-1)
+        stats_sum = None
+        num_moe_layers = 0
+        for layer in self.model.layers:
+            args = (hidden, flat_positions, cu_seqlens, max_seqlen, self.inv_freq, self.rope_scaling)
+            if self.gradient_checkpointing and self.training:
+                hidden, stats = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                hidden, stats = layer(*args)
+            if stats is not None:
+                stats_sum = stats if stats_sum is None else stats_sum + stats
+                num_moe_layers += 1
+        hidden = self.model.norm(hidden)
+
+        aux_loss = None
+        if stats_sum is not None:
+            aux_loss = load_balancing_loss(stats_sum, num_moe_layers * batch * seq_len)
+
+        if labels is None and shift_labels is None:
+            logits = self.lm_head(hidden).view(batch, seq_len, -1)
+            return CausalLMOutput(logits=logits, aux_loss=aux_loss)
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        lm_loss = fused_linear_cross_entropy(
+            hidden,
+            self.lm_head.weight,
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            num_items_in_batch=num_items_in_batch,
+            backend=self.config.ops_backend,
+        )
+        loss = lm_loss
+        if aux_loss is not None and self.config.output_router_logits:
+            loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
+        return CausalLMOutput(loss=loss, aux_loss=aux_loss, lm_loss=lm_loss)

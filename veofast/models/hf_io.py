@@ -1,0 +1,373 @@
+"""Hugging Face safetensors checkpoints in and out of veofast models, plain or sharded with FSDP2/DTensor.
+
+``load_hf_weights`` reads a ``model.safetensors`` file or a sharded checkpoint (``model.safetensors.index.json``)
+into a model whose parameters are plain tensors or DTensors: each rank reads, through safetensors slices, only
+the part of each tensor its local shard holds (and only the experts it owns). Every mismatch between the
+checkpoint and the model is reported at once in one ``ValueError``: a model given ``weights_path`` never trains
+from random weights by accident.
+
+``save_hf_weights`` writes the standard HF layout (per-expert expert weights, shards of at most
+``max_shard_size`` with an index, ``config.json``, optional tokenizer files) that any transformers version
+loads. Parameters are gathered one at a time; only rank 0 holds full tensors, on the host, and writes.
+
+Only safetensors are read: pickled checkpoints (``pytorch_model.bin``) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from .hf_keys import Block, is_ignored_key, param_blocks
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_PICKLED_WEIGHTS = re.compile(r"\.(bin|pt|pth|ckpt)$")
+_SHARD_FILE = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+_MAX_LISTED = 50
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+# ------------------------------------------------------------------------------------------------ common helpers
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, list[str]]]:
+    """``(name, tensor, aliases)`` for every state-dict tensor once; tied tensors list their other names."""
+    seen: dict[int, int] = {}
+    out: list[tuple[str, torch.Tensor, list[str]]] = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            out[seen[id(tensor)]][2].append(name)
+            continue
+        seen[id(tensor)] = len(out)
+        out.append((name, tensor, []))
+    return out
+
+
+def _local_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(global offset, local shape)`` of the part of ``tensor`` this rank holds (all of it unless a DTensor)."""
+    if isinstance(tensor, DTensor):
+        if any(p.is_partial() for p in tensor.placements):
+            raise ValueError(f"cannot load into a DTensor with Partial placements {tensor.placements}")
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        return tuple(offset), tuple(shape)
+    return (0,) * tensor.dim(), tuple(tensor.shape)
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {item}" for item in shown) + more
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+
+def checkpoint_files(weights_path: str) -> list[str]:
+    """The safetensors files of the checkpoint in directory ``weights_path`` (index first, then single file)."""
+    if not os.path.isdir(weights_path):
+        raise FileNotFoundError(f"load_hf_weights: weights_path {weights_path!r} is not a directory")
+    index_path = os.path.join(weights_path, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"load_hf_weights: {index_path} is not a valid safetensors index: {exc!r}") from exc
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if os.path.basename(name) != name or not name.endswith(".safetensors"):
+                raise ValueError(
+                    f"load_hf_weights: {index_path} names {name!r}, not a .safetensors file in the directory"
+                )
+            if not os.path.isfile(os.path.join(weights_path, name)):
+                raise FileNotFoundError(f"load_hf_weights: {index_path} names {name!r}, which is missing")
+        return [os.path.join(weights_path, name) for name in files]
+    single = os.path.join(weights_path, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    present = sorted(os.listdir(weights_path))
+    pickled = [name for name in present if _PICKLED_WEIGHTS.search(name)]
+    if pickled:
+        raise ValueError(
+            f"load_hf_weights: {weights_path!r} holds only pickled weights ({', '.join(pickled)}); veofast reads "
+            "safetensors only (pickles can run code). Convert them, e.g. load with transformers and "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    raise FileNotFoundError(
+        f"load_hf_weights: {weights_path!r} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} "
+        f"(it holds: {', '.join(present) or 'nothing'})"
+    )
+
+
+def _overlap(
+    offset: tuple[int, ...], shape: tuple[int, ...], block: Block
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(lo, hi)`` of the box ``[offset, offset + shape)`` intersected with ``block``'s box, or None if empty."""
+    lo = tuple(max(a, b) for a, b in zip(offset, block.offset, strict=True))
+    hi = tuple(min(a + s, b + t) for a, s, b, t in zip(offset, shape, block.offset, block.shape, strict=True))
+    if any(start >= stop for start, stop in zip(lo, hi, strict=True)):
+        return None
+    return lo, hi
+
+
+def _slices(lo: tuple[int, ...], hi: tuple[int, ...], origin: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin, strict=True))
+
+
+def _read_block(handle, block: Block, lo: tuple[int, ...], hi: tuple[int, ...]) -> torch.Tensor:
+    """The part ``[lo, hi)`` (parameter coordinates, inside the block) of the block's disk tensor."""
+    box = tuple(b - a for a, b in zip(lo, hi, strict=True))
+    if not block.disk_shape:
+        return handle.get_tensor(block.key).reshape(box)
+    dropped = len(block.shape) - len(block.disk_shape)
+    index = _slices(lo[dropped:], hi[dropped:], block.offset[dropped:])
+    return handle.get_slice(block.key)[index].reshape(box)
+
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, weights_path: str) -> None:
+    """Fill every parameter and persistent buffer of ``model`` from the HF safetensors checkpoint in ``weights_path``.
+
+    ``model`` may be plain or hold DTensors (FSDP2, expert parallel, any mesh): each rank reads only the slice
+    of each tensor it holds. Values are cast to the parameters' dtype and copied to their device. A tied
+    ``lm_head.weight`` may be absent from the checkpoint. Missing keys, unexpected keys and shape mismatches
+    raise one ``ValueError`` that lists them all (the model is left untouched then).
+    """
+    files = checkpoint_files(weights_path)
+    with contextlib.ExitStack() as stack:
+        handles = {path: stack.enter_context(safe_open(path, framework="pt", device="cpu")) for path in files}
+        disk: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for path, handle in handles.items():
+            for key in handle.keys():
+                disk[key] = (path, tuple(handle.get_slice(key).get_shape()))
+
+        plan: list[tuple[str, torch.Tensor, list[Block]]] = []
+        used: set[str] = set()
+        missing, mismatched = [], []
+        for name, tensor, aliases in _named_tensors(model):
+            used.update(alias for alias in aliases if alias in disk)
+            if name not in disk:  # a tied tensor may be stored under another of its names
+                name = next((alias for alias in aliases if alias in disk), name)
+            blocks = param_blocks(name, tuple(tensor.shape), set(disk))
+            for block in blocks:
+                if block.key not in disk:
+                    missing.append(block.key)
+                elif disk[block.key][1] != block.disk_shape:
+                    mismatched.append(f"{block.key}: checkpoint {disk[block.key][1]}, model {block.disk_shape}")
+                used.add(block.key)
+            plan.append((name, tensor, blocks))
+        unexpected = sorted(key for key in disk if key not in used and not is_ignored_key(key))
+        if missing or unexpected or mismatched:
+            parts = [f"load_hf_weights: the checkpoint in {weights_path!r} does not match the model:"]
+            for title, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            ):
+                if items:
+                    parts.append(_listing(title, items))
+            parts.append("Check that the config (model_type, sizes, tie_word_embeddings) belongs to these weights.")
+            raise ValueError("\n".join(parts))
+
+        for name, tensor, blocks in plan:
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            if local.is_meta:
+                raise ValueError(f"load_hf_weights: {name} is on the meta device; materialise the model first")
+            offset, shape = _local_box(tensor)
+            assert tuple(local.shape) == shape, (name, tuple(local.shape), shape)
+            if local.numel() == 0:
+                continue
+            for block in blocks:
+                overlap = _overlap(offset, shape, block)
+                if overlap is None:
+                    continue
+                piece = _read_block(handles[disk[block.key][0]], block, *overlap)
+                target = _slices(*overlap, offset)
+                local[target].copy_(piece)
+
+
+# -------------------------------------------------------------------------------------------------------- saving
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"5GB"`` (10^9), ``"500MiB"`` (2^20 each), ``"1000"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str) and (match := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)):
+        unit = match[2].upper()
+        if unit not in _SIZE_UNITS:
+            raise ValueError(f"max_shard_size: unknown unit {match[2]!r} in {size!r}; use B, KB, MB, GB, KiB, MiB, GiB")
+        value = int(float(match[1]) * _SIZE_UNITS[unit])
+    else:
+        raise ValueError(f"max_shard_size must be an int or a string like '5GB', got {size!r}")
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _existing_checkpoint(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    names = os.listdir(output_dir)
+    return sorted(n for n in names if n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) or _SHARD_FILE.match(n))
+
+
+def _agree_on_error(message: str | None) -> None:
+    """Raise ``ValueError(message)`` on every rank when rank 0 found one (so no rank waits in a collective)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise ValueError(message)
+
+
+def _shard_plan(entries: list[tuple[str, torch.Tensor, list[Block]]], dtype: torch.dtype | None, limit: int):
+    """Assign each disk key to a shard, greedily in order: ``(file name per key, keys per file, total bytes)``."""
+    shards: list[list[str]] = [[]]
+    current = total = 0
+    for _, tensor, blocks in entries:
+        itemsize = (dtype or tensor.dtype).itemsize
+        for block in blocks:
+            nbytes = block.numel * itemsize
+            if shards[-1] and current + nbytes > limit:
+                shards.append([])
+                current = 0
+            shards[-1].append(block.key)
+            current += nbytes
+            total += nbytes
+    if len(shards) == 1:
+        names = [SAFE_WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    keys_of = dict(zip(names, shards, strict=True))
+    file_of = {key: name for name, keys in keys_of.items() for key in keys}
+    return file_of, keys_of, total
+
+
+def _full_tensors(entries, dtype: torch.dtype | None, write: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(disk key, CPU tensor)`` in plan order, one parameter gathered at a time (tensors only where ``write``)."""
+    for _, tensor, blocks in entries:
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if not write:
+            continue
+        full = full.detach().to("cpu", dtype or full.dtype)
+        for block in blocks:
+            box = tuple(slice(o, o + s) for o, s in zip(block.offset, block.shape, strict=True))
+            yield block.key, full[box].reshape(block.disk_shape).clone()
+
+
+def _hf_config(model: nn.Module, dtype: torch.dtype) -> dict:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_hf_dict"):
+        raise ValueError(
+            "save_hf_weights: model has no veofast config (model.config.to_hf_dict) to write as config.json"
+        )
+    hf = config.to_hf_dict()
+    hf["dtype"] = str(dtype).removeprefix("torch.")
+    if "torch_dtype" in hf:
+        hf["torch_dtype"] = hf["dtype"]
+    return hf
+
+
+@torch.no_grad()
+def save_hf_weights(
+    model: nn.Module,
+    output_dir: str,
+    *,
+    max_shard_size: int | str = "5GB",
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write ``model`` as an HF checkpoint: safetensors (+ index when sharded), ``config.json``, tokenizer files.
+
+    Call on every rank: DTensor parameters are gathered one at a time (``full_tensor``); rank 0 moves each to
+    the host, cuts it into HF tensors (experts one by one) and writes a shard file whenever a shard of up to
+    ``max_shard_size`` bytes is complete. ``dtype`` casts the saved weights (default: the parameters' dtype).
+    Files are written to a temporary directory next to ``output_dir`` and moved into place at the end;
+    ``output_dir`` must not already hold a safetensors checkpoint (ValueError).
+    """
+    limit = parse_size(max_shard_size)
+    entries = [(name, tensor, param_blocks(name, tuple(tensor.shape))) for name, tensor, _ in _named_tensors(model)]
+    if not entries:
+        raise ValueError("save_hf_weights: the model has no parameters")
+    file_of, keys_of, total = _shard_plan(entries, dtype, limit)
+    write = _rank() == 0
+    output_dir = os.path.abspath(output_dir)
+    error = None
+    if write:
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            error = f"save_hf_weights: output_dir {output_dir!r} exists and is not a directory"
+        elif existing := _existing_checkpoint(output_dir):
+            error = (
+                f"save_hf_weights: {output_dir!r} already holds a checkpoint ({', '.join(existing)}); "
+                "choose another output_dir or remove those files"
+            )
+    _agree_on_error(error)
+
+    tmp_dir = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if write:
+            os.makedirs(tmp_dir)
+        buffers: dict[str, dict[str, torch.Tensor]] = {name: {} for name in keys_of}
+        for key, value in _full_tensors(entries, dtype, write):
+            shard = file_of[key]
+            buffers[shard][key] = value
+            if len(buffers[shard]) == len(keys_of[shard]):
+                save_file(buffers.pop(shard), os.path.join(tmp_dir, shard), metadata={"format": "pt"})
+        if write:
+            if len(keys_of) > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(file_of.items()))}
+                with open(os.path.join(tmp_dir, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
+                    json.dump(index, f, indent=2)
+            saved_dtype = dtype or entries[0][1].dtype
+            with open(os.path.join(tmp_dir, "config.json"), "w") as f:
+                json.dump(_hf_config(model, saved_dtype), f, indent=2, sort_keys=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp_dir)
+            _move_into_place(tmp_dir, output_dir)
+    finally:
+        if write and os.path.isdir(tmp_dir):
+            shutil.rmtree(tmp_dir)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _move_into_place(tmp_dir: str, output_dir: str) -> None:
+    """Rename ``tmp_dir`` to ``output_dir``, or move its files in (``config.json`` last) when it exists."""
+    if not os.path.exists(output_dir):
+        os.rename(tmp_dir, output_dir)
+        return
+    names = sorted(os.listdir(tmp_dir), key=lambda n: n == "config.json")
+    for name in names:
+        os.replace(os.path.join(tmp_dir, name), os.path.join(output_dir, name))
+    os.rmdir(tmp_dir)

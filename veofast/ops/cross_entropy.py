@@ -1,0 +1,371 @@
+"""Fused linear cross-entropy: ``cross_entropy(hidden @ weight.T + bias, labels)`` without the full logits.
+
+``fused_linear_cross_entropy`` is the public op (Triton on CUDA, the torch reference elsewhere);
+``fused_linear_cross_entropy_reference`` is the plain-torch definition, chunked over tokens so it never holds all
+``(N, V)`` logits either. Both compute the gradients chunk by chunk during the forward pass (the loss is the last op
+of a training step) and scale them by the incoming gradient in the backward pass; ``reduction="none"`` instead
+recomputes in the backward pass, with each token's incoming gradient as its weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve_backend
+
+OP = "fused_linear_cross_entropy"
+REDUCTIONS = ("mean", "sum", "none")
+LABEL_DTYPES = (torch.int64, torch.int32)
+# The reference holds (rows, V) fp32 logits per chunk, rows = max(1, REFERENCE_CHUNK_ELEMENTS // V).
+REFERENCE_CHUNK_ELEMENTS = 2**24
+
+
+def _reference_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    token_scale: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Plain-torch twin of ``veofast.kernels.cross_entropy.linear_cross_entropy_pass`` (same arguments, same results).
+
+    hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,); token_scale: 0-dim or (N,) fp32.
+    Returns ce (N,) fp32, z (N,) fp32 and the gradients of ``sum_n token_scale[n] * (ce[n] + z[n])`` (or None).
+    """
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    compute_grad = grad_hidden or grad_weight or grad_bias
+    ce = hidden.new_zeros(n_tokens, dtype=torch.float32)
+    z = torch.zeros_like(ce)
+    g_hidden = torch.zeros_like(hidden) if grad_hidden else None
+    g_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None
+    g_bias = hidden.new_zeros(vocab, dtype=torch.float32) if grad_bias else None
+    rows = max(1, REFERENCE_CHUNK_ELEMENTS // vocab)
+    for start in range(0, n_tokens, rows):
+        end = min(start + rows, n_tokens)
+        h, y = hidden[start:end], labels[start:end]
+        logits = h @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        logits = logits.float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        lse = torch.logsumexp(logits, dim=-1)
+        valid = y != ignore_index
+        target = torch.where(valid, y, 0).long()
+        target_logit = logits.gather(1, target[:, None])[:, 0]
+        ce_chunk = lse - (1.0 - label_smoothing) * target_logit - label_smoothing * logits.mean(dim=-1)
+        ce[start:end] = torch.where(valid, ce_chunk, 0.0)
+        z[start:end] = torch.where(valid, lse_square_scale * lse * lse, 0.0)
+        if not compute_grad:
+            continue
+        scale = token_scale[start:end] if token_scale.dim() else token_scale.expand(end - start)
+        dlogits = torch.exp(logits - lse[:, None]) * (1.0 + 2.0 * lse_square_scale * lse)[:, None]
+        dlogits = dlogits - label_smoothing / vocab
+        dlogits[torch.arange(end - start, device=h.device), target] -= 1.0 - label_smoothing
+        if softcap is not None:
+            dlogits = dlogits * (1.0 - (logits / softcap) ** 2)
+        dlogits = (dlogits * torch.where(valid, scale, 0.0)[:, None]).to(hidden.dtype)
+        if g_hidden is not None:
+            g_hidden[start:end] = dlogits @ weight
+        if g_weight is not None:
+            g_weight += (dlogits.t() @ h).float()
+        if g_bias is not None:
+            g_bias += dlogits.float().sum(0)
+    if g_weight is not None:
+        g_weight = g_weight.to(weight.dtype)
+    if g_bias is not None and bias is not None:
+        g_bias = g_bias.to(bias.dtype)
+    return ce, z, g_hidden, g_weight, g_bias
+
+
+# An explicit schema, so that the op does not depend on how a torch version infers one from annotations.
+_PASS_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor token_scale, int ignore_index, "
+    "float label_smoothing, float lse_square_scale, float? softcap, bool grad_hidden, bool grad_weight, "
+    "bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("veofast::linear_cross_entropy_pass", mutates_args=(), schema=_PASS_SCHEMA)
+def _triton_pass_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    token_scale: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton pass as an opaque op (so ``torch.compile`` does not trace the launcher); grads that were not
+    asked for come back as empty (0,) tensors."""
+    from veofast.kernels.cross_entropy import linear_cross_entropy_pass
+
+    ce, z, *grads = linear_cross_entropy_pass(
+        hidden,
+        weight,
+        bias,
+        labels,
+        token_scale,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+        grad_hidden=grad_hidden,
+        grad_weight=grad_weight,
+        grad_bias=grad_bias,
+    )
+    return (ce, z, *(hidden.new_empty(0) if g is None else g for g in grads))
+
+
+@_triton_pass_op.register_fake
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    token_scale,
+    ignore_index,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
+    ce = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    g_bias = bias.new_empty(bias.shape) if grad_bias and bias is not None else hidden.new_empty(0)
+    return (
+        ce,
+        torch.empty_like(ce),
+        hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if grad_weight else hidden.new_empty(0),
+        g_bias,
+    )
+
+
+def _run_pass(backend: str, hidden, weight, bias, labels, token_scale, options: tuple, needs: tuple[bool, bool, bool]):
+    """Dispatch one pass to the Triton op or the torch reference; returns ce, z, grad_hidden, grad_weight, grad_bias.
+
+    options: (ignore_index, label_smoothing, lse_square_scale, softcap); needs: which grads to compute.
+    """
+    ignore_index, label_smoothing, lse_square_scale, softcap = options
+    wanted = (needs[0], needs[1], needs[2] and bias is not None)
+    kwargs = dict(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+        grad_hidden=wanted[0],
+        grad_weight=wanted[1],
+        grad_bias=wanted[2],
+    )
+    if backend == "torch":
+        return _reference_pass(hidden, weight, bias, labels, token_scale, **kwargs)
+    ce, z, *grads = _triton_pass_op(hidden, weight, bias, labels, token_scale, **kwargs)
+    return (ce, z, *(g if w else None for g, w in zip(grads, wanted, strict=True)))
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Outputs (loss, z_loss_term). For "mean"/"sum" the gradients are made in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, token_scale, reduction, options, backend, grad_enabled):
+        needs = ctx.needs_input_grad[:3]
+        precompute = reduction != "none" and grad_enabled
+        ce, z, *grads = _run_pass(
+            backend, hidden, weight, bias, labels, token_scale, options, needs if precompute else (False, False, False)
+        )
+        ctx.reduction, ctx.options, ctx.backend = reduction, options, backend
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, labels)
+            loss, z_term = ce + z, z
+        else:
+            ctx.save_for_backward(*grads)
+            loss, z_term = (ce.sum() + z.sum()) * token_scale, z.sum() * token_scale
+        ctx.mark_non_differentiable(z_term)
+        return loss, z_term
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z):
+        if ctx.reduction == "none":
+            hidden, weight, bias, labels = ctx.saved_tensors
+            scale = grad_loss.float().contiguous()
+            _, _, *grads = _run_pass(
+                ctx.backend, hidden, weight, bias, labels, scale, ctx.options, ctx.needs_input_grad[:3]
+            )
+        else:
+            grads = ctx.saved_tensors
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_loss)  # in place: the saved gradient is not needed again
+        return (*grads, None, None, None, None, None, None)
+
+
+def _check_inputs(
+    hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, lse_square_scale, softcap
+) -> None:
+    """Raise ValueError naming the bad argument."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
+    if hidden.dim() < 2 or not hidden.is_floating_point():
+        raise ValueError(f"{OP}: hidden must be a floating tensor of shape (..., H), got {hidden.dtype} {hidden.shape}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{OP}: weight must have shape (V, {hidden.shape[-1]}) to match hidden, got {weight.shape}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{OP}: weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise ValueError(f"{OP}: labels must be int64 or int32, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{OP}: labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(labels.shape)}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(f"{OP}: bias must be a ({weight.shape[0]},) tensor of dtype {weight.dtype}")
+    tensors = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias}
+    for name, t in tensors.items():
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{OP}: {name} is on {t.device} but hidden is on {hidden.device}; put them on one device")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError(f"{OP}: num_items_in_batch only applies to reduction='mean', got {reduction!r}")
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"{OP}: num_items_in_batch must be an int or a 1-element tensor")
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int) or num_items_in_batch < 0:
+            raise ValueError(f"{OP}: num_items_in_batch must be a non-negative int, got {num_items_in_batch!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not lse_square_scale >= 0.0:
+        raise ValueError(f"{OP}: lse_square_scale must be >= 0, got {lse_square_scale}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"{OP}: softcap must be None or > 0, got {softcap}")
+
+
+def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Torch path only (it reads two values on the host): raise ValueError for a label outside [0, V)."""
+    if labels.numel() == 0:
+        return
+    kept = torch.where(labels == ignore_index, 0, labels)
+    low, high = int(kept.min()), int(kept.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"{OP}: labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"found values in [{low}, {high}]"
+        )
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    return_z_loss: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``logits = hidden @ weight.T (+ bias)`` against ``labels``, never materialising all logits.
+
+    hidden: (..., H) float (bf16/fp16/fp32; math in fp32); weight: (V, H) same dtype; labels: hidden's shape without
+    H, int64 or int32; bias: (V,) or None.
+
+    - ``softcap``: logits become ``softcap * tanh(logits / softcap)`` before the softmax.
+    - ``label_smoothing``: as in ``torch.nn.functional.cross_entropy``.
+    - ``lse_square_scale``: adds the z-loss ``lse_square_scale * logsumexp(logits)**2`` per token.
+    - ``reduction``: "mean" divides the sum over non-ignored tokens by their count (a device tensor, no sync), or by
+      ``num_items_in_batch`` (int or 1-element tensor on hidden's device) when given; a count of 0 counts as 1 (the
+      sum is then 0). "sum" sums; "none" returns the per-token loss, shape ``hidden.shape[:-1]``, 0 where ignored.
+    - ``return_z_loss``: also return the z-loss term (reduced like the loss, already included in it, detached).
+
+    Returns the fp32 loss (0-dim, or per token for "none"), and the z-loss term when ``return_z_loss``.
+    Labels outside [0, V) other than ``ignore_index`` raise ValueError on the torch backend (not checked under
+    ``torch.compile``); the Triton backend does not check them (that would need a host-device sync) and treats them
+    as ignored, in the loss and in the count.
+    ``backend``: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+    _check_inputs(
+        hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, lse_square_scale, softcap
+    )
+    chosen = resolve_backend(OP, backend, hidden.device)
+    vocab = weight.shape[0]
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    labels1d = labels.reshape(-1).contiguous()
+    if chosen == "torch" and not torch.compiler.is_compiling():
+        _check_label_range(labels1d, vocab, ignore_index)
+    if reduction == "mean":
+        if num_items_in_batch is None:
+            valid = (labels1d != ignore_index) & (labels1d >= 0) & (labels1d < vocab)
+            count = valid.sum(dtype=torch.float32)
+        elif isinstance(num_items_in_batch, torch.Tensor):
+            count = num_items_in_batch.reshape(()).to(device=hidden.device, dtype=torch.float32)
+        else:
+            count = torch.full((), float(num_items_in_batch), dtype=torch.float32, device=hidden.device)
+        token_scale = 1.0 / count.clamp(min=1.0)
+    else:
+        token_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    options = (
+        int(ignore_index),
+        float(label_smoothing),
+        float(lse_square_scale),
+        None if softcap is None else float(softcap),
+    )
+    loss, z_term = _FusedLinearCrossEntropy.apply(
+        hidden2d, weight, bias, labels1d, token_scale, reduction, options, chosen, torch.is_grad_enabled()
+    )
+    if reduction == "none":
+        loss, z_term = loss.reshape(labels.shape), z_term.reshape(labels.shape)
+    return (loss, z_term) if return_z_loss else loss
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    return_z_loss: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The plain-torch definition of ``fused_linear_cross_entropy`` (same arguments and results), chunked over
+    tokens; it is the CPU backend. Raises ValueError for labels outside [0, V) other than ``ignore_index``."""
+    return fused_linear_cross_entropy(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+        return_z_loss=return_z_loss,
+        backend="torch",
+    )

@@ -1,0 +1,451 @@
+"""MoE expert computation: token permutation, grouped expert GEMMs, the expert FFN and the whole routed FFN.
+
+Expert weights use the layout of transformers' Qwen3-MoE experts: ``gate_up_proj (E, 2*I, H)`` with the gate in
+rows ``[0, I)`` and the up projection in rows ``[I, 2*I)``, and ``down_proj (E, H, I)``. Expert e computes
+``y = (silu(x @ Wg.T) * (x @ Wu.T)) @ Wd.T``. The routed FFN of token t is ``sum_k w[t, k] * expert_{ids[t, k]}(x_t)``.
+
+Public ops (each with ``backend="auto" | "triton" | "torch"``):
+
+- ``moe_permute``: tokens to rows grouped by expert (``MoEPermutation``); differentiable wrt ``hidden``.
+- ``moe_unpermute``: rows back to tokens, weighted and summed in fp32; differentiable wrt rows and weights.
+- ``grouped_mm``: ``rows of expert e @ w[e]``; differentiable wrt both.
+- ``expert_ffn``: grouped gate/up GEMM -> SwiGLU -> grouped down GEMM on rows grouped by expert (what an
+  expert-parallel dispatcher calls on its local experts).
+- ``moe_ffn``: permute -> expert_ffn -> unpermute, the MoE layer's fast path.
+
+``*_reference`` functions are plain torch, readable, and the definition of each op (the CPU path and the test
+oracle). The Triton path never syncs with the host and is deterministic: within an expert, rows keep the order of
+the flattened ``(token, slot)`` index. Its grouped GEMMs run on ``torch._grouped_mm`` for bf16 on Hopper (sm90),
+and on our own Triton kernels otherwise. The torch path checks that expert ids are in ``[0, num_experts)`` (a
+host sync); the Triton path cannot without a sync: there an id outside the range is ignored (the slot gets
+``row_index = -1``, moves no row and adds nothing), and rows past ``expert_offsets[-1]`` hold undefined values.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from veofast.ops._backend import resolve_backend
+
+logger = logging.getLogger("veofast.ops")
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class MoEPermutation(NamedTuple):
+    """Tokens regrouped by expert (``T`` tokens, ``K`` experts per token, ``E`` experts).
+
+    rows: (T*K, H) token copies, grouped by expert in expert order; within an expert, in ``(t, k)`` order.
+    expert_offsets: (E,) int32 cumulative END rows (``torch._grouped_mm``'s ``offs``): expert e owns rows
+        ``[expert_offsets[e-1], expert_offsets[e])``.
+    row_index: (T*K,) int32: flattened ``(t, k)`` -> its row in ``rows`` (-1 for an invalid id on the Triton path).
+    tokens_per_expert: (E,) int64 rows per expert (``torch.bincount``'s dtype; the splits an all-to-all needs).
+    """
+
+    rows: torch.Tensor
+    expert_offsets: torch.Tensor
+    row_index: torch.Tensor
+    tokens_per_expert: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+
+
+def _check_float(name: str, t: torch.Tensor, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_index(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] = _INDEX_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+
+
+def _check_routing(topk_ids: torch.Tensor, num_tokens: int, name: str = "topk_ids") -> None:
+    _check_index(name, topk_ids, 2)
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"{name} must have shape (T, K) with T = {num_tokens} tokens, got {tuple(topk_ids.shape)}")
+
+
+def _check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Host-syncing check, for the torch path only."""
+    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= num_experts):
+        raise ValueError(
+            f"topk_ids must lie in [0, num_experts={num_experts}), got values in "
+            f"[{int(topk_ids.min())}, {int(topk_ids.max())}]"
+        )
+
+
+def _check_offsets(expert_offsets: torch.Tensor, num_experts: int) -> None:
+    _check_index("expert_offsets", expert_offsets, 1, (torch.int32,))
+    if expert_offsets.shape[0] != num_experts:
+        raise ValueError(
+            f"expert_offsets must have one entry per expert ({num_experts}), got {expert_offsets.shape[0]}"
+        )
+
+
+def _check_offsets_values(expert_offsets: torch.Tensor, num_rows: int) -> None:
+    """Host-syncing check, for the torch path only: non-decreasing ends within ``[0, num_rows]``."""
+    ends = expert_offsets.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    if bool((ends < starts).any()) or (ends.numel() and int(ends[-1]) > num_rows):
+        raise ValueError(
+            f"expert_offsets must be non-decreasing cumulative ends within [0, {num_rows}], got {ends.tolist()}"
+        )
+
+
+def _check_expert_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, hidden_size: int, dtype) -> None:
+    _check_float("gate_up_proj", gate_up_proj, 3)
+    _check_float("down_proj", down_proj, 3)
+    num_experts, two_inter, width = gate_up_proj.shape
+    if width != hidden_size or two_inter % 2:
+        raise ValueError(f"gate_up_proj must have shape (E, 2*I, H={hidden_size}), got {tuple(gate_up_proj.shape)}")
+    expected = (num_experts, hidden_size, two_inter // 2)
+    if tuple(down_proj.shape) != expected:
+        raise ValueError(f"down_proj must have shape (E, H, I) = {expected}, got {tuple(down_proj.shape)}")
+    for name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must have the activations' dtype {dtype}, got {t.dtype}")
+
+
+# -------------------------------------------------------------------------------------------------- references
+
+
+def moe_permute_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> MoEPermutation:
+    """Rows grouped by expert by a stable argsort of the flattened ids. hidden: (T, H); topk_ids: (T, K)."""
+    topk = topk_ids.shape[1]
+    _check_ids_in_range(topk_ids, num_experts)
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)  # rows in expert order -> flattened (t, k)
+    row_index = torch.empty_like(order)
+    row_index[order] = torch.arange(order.numel(), device=order.device)
+    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    expert_offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+    return MoEPermutation(hidden[order // topk], expert_offsets, row_index.to(torch.int32), tokens_per_expert)
+
+
+def moe_unpermute_reference(rows: torch.Tensor, row_index: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k topk_weights[t, k] * rows[row_index[t*K + k]], summed in fp32, in rows' dtype.
+
+    rows: (R, H); row_index: (T*K,); topk_weights: (T, K). Returns (T, H).
+    """
+    num_tokens, topk = topk_weights.shape
+    if row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= rows.shape[0]):
+        raise ValueError(f"row_index must lie in [0, rows.shape[0]={rows.shape[0]})")
+    gathered = rows[row_index.long()].view(num_tokens, topk, rows.shape[1]).float()
+    return (gathered * topk_weights.float().unsqueeze(-1)).sum(1).to(rows.dtype)
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """out[s_e:t_e] = x[s_e:t_e] @ w[e], a loop over experts. x: (M, K); w: (E, K, N). Rows past the last end: 0."""
+    _check_offsets_values(expert_offsets, x.shape[0])
+    ends = expert_offsets.tolist()
+    starts = [0] + ends[:-1]
+    pieces = [x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends, strict=True))]
+    pieces.append(x.new_zeros(x.shape[0] - (ends[-1] if ends else 0), w.shape[2]))
+    return torch.cat(pieces)
+
+
+def expert_ffn_reference(
+    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """The expert FFN on rows grouped by expert: (M, H) -> (M, H), with ``grouped_mm_reference``."""
+    gate, up = grouped_mm_reference(rows, gate_up_proj.transpose(1, 2), expert_offsets).chunk(2, dim=-1)
+    return grouped_mm_reference(F.silu(gate) * up, down_proj.transpose(1, 2), expert_offsets)
+
+
+def moe_ffn_reference(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """The routed expert FFN, the definition: a loop over experts, each on the tokens routed to it.
+
+    hidden: (T, H); topk_ids: (T, K) int; topk_weights: (T, K); gate_up_proj: (E, 2I, H); down_proj: (E, H, I).
+    Expert matmuls run in hidden's dtype; the weighted combine is summed in fp32. Returns (T, H), hidden's dtype.
+    """
+    num_experts = gate_up_proj.shape[0]
+    _check_ids_in_range(topk_ids, num_experts)
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for e in range(num_experts):
+        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        x = hidden[token]
+        gate, up = (x @ gate_up_proj[e].T).chunk(2, dim=-1)
+        y = (F.silu(gate) * up) @ down_proj[e].T
+        out = out.index_add(0, token, y.float() * topk_weights[token, slot].float().unsqueeze(-1))
+    return out.to(hidden.dtype)
+
+
+# --------------------------------------------------------------------------------------- Triton path: kernels
+
+
+def _kernels():
+    """The Triton launchers, imported on first use so that the torch path needs no triton."""
+    from veofast.kernels import grouped_gemm, moe, moe_permute
+
+    return moe_permute, grouped_gemm, moe
+
+
+@functools.cache
+def _log_once(reason: str) -> None:
+    logger.warning(
+        "veofast.ops.grouped_mm: using veofast's Triton grouped GEMM instead of torch._grouped_mm: %s", reason
+    )
+
+
+def _torch_grouped_mm_ok(*mats: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` can take these operands (2-D ones must be row-major): bf16 CUDA tensors on
+    sm90 with 16-byte aligned data and leading strides. Elsewhere our Triton kernels run (logged once for bf16)."""
+    first = mats[0]
+    if not first.is_cuda or first.dtype != torch.bfloat16:
+        return False
+    if not hasattr(torch, "_grouped_mm"):
+        _log_once("this torch has no torch._grouped_mm")
+        return False
+    major = torch.cuda.get_device_capability(first.device)[0]
+    if major != 9:
+        _log_once(f"its CUTLASS path is used on sm90 only, this GPU is sm{major}x")
+        return False
+    for m in mats:
+        if m.numel() == 0:
+            return False
+        row_stride, col_stride = m.stride(-2), m.stride(-1)
+        row_major = col_stride == 1 and row_stride % 8 == 0 and row_stride >= m.shape[-1]
+        col_major = m.dim() == 3 and row_stride == 1 and col_stride % 8 == 0 and col_stride >= m.shape[-2]
+        if m.data_ptr() % 16 or not (row_major or col_major):
+            _log_once(f"an operand of shape {tuple(m.shape)} and strides {m.stride()} is not 16-byte aligned")
+            return False
+    return True
+
+
+def _gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(M, K) x (E, K, N) -> (M, N), rows of expert e times w[e]."""
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if _torch_grouped_mm_ok(x, w):
+        return torch._grouped_mm(x, w, offs=offsets)
+    return _kernels()[1].grouped_mm(x, w, offsets)
+
+
+def _gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(M, P) x (M, Q) -> (E, P, Q), out[e] = a[rows of e].T @ b[rows of e] (zeros for an empty expert)."""
+    a = a if a.stride(1) == 1 else a.contiguous()
+    b = b if b.stride(1) == 1 else b.contiguous()
+    if _torch_grouped_mm_ok(a, b):
+        return torch._grouped_mm(a.t(), b, offs=offsets)
+    return _kernels()[1].grouped_mm_wgrad(a, b, offsets)
+
+
+class _MoEPermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, topk_ids, num_experts):
+        rows, expert_offsets, row_index, tokens_per_expert = _kernels()[0].permute(hidden, topk_ids, num_experts)
+        ctx.mark_non_differentiable(expert_offsets, row_index, tokens_per_expert)
+        ctx.save_for_backward(row_index)
+        ctx.num_tokens, ctx.topk = topk_ids.shape
+        return rows, expert_offsets, row_index, tokens_per_expert
+
+    @staticmethod
+    def backward(ctx, grad_rows, *_):
+        (row_index,) = ctx.saved_tensors
+        grad_hidden = _kernels()[0].unpermute(grad_rows, row_index, None, ctx.num_tokens, ctx.topk)
+        return grad_hidden, None, None
+
+
+class _MoEUnpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, row_index, topk_weights):
+        ctx.save_for_backward(rows, row_index, topk_weights)
+        num_tokens, topk = topk_weights.shape
+        return _kernels()[0].unpermute(rows, row_index, topk_weights, num_tokens, topk)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, row_index, topk_weights = ctx.saved_tensors
+        grad_rows, grad_weights = _kernels()[0].unpermute_backward(
+            grad_out,
+            rows,
+            row_index,
+            topk_weights,
+            rows_grad=ctx.needs_input_grad[0],
+            weights_grad=ctx.needs_input_grad[2],
+        )
+        return grad_rows, None, grad_weights
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, expert_offsets):
+        ctx.save_for_backward(x, w, expert_offsets)
+        return _gmm(x, w, expert_offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, expert_offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = _gmm(grad_out, w.transpose(1, 2), expert_offsets) if ctx.needs_input_grad[0] else None
+        grad_w = _gmm_wgrad(x, grad_out, expert_offsets) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """Keeps rows and the gate/up projection h for backward; the SwiGLU output is recomputed there."""
+
+    @staticmethod
+    def forward(ctx, rows, expert_offsets, gate_up_proj, down_proj):
+        h = _gmm(rows, gate_up_proj.transpose(1, 2), expert_offsets)  # (M, 2I)
+        a = _kernels()[2].swiglu(h)  # (M, I)
+        ctx.save_for_backward(rows, expert_offsets, gate_up_proj, down_proj, h)
+        return _gmm(a, down_proj.transpose(1, 2), expert_offsets)  # (M, H)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, expert_offsets, gate_up_proj, down_proj, h = ctx.saved_tensors
+        need_rows, _, need_gate_up, need_down = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        grad_a = _gmm(grad_out, down_proj, expert_offsets)  # (M, I)
+        grad_h, a = _kernels()[2].swiglu_backward(h, grad_a)
+        grad_down = _gmm_wgrad(grad_out, a, expert_offsets) if need_down else None  # (E, H, I)
+        grad_rows = _gmm(grad_h, gate_up_proj, expert_offsets) if need_rows else None  # (M, H)
+        grad_gate_up = _gmm_wgrad(grad_h, rows, expert_offsets) if need_gate_up else None  # (E, 2I, H)
+        return grad_rows, None, grad_gate_up, grad_down
+
+
+# ------------------------------------------------------------------------------------------------- public ops
+
+
+def moe_permute(
+    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *, backend: str = "auto"
+) -> MoEPermutation:
+    """Copies each token once per chosen expert into rows grouped by expert; differentiable wrt ``hidden``.
+
+    hidden: (T, H) float; topk_ids: (T, K) int32/int64 in ``[0, num_experts)``. See ``MoEPermutation``.
+    """
+    _check_float("hidden", hidden, 2)
+    _check_routing(topk_ids, hidden.shape[0])
+    _check_same_device(hidden=hidden, topk_ids=topk_ids)
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if resolve_backend("moe_permute", backend, hidden.device) == "torch":
+        return moe_permute_reference(hidden, topk_ids, num_experts)
+    return MoEPermutation(*_MoEPermute.apply(hidden, topk_ids, num_experts))
+
+
+def moe_unpermute(
+    rows: torch.Tensor, row_index: torch.Tensor, topk_weights: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """out[t] = sum_k topk_weights[t, k] * rows[row_index[t*K + k]], summed in fp32; differentiable wrt ``rows``
+    and ``topk_weights``.
+
+    rows: (R, H) float; row_index: (T*K,) int32/int64 (``MoEPermutation.row_index``); topk_weights: (T, K) float.
+    Returns (T, H) in rows' dtype; ``topk_weights``' gradient has its dtype.
+    """
+    _check_float("rows", rows, 2)
+    _check_index("row_index", row_index, 1)
+    _check_float("topk_weights", topk_weights, 2)
+    _check_same_device(rows=rows, row_index=row_index, topk_weights=topk_weights)
+    if row_index.shape[0] != topk_weights.numel():
+        raise ValueError(
+            f"row_index must have T*K = {topk_weights.numel()} entries for topk_weights of shape "
+            f"{tuple(topk_weights.shape)}, got {row_index.shape[0]}"
+        )
+    if resolve_backend("moe_unpermute", backend, rows.device) == "torch":
+        return moe_unpermute_reference(rows, row_index, topk_weights)
+    return _MoEUnpermute.apply(rows, row_index.contiguous(), topk_weights)
+
+
+def grouped_mm(
+    x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ w[e]; differentiable wrt ``x`` and ``w``.
+
+    x: (M, K) float; w: (E, K, N) in x's dtype (any strides: pass ``weight.transpose(1, 2)`` for ``(E, N, K)``
+    linear weights); expert_offsets: (E,) int32 cumulative end rows. Returns (M, N). Rows at or past
+    ``expert_offsets[-1]`` are zero on the torch path and undefined on the Triton path.
+    """
+    _check_float("x", x, 2)
+    _check_float("w", w, 3)
+    _check_offsets(expert_offsets, w.shape[0])
+    _check_same_device(x=x, w=w, expert_offsets=expert_offsets)
+    if w.dtype != x.dtype:
+        raise ValueError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"w must have shape (E, K={x.shape[1]}, N) to match x {tuple(x.shape)}, got {tuple(w.shape)}")
+    if resolve_backend("grouped_mm", backend, x.device) == "torch":
+        return grouped_mm_reference(x, w, expert_offsets)
+    return _GroupedMM.apply(x, w, expert_offsets)
+
+
+def expert_ffn(
+    rows: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The expert FFN on rows grouped by expert: grouped gate/up GEMM -> SwiGLU -> grouped down GEMM.
+
+    rows: (M, H); expert_offsets: (E,) int32 cumulative end rows; gate_up_proj: (E, 2I, H); down_proj: (E, H, I),
+    all in rows' dtype. Returns (M, H); differentiable wrt rows and both weights.
+    """
+    _check_float("rows", rows, 2)
+    _check_expert_weights(gate_up_proj, down_proj, rows.shape[1], rows.dtype)
+    _check_offsets(expert_offsets, gate_up_proj.shape[0])
+    _check_same_device(rows=rows, expert_offsets=expert_offsets, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    if resolve_backend("expert_ffn", backend, rows.device) == "torch":
+        return expert_ffn_reference(rows, expert_offsets, gate_up_proj, down_proj)
+    return _ExpertFFN.apply(rows, expert_offsets, gate_up_proj, down_proj)
+
+
+def moe_ffn(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The routed expert FFN: permute -> expert_ffn -> unpermute (``moe_ffn_reference`` defines it).
+
+    hidden: (T, H); topk_ids: (T, K) int32/int64; topk_weights: (T, K) float; gate_up_proj: (E, 2I, H);
+    down_proj: (E, H, I). Returns (T, H) in hidden's dtype; differentiable wrt hidden, topk_weights and both
+    weights. The Triton path makes no host sync.
+    """
+    _check_float("hidden", hidden, 2)
+    _check_routing(topk_ids, hidden.shape[0])
+    _check_float("topk_weights", topk_weights, 2)
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
+        )
+    _check_expert_weights(gate_up_proj, down_proj, hidden.shape[1], hidden.dtype)
+    _check_same_device(
+        hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, gate_up_proj=gate_up_proj, down_proj=down_proj
+    )
+    if resolve_backend("moe_ffn", backend, hidden.device) == "torch":
+        return moe_ffn_reference(hidden, topk_ids, topk_weights, gate_up_proj, down_proj)
+    rows, expert_offsets, row_index, _ = _MoEPermute.apply(hidden, topk_ids, gate_up_proj.shape[0])
+    out_rows = _ExpertFFN.apply(rows, expert_offsets, gate_up_proj, down_proj)
+    return _MoEUnpermute.apply(out_rows, row_index, topk_weights)

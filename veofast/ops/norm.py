@@ -1,0 +1,163 @@
+"""RMSNorm, optionally fused with the residual add before it: the reference, the Triton path and dispatch.
+
+Semantics are those of the HF Llama/Qwen ``RMSNorm``: ``h = x + residual`` in the input dtype, then
+``weight * (h32 * rsqrt(mean(h32**2) + eps)).to(h.dtype)`` with ``h32`` in fp32. The output dtype is
+``promote_types(x.dtype, weight.dtype)``, as in HF.
+
+The Triton kernel computes ``h32 * rstd * weight`` in fp32 and rounds once, where HF rounds the normalised value to
+the input dtype and multiplies by the weight in the weight's dtype (rounding a second time). The fused result is at
+least as close to the exact value; the two differ by about one rounding of the output dtype (bf16: ~2**-8 relative).
+"""
+
+import torch
+
+from veofast.ops._backend import resolve_backend
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch RMSNorm, exactly as HF Llama/Qwen compute it (the CPU path and the test oracle).
+
+    x: (..., H); weight: (H,); residual: like x, or None. Returns y (..., H), or (y, h) with h = x + residual
+    when a residual is given. Statistics are taken in fp32 (in float64 for float64 inputs).
+    """
+    h = x if residual is None else x + residual
+    h_acc = h.to(torch.promote_types(h.dtype, torch.float32))
+    normed = h_acc * torch.rsqrt(h_acc.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * normed.to(h.dtype)
+    return y if residual is None else (y, h)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
+    if not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"rms_norm: x must be a floating tensor of shape (..., H), got {x.dtype} {tuple(x.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"rms_norm: weight must be a floating tensor, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or eps < 0:
+        raise ValueError(f"rms_norm: eps must be a non-negative float, got {eps!r}")
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"rms_norm: residual must match x ({x.dtype} {tuple(x.shape)} on {x.device}), "
+                f"got {residual.dtype} {tuple(residual.shape)} on {residual.device}"
+            )
+
+
+def _check_triton(x: torch.Tensor, weight: torch.Tensor) -> None:
+    from veofast.kernels.norm import MAX_HIDDEN
+
+    if x.dtype not in _TRITON_DTYPES or weight.dtype not in _TRITON_DTYPES:
+        raise ValueError(
+            f"rms_norm: the triton backend takes x and weight in {_TRITON_DTYPES}, got {x.dtype} and {weight.dtype}"
+        )
+    if x.shape[-1] > MAX_HIDDEN:
+        raise ValueError(f"rms_norm: the triton backend takes H <= {MAX_HIDDEN}, got x with H = {x.shape[-1]}")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., H) -> contiguous (N, H)."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+@torch.library.custom_op("veofast::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from veofast.kernels.norm import rms_norm_fwd
+
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y, _ = rms_norm_fwd(_rows(x), weight.contiguous(), None, eps, out_dtype)
+    return y.view(x.shape)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.custom_op("veofast::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from veofast.kernels.norm import rms_norm_fwd
+
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y, h = rms_norm_fwd(_rows(x), weight.contiguous(), _rows(residual), eps, out_dtype)
+    return y.view(x.shape), h.view(x.shape)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+
+
+@torch.library.custom_op("veofast::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_out: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from veofast.kernels.norm import rms_norm_bwd
+
+    dh_rows = _rows(dh_out) if dh_out is not None else None
+    dx, dweight = rms_norm_bwd(_rows(dy), _rows(h), weight.contiguous(), dh_rows, eps)
+    return dx.view(h.shape), dweight
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, h, weight, dh_out, eps):
+    return torch.empty_like(h), torch.empty_like(weight)
+
+
+def _setup_rms_norm(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _backward_rms_norm(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dweight = _rms_norm_backward_op(dy, x, weight, None, ctx.eps)
+    return dx, dweight if ctx.needs_input_grad[1] else None, None
+
+
+def _setup_add_rms_norm(ctx, inputs, output):
+    _, _, weight, eps = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.eps = eps
+
+
+def _backward_add_rms_norm(ctx, dy, dh_out):
+    h, weight = ctx.saved_tensors
+    dh, dweight = _rms_norm_backward_op(dy, h, weight, dh_out, ctx.eps)
+    return dh, dh, dweight if ctx.needs_input_grad[2] else None, None
+
+
+_rms_norm_op.register_autograd(_backward_rms_norm, setup_context=_setup_rms_norm)
+_add_rms_norm_op.register_autograd(_backward_add_rms_norm, setup_context=_setup_add_rms_norm)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    residual: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` (plus ``residual``, when given), scaled by ``weight``; differentiable in x, weight, residual.
+
+    x: (..., H); weight: (H,); residual: like x, or None. Returns y (..., H) in
+    ``promote_types(x.dtype, weight.dtype)``, or ``(y, h)`` where h = x + residual (..., H) in x's dtype is the
+    residual stream for the next layer. ``backend``: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
+    """
+    _check(x, weight, eps, residual)
+    if resolve_backend("rms_norm", backend, x.device) == "torch":
+        return rms_norm_reference(x, weight, eps, residual=residual)
+    _check_triton(x, weight)
+    if residual is None:
+        return _rms_norm_op(x, weight, float(eps))
+    return _add_rms_norm_op(x, residual, weight, float(eps))

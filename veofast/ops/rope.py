@@ -1,0 +1,130 @@
+"""Rotary position embedding of q and k from packed ``position_ids``: the reference, the Triton path and dispatch.
+
+Convention: HF's non-interleaved ``rotate_half``. With ``freqs = position * inv_freq`` (fp32),
+``emb = cat(freqs, freqs)``, ``cos = cos(emb) * scaling`` and ``sin = sin(emb) * scaling``:
+``out = x * cos + rotate_half(x) * sin`` where ``rotate_half(x) = cat(-x[D/2:], x[:D/2])``.
+``position_ids`` may restart at 0 per packed document or be in any order; every token is rotated by its own
+position.
+
+The Triton kernel computes cos/sin in registers in fp32 and rounds the rotated value once; HF (and the reference)
+round cos/sin to the input dtype and do the multiply-adds in it, so in bf16 the two differ by about one bf16
+rounding. The kernel writes fresh outputs (q and k are left as they are), so it is safe under autograd.
+"""
+
+import torch
+
+from veofast.ops._backend import resolve_backend
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_POSITION_DTYPES = (torch.int32, torch.int64)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch RoPE exactly as HF computes it (the CPU path and the test oracle).
+
+    q: (T, Hq, D); k: (T, Hk, D); position_ids: (T,) int; inv_freq: (D/2,) fp32. Angles are fp32 products; cos/sin
+    are taken in fp32 (float64 for float64 inputs) and cast to q's dtype. Returns (q_out, k_out) shaped like q, k.
+    """
+    freqs = position_ids.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1).to(torch.promote_types(q.dtype, torch.float32))
+    cos = (emb.cos() * scaling).to(q.dtype)[:, None, :]
+    sin = (emb.sin() * scaling).to(q.dtype)[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling) -> None:
+    if q.dim() != 3 or not q.is_floating_point():
+        raise ValueError(f"apply_rotary: q must be a floating tensor (T, Hq, D), got {q.dtype} {tuple(q.shape)}")
+    n_tokens, _, head_dim = q.shape
+    if k.dim() != 3 or k.shape[0] != n_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"apply_rotary: k must have shape ({n_tokens}, Hk, {head_dim}), got {tuple(k.shape)}")
+    if k.dtype != q.dtype or k.device != q.device:
+        raise ValueError(f"apply_rotary: k must match q's dtype and device ({q.dtype}, {q.device}), got {k.dtype}")
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"apply_rotary: head_dim (q.shape[-1]) must be even and >= 2, got {head_dim}")
+    if position_ids.shape != (n_tokens,) or position_ids.dtype not in _POSITION_DTYPES:
+        raise ValueError(
+            f"apply_rotary: position_ids must be an int32/int64 tensor of shape ({n_tokens},), "
+            f"got {position_ids.dtype} {tuple(position_ids.shape)}"
+        )
+    if inv_freq.shape != (head_dim // 2,) or inv_freq.dtype != torch.float32:
+        raise ValueError(
+            f"apply_rotary: inv_freq must be a float32 tensor of shape ({head_dim // 2},) (keep the buffer in fp32 "
+            f"when the model is cast), got {inv_freq.dtype} {tuple(inv_freq.shape)}"
+        )
+    if position_ids.device != q.device or inv_freq.device != q.device:
+        raise ValueError(
+            f"apply_rotary: position_ids ({position_ids.device}) and inv_freq ({inv_freq.device}) must be on "
+            f"q's device ({q.device})"
+        )
+    if isinstance(scaling, bool) or not isinstance(scaling, int | float):
+        raise ValueError(f"apply_rotary: scaling must be a float, got {scaling!r}")
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("veofast::rotary", mutates_args=())
+def _rotary_op(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from veofast.kernels.rope import rotary
+
+    return rotary(_unit_stride(q), _unit_stride(k), position_ids.contiguous(), inv_freq.contiguous(), scaling, inverse)
+
+
+@_rotary_op.register_fake
+def _(q, k, position_ids, inv_freq, scaling, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _setup_rotary(ctx, inputs, output):
+    _, _, position_ids, inv_freq, scaling, inverse = inputs
+    ctx.save_for_backward(position_ids, inv_freq)
+    ctx.scaling, ctx.inverse = scaling, inverse
+
+
+def _backward_rotary(ctx, dq, dk):
+    position_ids, inv_freq = ctx.saved_tensors
+    dq, dk = _rotary_op(dq, dk, position_ids, inv_freq, ctx.scaling, not ctx.inverse)
+    return dq, dk, None, None, None, None
+
+
+_rotary_op.register_autograd(_backward_rotary, setup_context=_setup_rotary)
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    scaling: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by their tokens' positions; differentiable in q and k.
+
+    q: (T, Hq, D), k: (T, Hk, D) (Hq may differ from Hk; any strides); position_ids: (T,) int32/int64, e.g. packed
+    documents restarting at 0; inv_freq: (D/2,) fp32; scaling multiplies cos and sin (HF's ``attention_scaling``).
+    Returns new tensors (q_out, k_out) shaped like q and k. ``backend``: ``"auto"`` (Triton on CUDA), ``"triton"``
+    or ``"torch"``.
+    """
+    _check(q, k, position_ids, inv_freq, scaling)
+    if resolve_backend("apply_rotary", backend, q.device) == "torch":
+        return apply_rotary_reference(q, k, position_ids, inv_freq, scaling=scaling)
+    if q.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"apply_rotary: the triton backend takes q and k in {_TRITON_DTYPES}, got {q.dtype}")
+    return _rotary_op(q, k, position_ids, inv_freq, float(scaling), False)

@@ -1,0 +1,89 @@
+"""SwiGLU activation ``silu(gate) * up``: the reference, the Triton path and dispatch.
+
+The math is done in fp32 and rounded once to the input dtype. (HF's ``act_fn(gate) * up`` rounds ``silu(gate)`` to
+the input dtype before the multiply: in bf16 the two differ by about one bf16 rounding.) gate and up may be strided
+views, e.g. the two halves of a fused gate/up projection; the outputs are contiguous.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from veofast.ops._backend import resolve_backend
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Plain-torch ``silu(gate) * up`` in fp32 (float64 for float64 inputs), cast to the input dtype.
+
+    gate, up: (..., I). Returns (..., I).
+    """
+    acc = torch.promote_types(gate.dtype, torch.float32)
+    return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if not gate.is_floating_point() or gate.dim() < 1:
+        raise ValueError(f"swiglu: gate must be a floating tensor (..., I), got {gate.dtype} {tuple(gate.shape)}")
+    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
+        raise ValueError(
+            f"swiglu: up must match gate ({gate.dtype} {tuple(gate.shape)} on {gate.device}), "
+            f"got {up.dtype} {tuple(up.shape)} on {up.device}"
+        )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., I) -> (N, I) with unit column stride; a view when the layout allows."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+@torch.library.custom_op("veofast::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    from veofast.kernels.swiglu import swiglu_fwd
+
+    return swiglu_fwd(_rows(gate), _rows(up)).view(gate.shape)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("veofast::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from veofast.kernels.swiglu import swiglu_bwd
+
+    dgate, dup = swiglu_bwd(_rows(dy), _rows(gate), _rows(up))
+    return dgate.view(gate.shape), dup.view(gate.shape)
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _setup_swiglu(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_swiglu(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return _swiglu_backward_op(dy, gate, up)
+
+
+_swiglu_op.register_autograd(_backward_swiglu, setup_context=_setup_swiglu)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up``; differentiable in gate and up.
+
+    gate, up: (..., I), same dtype (any strides). Returns (..., I) in the input dtype. ``backend``: ``"auto"``
+    (Triton on CUDA), ``"triton"`` or ``"torch"``.
+    """
+    _check(gate, up)
+    if resolve_backend("swiglu", backend, gate.device) == "torch":
+        return swiglu_reference(gate, up)
+    if gate.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"swiglu: the triton backend takes gate and up in {_TRITON_DTYPES}, got {gate.dtype}")
+    return _swiglu_op(gate, up)

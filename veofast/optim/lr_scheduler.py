@@ -1,0 +1,65 @@
+"""``build_lr_scheduler``: linear warmup, then constant, linear or cosine decay down to ``lr_min``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+def lr_multiplier(
+    step: int, *, train_steps: int, warmup_steps: int, decay_steps: int, style: str, min_ratio: float
+) -> float:
+    """The factor applied to the peak lr at ``step`` (0-based count of finished optimizer steps)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if style == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps))
+    if style == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+class _Multiplier:
+    """A picklable schedule function (LambdaLR stores plain objects' state in its state_dict)."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(step, **self.kwargs)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    train_steps: int,
+    lr: float | None = None,
+    lr_min: float = 0.0,
+    lr_warmup_ratio: float = 0.0,
+    lr_decay_style: str = "cosine",
+    lr_decay_ratio: float = 1.0,
+) -> LambdaLR:
+    """Warm up linearly over ``lr_warmup_ratio * train_steps`` steps, then decay over ``lr_decay_ratio`` of the
+    remaining steps to ``lr_min`` (``constant`` keeps the peak). ``lr`` defaults to the optimizer's."""
+    if lr_decay_style not in DECAY_STYLES:
+        raise ValueError(f"build_lr_scheduler: lr_decay_style must be one of {DECAY_STYLES}, got {lr_decay_style!r}")
+    if train_steps < 1:
+        raise ValueError(f"build_lr_scheduler: train_steps must be >= 1, got {train_steps}")
+    if not 0.0 <= lr_warmup_ratio <= 1.0:
+        raise ValueError(f"build_lr_scheduler: lr_warmup_ratio must be in [0, 1], got {lr_warmup_ratio}")
+    peak = lr if lr is not None else optimizer.param_groups[0]["lr"]
+    if lr_min > peak:
+        raise ValueError(f"build_lr_scheduler: lr_min {lr_min} is above the peak lr {peak}")
+    warmup = int(lr_warmup_ratio * train_steps)
+    decay = max(1, int(lr_decay_ratio * (train_steps - warmup)))
+    schedule = _Multiplier(
+        train_steps=train_steps, warmup_steps=warmup, decay_steps=decay, style=lr_decay_style,
+        min_ratio=lr_min / peak if peak > 0 else 0.0,
+    )
+    return LambdaLR(optimizer, schedule)

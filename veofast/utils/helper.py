@@ -1,0 +1,59 @@
+"""Run helpers: the profiler, seeding, and process exit that is safe with gloo."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def create_profiler(
+    start_step: int,
+    end_step: int,
+    trace_dir: str,
+    record_shapes: bool = True,
+    profile_memory: bool = False,
+    with_stack: bool = False,
+) -> torch.profiler.profile:
+    """A torch profiler that records steps ``[start_step, end_step)`` (1-based) and writes a Chrome/TensorBoard
+    trace to ``trace_dir``; call ``.step()`` after every training step."""
+    if not 1 <= start_step < end_step:
+        raise ValueError(f"create_profiler: need 1 <= start_step < end_step, got {start_step}, {end_step}")
+    os.makedirs(trace_dir, exist_ok=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def on_trace_ready(prof):
+        prof.export_chrome_trace(os.path.join(trace_dir, f"trace_rank{rank}.json"))
+
+    return torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=max(0, start_step - 1), warmup=0, active=end_step - start_step, repeat=1),
+        on_trace_ready=on_trace_ready,
+        record_shapes=record_shapes,
+        profile_memory=profile_memory,
+        with_stack=with_stack,
+    )
+
+
+def set_seed(seed: int, *, deterministic: bool = False) -> None:
+    """Seed python and torch; ``deterministic`` also asks torch for deterministic algorithms."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def exit_process(code: int = 0) -> None:
+    """Tear down torch.distributed, flush, and exit without interpreter teardown (gloo can abort there)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
