@@ -79,12 +79,14 @@ struct Scratch {
   std::vector<int64_t> order;  // the visiting order
   std::vector<int64_t> tmp;
   std::vector<int64_t> bin_of;
+  std::vector<int64_t> offsets;  // the result's bin offsets
+  std::vector<int64_t> cursor;
 };
 
 thread_local Scratch scratch;
 
-void pack(const int64_t* lengths, int64_t n, int64_t budget, std::vector<int64_t>& indices,
-          std::vector<int64_t>& offsets) {
+// Packs lengths[0:n]; writes the grouped indices to indices[0:n] and the bin offsets to s.offsets.
+void pack(const int64_t* lengths, int64_t n, int64_t budget, int64_t* indices) {
   Scratch& s = scratch;
   s.rooms.reset(budget);
   if (static_cast<int64_t>(s.head.size()) < budget + 1) s.head.assign(budget + 1, -1);
@@ -138,12 +140,11 @@ void pack(const int64_t* lengths, int64_t n, int64_t budget, std::vector<int64_t
 
   // Group the indices by bin, increasing index within a bin (a counting sort).
   const size_t bins = s.room.size();
-  offsets.assign(bins + 1, 0);
-  for (int64_t i = 0; i < n; ++i) ++offsets[s.bin_of[i] + 1];
-  for (size_t b = 0; b < bins; ++b) offsets[b + 1] += offsets[b];
-  indices.resize(n);
-  std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-  for (int64_t i = 0; i < n; ++i) indices[cursor[s.bin_of[i]]++] = i;
+  s.offsets.assign(bins + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++s.offsets[s.bin_of[i] + 1];
+  for (size_t b = 0; b < bins; ++b) s.offsets[b + 1] += s.offsets[b];
+  s.cursor.assign(s.offsets.begin(), s.offsets.end() - 1);
+  for (int64_t i = 0; i < n; ++i) indices[s.cursor[s.bin_of[i]]++] = i;
 }
 
 py::tuple pack_bfd(py::array_t<int64_t, py::array::c_style | py::array::forcecast> lengths, int64_t budget) {
@@ -162,16 +163,16 @@ py::tuple pack_bfd(py::array_t<int64_t, py::array::c_style | py::array::forcecas
                                   " is outside [0, budget=" + std::to_string(budget) + "]");
     }
   }
-  std::vector<int64_t> indices, offsets;
+  py::array_t<int64_t> indices(static_cast<py::ssize_t>(n));
+  int64_t* out = indices.mutable_data();
   {
     py::gil_scoped_release release;
-    pack(data, n, budget, indices, offsets);
+    pack(data, n, budget, out);
   }
-  py::array_t<int64_t> out_indices(static_cast<py::ssize_t>(indices.size()));
+  const std::vector<int64_t>& offsets = scratch.offsets;
   py::array_t<int64_t> out_offsets(static_cast<py::ssize_t>(offsets.size()));
-  std::copy(indices.begin(), indices.end(), out_indices.mutable_data());
   std::copy(offsets.begin(), offsets.end(), out_offsets.mutable_data());
-  return py::make_tuple(out_indices, out_offsets);
+  return py::make_tuple(indices, out_offsets);
 }
 
 }  // namespace

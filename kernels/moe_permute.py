@@ -83,8 +83,8 @@ def _moe_gather_kernel(
     )
     for k in range(K):
         row = tl.load(row_index_ptr + tokens * K + k, mask=token_ok, other=-1).to(tl.int64)
-        width = tl.where(row >= 0, H, 0)  # an invalid row masks every column
-        tl.store(rows_ptr + row[:, None] * stride_rows + cols[None, :], x, mask=cols[None, :] < width[:, None])
+        mask = (cols < H)[None, :] & (row >= 0)[:, None]  # an invalid row is not written
+        tl.store(rows_ptr + row[:, None] * stride_rows + cols[None, :], x, mask=mask)
 
 
 @triton.jit
@@ -111,10 +111,8 @@ def _moe_unpermute_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for k in range(K):
         row = tl.load(row_index_ptr + tokens * K + k, mask=token_ok, other=-1).to(tl.int64)
-        width = tl.where((row >= 0) & (row < num_rows), H, 0)  # an invalid row masks every column
-        x = tl.load(
-            rows_ptr + row[:, None] * stride_rows + cols[None, :], mask=cols[None, :] < width[:, None], other=0.0
-        ).to(tl.float32)
+        mask = (cols < H)[None, :] & ((row >= 0) & (row < num_rows))[:, None]  # an invalid row adds nothing
+        x = tl.load(rows_ptr + row[:, None] * stride_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
             x = x * tl.load(weights_ptr + tokens * K + k, mask=token_ok, other=0.0).to(tl.float32)[:, None]
         acc += x
@@ -148,12 +146,12 @@ def _moe_unpermute_bwd_kernel(
     tokens = tokens.to(tl.int64)
     for k in range(K):
         row = tl.load(row_index_ptr + tokens * K + k, mask=token_ok, other=-1).to(tl.int64)
-        width = tl.where((row >= 0) & (row < num_rows), H, 0)  # an invalid row masks every column
+        valid = (row >= 0) & (row < num_rows)  # an invalid row gets and gives nothing
         w = tl.load(weights_ptr + tokens * K + k, mask=token_ok, other=0.0).to(tl.float32)
         dot = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
-            mask = cols[None, :] < width[:, None]
+            mask = (cols < H)[None, :] & valid[:, None]
             g = tl.load(grad_out_ptr + tokens[:, None] * stride_grad_out + cols[None, :], mask=mask, other=0.0)
             g = g.to(tl.float32)
             if ROWS_GRAD:

@@ -109,24 +109,18 @@ def resolve_load_path(args: Arguments) -> str | None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, group, max_batches: int) -> float:
-    """Mean token loss over the evaluation set (or its first ``max_batches`` micro-batches per rank)."""
+def evaluate(model, make_loader, device, group, num_steps: int) -> float:
+    """Mean token loss over the first ``num_steps`` loader steps of the evaluation set (the same batches at every
+    evaluation: the loader is built afresh from its seed)."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    seen = 0
-    for micro_batches in loader:
-        for micro_batch in micro_batches:
+    data_iterator = iter(make_loader())
+    for _ in range(num_steps):
+        for micro_batch in next(data_iterator):
             batch = to_device(micro_batch, device)
-            batch.pop("num_label_tokens", None)
+            count = batch.pop("num_label_tokens")
             out = model(**batch, num_items_in_batch=1)  # loss = sum over label tokens
-            labels = batch.get("labels")
-            count = (labels[..., 1:] != -100).sum() if labels is not None else 0
-            totals += torch.stack([out.lm_loss.double(), torch.as_tensor(count, device=device).double()])
-            seen += 1
-            if max_batches and seen >= max_batches:
-                break
-        if max_batches and seen >= max_batches:
-            break
+            totals += torch.stack([out.lm_loss.double(), torch.tensor(float(count), device=device).double()])
     dist.all_reduce(totals, group=group)
     model.train()
     return (totals[0] / totals[1].clamp(min=1)).item()
@@ -160,9 +154,12 @@ def main() -> None:
     if train.max_steps is not None:
         total_steps = min(total_steps, train.max_steps)
     train_loader = build_loader(args, train_dataset, train.train_steps)
-    eval_loader = None
+    make_eval_loader = None
     if args.data.eval_path and train.eval_steps > 0:
-        eval_loader = build_loader(args, build_dataset(args, args.data.eval_path, transform), None)
+        eval_dataset = build_dataset(args, args.data.eval_path, transform)
+        make_eval_loader = partial(build_loader, args, eval_dataset, None)
+    elif args.data.eval_path or train.eval_steps > 0:
+        raise ArgumentError("evaluation needs both data.eval_path and train.eval_steps > 0")
 
     # ---- model, parallelism, optimizer
     model = build_foundation_model(
@@ -263,8 +260,8 @@ def main() -> None:
                 record["mfu"] = result.flops / step_time / ps.world_size / (peak * 1e12)
             if torch.cuda.is_available():
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if eval_loader is not None and global_step % train.eval_steps == 0:
-                record["eval_loss"] = evaluate(model, eval_loader, device, group, train.eval_batches)
+            if make_eval_loader is not None and global_step % train.eval_steps == 0:
+                record["eval_loss"] = evaluate(model, make_eval_loader, device, group, train.eval_batches)
             if global_step % train.log_steps == 0 or "eval_loss" in record:
                 metrics.write(record)
             if progress is not None:

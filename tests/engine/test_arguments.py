@@ -41,7 +41,7 @@ def test_yaml_and_overrides(config_file):
     assert args.train.enable_full_shard is False
     assert args.model.config_overrides == {"num_experts": 4}  # a CLI value replaces the whole field
     assert args.train.gradient_accumulation_steps == 4  # 8 / (2 * 1 rank)
-    assert args.train.dataloader_batch_size == 8
+    assert args.train.dataloader_batch_size == 4
 
 
 def test_subclass_adds_arguments(config_file):

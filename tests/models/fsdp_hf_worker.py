@@ -28,8 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from veofast.models import build_foundation_model, materialize_model
-from veofast.models import hf_io
+from veofast.models import build_foundation_model, hf_io, materialize_model
 from veofast.models.hf_io import load_hf_weights, save_hf_weights
 
 
@@ -90,7 +89,12 @@ def run(checkpoint: str, out: str, mesh, expert_mesh) -> None:
     _redistribute(plain, mesh, expert_mesh)
     read_keys = []
     read_block = hf_io._read_block
-    hf_io._read_block = lambda handle, block, lo, hi: read_keys.append(block.key) or read_block(handle, block, lo, hi)
+
+    def recording_read_block(handle, block, lo, hi):
+        read_keys.append(block.key)
+        return read_block(handle, block, lo, hi)
+
+    hf_io._read_block = recording_read_block
     materialize_model(plain)  # re-ties the embeddings (to_empty from meta unties them), then load_hf_weights
     hf_io._read_block = read_block
     with open(os.path.join(out, f"rank{rank}_expert_keys.json"), "w") as f:

@@ -176,6 +176,29 @@ def test_save_dtype_and_existing_directories(tmp_path):
         save_hf_weights(model, str(tmp_path / "other"), max_shard_size="5 parsecs")
 
 
+class _CompiledLike(torch.nn.Module):
+    """Holds the model as ``_orig_mod``, as torch.compile's OptimizedModule does (without importing dynamo)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self._orig_mod = module
+
+
+def test_save_and_load_through_ddp_and_compile_wrappers(tmp_path):
+    hf = save_hf_checkpoint("qwen2", tmp_path / "hf")
+    model = _veofast(tmp_path / "hf")
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = _CompiledLike(torch.nn.parallel.DistributedDataParallel(model))
+        save_hf_weights(wrapped, str(tmp_path / "out"))
+        load_hf_weights(wrapped, str(tmp_path / "out"))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert read_checkpoint(tmp_path / "out").keys() == read_checkpoint(tmp_path / "hf").keys()
+    _assert_same_as_hf(_veofast(tmp_path / "out"), hf)
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("2MiB") == 2 * 2**20

@@ -76,3 +76,17 @@ def test_packed_documents_match_separate_runs(case, tmp_path):
         logits = model(packed, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max(lengths)).logits
         expected = torch.cat([hf(doc).logits for doc in docs], dim=1)
     torch.testing.assert_close(logits, expected, atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["qwen3", "qwen3_moe_aux"])
+def test_parity_on_gpu_with_default_kernels(case, tmp_path):
+    """The fused kernels (ops_backend="auto" on CUDA) against transformers' eager fp32 model on the GPU."""
+    hf = save_hf_checkpoint(case, tmp_path / "hf").cuda()
+    model = build_foundation_model(weights_path=str(tmp_path / "hf"), init_device="cuda", ops_backend="auto")
+    input_ids, labels = (t.cuda() for t in _inputs(hf.config.vocab_size))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, hf(input_ids).logits, atol=2e-3, rtol=0)
+        torch.testing.assert_close(
+            model(input_ids, labels=labels).loss, hf(input_ids, labels=labels).loss, atol=1e-4, rtol=1e-4
+        )

@@ -67,7 +67,9 @@ def pack_sequences(lengths, budget: int, *, backend: str = "auto") -> tuple[np.n
     if _C is None:
         raise ValueError(f"pack_sequences: backend='cpp' asked for but veofast._C is not built ({_CPP_ERROR})")
     _check_budget(budget)
-    return _C.pack_bfd(_as_int64(lengths), int(budget))  # the extension checks shape and range itself
+    if not (type(lengths) is np.ndarray and lengths.dtype == np.int64):
+        lengths = _as_int64(lengths)
+    return _C.pack_bfd(lengths, int(budget))  # the extension checks shape and range itself
 
 
 def pack_sequences_python(lengths: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:

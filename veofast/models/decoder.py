@@ -176,10 +176,11 @@ class CausalLM(nn.Module):
 
         hidden = self.model.embed_tokens(input_ids).view(batch * seq_len, -1)
         flat_positions = position_ids.reshape(-1)
+        inv_freq = self.inv_freq.float()  # stays fp32 even if the module was cast to a low precision
         stats_sum = None
         num_moe_layers = 0
         for layer in self.model.layers:
-            args = (hidden, flat_positions, cu_seqlens, max_seqlen, self.inv_freq, self.rope_scaling)
+            args = (hidden, flat_positions, cu_seqlens, max_seqlen, inv_freq, self.rope_scaling)
             if self.gradient_checkpointing and self.training:
                 hidden, stats = checkpoint(layer, *args, use_reentrant=False)
             else:

@@ -15,7 +15,6 @@ Only safetensors are read: pickled checkpoints (``pytorch_model.bin``) are refus
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -55,8 +54,20 @@ _SIZE_UNITS = {
 # ------------------------------------------------------------------------------------------------ common helpers
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP and ``torch.compile`` wrappers (whose state-dict names carry a prefix)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, list[str]]]:
     """``(name, tensor, aliases)`` for every state-dict tensor once; tied tensors list their other names."""
+    model = _unwrap(model)
     seen: dict[int, int] = {}
     out: list[tuple[str, torch.Tensor, list[str]]] = []
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -163,56 +174,63 @@ def load_hf_weights(model: nn.Module, weights_path: str) -> None:
     raise one ``ValueError`` that lists them all (the model is left untouched then).
     """
     files = checkpoint_files(weights_path)
-    with contextlib.ExitStack() as stack:
-        handles = {path: stack.enter_context(safe_open(path, framework="pt", device="cpu")) for path in files}
-        disk: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for path, handle in handles.items():
+    disk: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (file, shape)
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as handle:
             for key in handle.keys():
                 disk[key] = (path, tuple(handle.get_slice(key).get_shape()))
 
-        plan: list[tuple[str, torch.Tensor, list[Block]]] = []
-        used: set[str] = set()
-        missing, mismatched = [], []
-        for name, tensor, aliases in _named_tensors(model):
-            used.update(alias for alias in aliases if alias in disk)
-            if name not in disk:  # a tied tensor may be stored under another of its names
-                name = next((alias for alias in aliases if alias in disk), name)
-            blocks = param_blocks(name, tuple(tensor.shape), set(disk))
-            for block in blocks:
-                if block.key not in disk:
-                    missing.append(block.key)
-                elif disk[block.key][1] != block.disk_shape:
-                    mismatched.append(f"{block.key}: checkpoint {disk[block.key][1]}, model {block.disk_shape}")
-                used.add(block.key)
-            plan.append((name, tensor, blocks))
-        unexpected = sorted(key for key in disk if key not in used and not is_ignored_key(key))
-        if missing or unexpected or mismatched:
-            parts = [f"load_hf_weights: the checkpoint in {weights_path!r} does not match the model:"]
-            for title, items in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", mismatched),
-            ):
-                if items:
-                    parts.append(_listing(title, items))
-            parts.append("Check that the config (model_type, sizes, tie_word_embeddings) belongs to these weights.")
-            raise ValueError("\n".join(parts))
+    reads: dict[str, list[tuple[torch.Tensor, Block, tuple, tuple[int, ...]]]] = {path: [] for path in files}
+    for name, tensor, blocks in _match_checkpoint(model, disk, weights_path):
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.is_meta:
+            raise ValueError(f"load_hf_weights: {name} is on the meta device; materialise the model first")
+        offset, shape = _local_box(tensor)
+        assert tuple(local.shape) == shape, (name, tuple(local.shape), shape)
+        for block in blocks:
+            overlap = _overlap(offset, shape, block) if local.numel() else None
+            if overlap is not None:
+                reads[disk[block.key][0]].append((local, block, overlap, offset))
+    for path, items in reads.items():  # one file mapped at a time: its pages leave the resident set when closed
+        if not items:
+            continue
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            for local, block, (lo, hi), offset in items:
+                local[_slices(lo, hi, offset)].copy_(_read_block(handle, block, lo, hi))
 
-        for name, tensor, blocks in plan:
-            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-            if local.is_meta:
-                raise ValueError(f"load_hf_weights: {name} is on the meta device; materialise the model first")
-            offset, shape = _local_box(tensor)
-            assert tuple(local.shape) == shape, (name, tuple(local.shape), shape)
-            if local.numel() == 0:
-                continue
-            for block in blocks:
-                overlap = _overlap(offset, shape, block)
-                if overlap is None:
-                    continue
-                piece = _read_block(handles[disk[block.key][0]], block, *overlap)
-                target = _slices(*overlap, offset)
-                local[target].copy_(piece)
+
+def _match_checkpoint(
+    model: nn.Module, disk: dict[str, tuple[str, tuple[int, ...]]], weights_path: str
+) -> list[tuple[str, torch.Tensor, list[Block]]]:
+    """``(name, tensor, blocks)`` for every model tensor; one ValueError listing every key that does not fit."""
+    plan: list[tuple[str, torch.Tensor, list[Block]]] = []
+    used: set[str] = set()
+    missing, mismatched = [], []
+    for name, tensor, aliases in _named_tensors(model):
+        used.update(alias for alias in aliases if alias in disk)
+        if name not in disk:  # a tied tensor may be stored under another of its names
+            name = next((alias for alias in aliases if alias in disk), name)
+        blocks = param_blocks(name, tuple(tensor.shape), set(disk))
+        for block in blocks:
+            if block.key not in disk:
+                missing.append(block.key)
+            elif disk[block.key][1] != block.disk_shape:
+                mismatched.append(f"{block.key}: checkpoint {disk[block.key][1]}, model {block.disk_shape}")
+            used.add(block.key)
+        plan.append((name, tensor, blocks))
+    unexpected = sorted(key for key in disk if key not in used and not is_ignored_key(key))
+    if missing or unexpected or mismatched:
+        parts = [f"load_hf_weights: the checkpoint in {weights_path!r} does not match the model:"]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if items:
+                parts.append(_listing(title, items))
+        parts.append("Check that the config (model_type, sizes, tie_word_embeddings) belongs to these weights.")
+        raise ValueError("\n".join(parts))
+    return plan
 
 
 # -------------------------------------------------------------------------------------------------------- saving
@@ -287,7 +305,7 @@ def _full_tensors(entries, dtype: torch.dtype | None, write: bool) -> Iterator[t
 
 
 def _hf_config(model: nn.Module, dtype: torch.dtype) -> dict:
-    config = getattr(model, "config", None)
+    config = getattr(_unwrap(model), "config", None)
     if config is None or not hasattr(config, "to_hf_dict"):
         raise ValueError(
             "save_hf_weights: model has no veofast config (model.config.to_hf_dict) to write as config.json"

@@ -93,7 +93,7 @@ def _add_rms_norm_op(
 
 @_add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(x.shape)
 
 
 @torch.library.custom_op("veofast::rms_norm_backward", mutates_args=())
@@ -109,7 +109,7 @@ def _rms_norm_backward_op(
 
 @_rms_norm_backward_op.register_fake
 def _(dy, h, weight, dh_out, eps):
-    return torch.empty_like(h), torch.empty_like(weight)
+    return h.new_empty(h.shape), weight.new_empty(weight.shape)
 
 
 def _setup_rms_norm(ctx, inputs, output):

@@ -107,7 +107,9 @@ class TrainingArguments:
     # batch
     micro_batch_size: int = field(default=1)
     global_batch_size: int | None = field(default=None, metadata={"help": "Default: micro_batch_size * dp size."})
-    dataloader_batch_size: int | None = field(default=None, metadata={"help": "Derived; leave unset."})
+    dataloader_batch_size: int | None = field(
+        default=None, metadata={"help": "Micro-batches per next(dataloader); derived, leave unset."}
+    )
     rmpad: bool = field(default=False)
     rmpad_with_pos_ids: bool = field(default=True)
     dyn_bsz_margin: int = field(default=0)
@@ -139,7 +141,7 @@ class TrainingArguments:
     load_path: str | None = field(default=None, metadata={"help": "Checkpoint dir to resume from, or 'auto'."})
     # evaluation and logging
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (needs data.eval_path)."})
-    eval_batches: int = field(default=0, metadata={"help": "Micro-batches per evaluation (0: the whole set)."})
+    eval_batches: int = field(default=8, metadata={"help": "Loader steps (global batches) per evaluation."})
     log_steps: int = field(default=1)
     use_tensorboard: bool = field(default=False)
     use_wandb: bool = field(default=False)
@@ -175,7 +177,7 @@ class TrainingArguments:
                 f"micro_batch_size * data_parallel_size = {self.micro_batch_size} * {self.data_parallel_size}"
             )
         self.gradient_accumulation_steps = self.global_batch_size // dp_tokens
-        self.dataloader_batch_size = self.gradient_accumulation_steps * self.micro_batch_size
+        self.dataloader_batch_size = self.gradient_accumulation_steps  # micro-batches per next(dataloader)
 
     def compute_train_steps(self, max_seq_len: int, train_size: int | None = None, dataset_length: int | None = None):
         """Set ``train_steps`` (steps per epoch) unless the config gave it.

@@ -1,0 +1,84 @@
+"""Checkpoints: a save interrupted half-way leaves the last good checkpoint loadable; save/load round trip."""
+
+import os
+
+import pytest
+import torch
+
+import veofast.checkpoint.checkpointer as checkpointer
+from veofast.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from veofast.distributed.parallel_state import destroy_parallel_state, init_parallel_state
+
+
+@pytest.fixture
+def single_process():
+    destroy_parallel_state()
+    init_parallel_state(device_type="cpu")
+    yield
+    destroy_parallel_state()
+
+
+def make_state(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_round_trip_restores_model_optimizer_rng(tmp_path, single_process):
+    model, optimizer = make_state(0)
+    torch.manual_seed(123)
+    path = save_checkpoint(str(tmp_path), 7, model, optimizer, {"global_step": 7, "dataloader": {"pos": [1, 2]}})
+    expected_draw = torch.rand(3)
+    other, other_opt = make_state(1)
+    extra = load_checkpoint(path, other, other_opt)
+    assert extra == {"global_step": 7, "dataloader": {"pos": [1, 2]}}
+    assert torch.equal(torch.rand(3), expected_draw)  # RNG restored to the state at save time
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    state_a = optimizer.state_dict()["state"]
+    state_b = other_opt.state_dict()["state"]
+    assert all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a)
+
+
+def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, single_process, monkeypatch):
+    model, optimizer = make_state(0)
+    good = save_checkpoint(str(tmp_path), 1, model, optimizer, {"global_step": 1})
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    real_save = checkpointer.dcp.save
+
+    def save_then_die(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)  # shards are on disk, the marker and rename are not
+        raise KeyboardInterrupt("killed during save")
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    monkeypatch.setattr(checkpointer.dcp, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2})
+    monkeypatch.setattr(checkpointer.dcp, "save", real_save)
+
+    assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "global_step_2.tmp"))
+    assert find_latest_checkpoint(str(tmp_path)) == good
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [1]
+    fresh, fresh_opt = make_state(5)
+    assert load_checkpoint(good, fresh, fresh_opt)["global_step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), reference))
+
+    # the next save of that step replaces the half-written directory and completes
+    again = save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2})
+    assert find_latest_checkpoint(str(tmp_path)) == again
+    assert not os.path.exists(again + ".tmp")
+
+
+def test_keep_and_errors(tmp_path, single_process):
+    model, optimizer = make_state(0)
+    for step in (1, 2, 3):
+        save_checkpoint(str(tmp_path), step, model, optimizer, {"global_step": step}, keep=2)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]
+    with pytest.raises(FileNotFoundError, match="not a complete veofast checkpoint"):
+        load_checkpoint(str(tmp_path / "nothing"), model, optimizer)

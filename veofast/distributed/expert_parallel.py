@@ -1,0 +1,222 @@
+"""Expert parallelism (EP): each rank of an EP group owns ``E / ep`` experts, and tokens travel to them.
+
+Parameters. ``apply_expert_parallel`` slices each MoE layer's stacked expert weights (``gate_up_proj (E, 2I, H)``,
+``down_proj (E, H, I)``) on the expert dimension and replaces them with DTensors on the parallel state's ``"ep"``
+mesh with placement ``Shard(0)``: the global shape stays ``(E, ...)`` and rank r holds experts
+``[r * E/ep, (r + 1) * E/ep)``. ``shard_experts`` then gives each ``Experts`` module its own FSDP2 unit over the
+``"ep_fsdp"`` mesh (the ranks holding the same experts), the same way FSDP2 composes with tensor parallelism
+(both meshes are slices of one 2-D ``("ep_fsdp", "ep")`` mesh): the sharded parameters become DTensors on that
+2-D mesh, ``(_StridedShard(0), Shard(0))`` (or ``(Shard(1), Shard(0))`` when there are fewer local experts than
+``ep_fsdp`` ranks). Because the layout is an ordinary DTensor, everything that treats DTensors generically works
+unchanged: the seeded init (``models/init.py`` fills each shard from the full tensor, so EP=1 and EP=2 start from
+identical weights), the HF loader and saver (each rank reads only its slice of its own experts), DCP checkpoints,
+and the gradient norm (``grad_norm.py`` reduces over every sharded mesh dimension: ``ep_fsdp`` and ``ep``).
+
+Gradients. An expert weight's gradient on its owner already sums the contributions of every token sent to it by
+the EP group (the backward of the dispatch all-to-all). FSDP would then average over the ``ep_fsdp`` ranks only,
+while the training step scales each rank's loss by the FSDP size (``dp * sp``, the world size) for the non-expert
+parameters, which FSDP averages over the whole world. So the expert units divide by the same world-wide factor
+(``set_gradient_divide_factor(fsdp_size)``): expert and non-expert gradients are both ``sum_r dloss_r / dW``.
+
+Forward of one MoE layer (``ExpertParallelDispatcher``, installed as ``Experts.dispatcher``), T tokens, top-K:
+
+1. per-expert counts of this rank's ``(token, slot)`` assignments ``(E,)``; an async all-to-all of them starts
+   (each rank learns how many rows it will receive per local expert from each source rank) ...
+2. ... while ``moe_permute`` groups this rank's T*K token copies by expert (rows for rank j's experts are one
+   contiguous block, in rank order).
+3. One host sync per layer: the split sizes of the row all-to-all must be Python ints for
+   ``all_to_all_single`` (NCCL and gloo take host-side split lists), so the send and receive counts per rank
+   come to the host in one ``.tolist()``. This is the only host-device sync; it is unavoidable for EP > 1 with
+   this collective API.
+4. ``all_to_all_single`` of the rows (uneven splits). Received rows are ordered by (source rank, local expert);
+   ``moe_permute`` with K=1 regroups them by local expert (stable, so each expert's rows stay in source order).
+5. ``expert_ffn`` on the local experts (grouped GEMMs).
+6. Rows back to (source rank, local expert) order, the reverse all-to-all, then ``moe_unpermute`` weights each
+   row by its router probability and sums each token's K rows.
+The all-to-alls are an autograd function whose backward is the reverse all-to-all.
+
+Load-balancing loss: the router statistics stay per rank (each rank's aux loss covers its own tokens, and the
+training step averages it over micro-batches and ranks), as with EP=1 and plain data parallelism; a
+global-batch aux loss (statistics all-reduced before the loss) is not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from veofast.models.moe import Experts
+from veofast.ops import expert_ffn, moe_permute, moe_unpermute
+
+from .parallel_state import ParallelState
+
+EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
+
+
+def _all_to_all(rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """``rows (sum(input_splits), H)`` -> ``(sum(output_splits), H)``: block i of the input goes to rank i."""
+    out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), output_splits, input_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable uneven ``all_to_all_single``; its backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        return _all_to_all(rows, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
+
+
+def all_to_all_rows(rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """Differentiable uneven all-to-all of ``rows (sum(input_splits), ...)`` over ``group``."""
+    return _AllToAll.apply(rows, output_splits, input_splits, group)
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """The local experts of an expert weight: a DTensor's local shard (differentiably), a plain tensor as is."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+class ExpertParallelDispatcher:
+    """``moe_ffn`` across an EP group: dispatch rows to their experts' owners, run the local experts, combine.
+
+    Called as ``dispatcher(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, backend=...)`` with
+    ``hidden (T, H)``, ``topk_ids / topk_weights (T, K)`` (global expert ids in ``[0, num_experts)``), and the
+    expert weights either as DTensors sharded ``Shard(0)`` over the EP mesh (global ``(E, 2I, H)`` / ``(E, H, I)``)
+    or as this rank's plain ``(E/ep, 2I, H)`` / ``(E/ep, H, I)`` slices. Returns ``(T, H)`` in hidden's dtype.
+    Every rank of ``group`` must call it the same number of times (it runs collectives).
+    """
+
+    def __init__(self, num_experts: int, group: dist.ProcessGroup):
+        ep_size = dist.get_world_size(group)
+        if num_experts % ep_size:
+            raise ValueError(
+                f"expert parallelism: num_experts={num_experts} is not divisible by ep_size={ep_size}"
+            )
+        self.num_experts = num_experts
+        self.group = group
+        self.ep_size = ep_size
+        self.num_local_experts = num_experts // ep_size
+
+    def __repr__(self) -> str:
+        return f"ExpertParallelDispatcher(num_experts={self.num_experts}, ep_size={self.ep_size})"
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        *,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        ep, num_local = self.ep_size, self.num_local_experts
+        gate_up, down = _local(gate_up_proj), _local(down_proj)
+        if gate_up.shape[0] != num_local or down.shape[0] != num_local:
+            raise ValueError(
+                f"expert parallelism: expected this rank's {num_local} experts, got gate_up_proj "
+                f"{tuple(gate_up.shape)} and down_proj {tuple(down.shape)}"
+            )
+        if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"expert parallelism: need topk_ids and topk_weights of shape (T={hidden.shape[0]}, K), got "
+                f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
+            )
+
+        # 1. Per-expert counts of this rank's assignments (no host sync), exchanged asynchronously: afterwards
+        #    recv_counts[i * L + l] = rows that rank i sends to this rank's local expert l.
+        flat_ids = topk_ids.reshape(-1).long()
+        send_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=hidden.device)
+        send_counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        recv_counts = torch.empty_like(send_counts)
+        work = dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True)
+        # 2. Meanwhile, group this rank's token copies by (global) expert: rank j's rows are one contiguous block.
+        permuted = moe_permute(hidden, topk_ids, self.num_experts, backend=backend)
+        work.wait()
+        # 3. The one host sync of the layer: all_to_all_single needs its split sizes as Python ints.
+        splits = torch.cat([send_counts.view(ep, num_local).sum(1), recv_counts.view(ep, num_local).sum(1)]).tolist()
+        send_splits, recv_splits = splits[:ep], splits[ep:]
+        # 4. Dispatch, then regroup the received rows from (source rank, local expert) order to local expert order.
+        received = all_to_all_rows(permuted.rows, recv_splits, send_splits, self.group)
+        local_ids = torch.repeat_interleave(
+            torch.arange(num_local, device=hidden.device).repeat(ep), recv_counts, output_size=sum(recv_splits)
+        )
+        grouped = moe_permute(received, local_ids[:, None], num_local, backend=backend)
+        # 5. The local experts.
+        out_rows = expert_ffn(grouped.rows, grouped.expert_offsets, gate_up, down, backend=backend)
+        # 6. Back to (source rank, local expert) order, back to the source ranks, then weighted sum per token.
+        returned = all_to_all_rows(out_rows.index_select(0, grouped.row_index), send_splits, recv_splits, self.group)
+        return moe_unpermute(returned, permuted.row_index, topk_weights, backend=backend)
+
+
+def _experts_modules(model: nn.Module) -> list[tuple[str, Experts]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Experts)]
+
+
+def check_expert_parallel(model: nn.Module, ep_size: int) -> list[tuple[str, Experts]]:
+    """The model's ``Experts`` modules, after checking that EP of size ``ep_size`` can split them (ValueError if
+    not). Runs no collective, so every rank raises the same error before any communication."""
+    experts = _experts_modules(model)
+    if not experts:
+        raise ValueError(
+            f"expert parallelism (ep_size={ep_size}) needs an MoE model, but the model has no Experts modules; "
+            "set ep_size=1"
+        )
+    for name, module in experts:
+        if module.num_experts % ep_size:
+            raise ValueError(
+                f"expert parallelism: {name} has num_experts={module.num_experts}, which is not divisible by "
+                f"ep_size={ep_size}; choose an ep_size that divides the number of experts"
+            )
+        for pname in EXPERT_PARAM_NAMES:
+            if isinstance(getattr(module, pname), DTensor):
+                raise ValueError(f"expert parallelism: {name}.{pname} is already a DTensor (applied twice?)")
+    return experts
+
+
+@torch.no_grad()
+def apply_expert_parallel(model: nn.Module, ps: ParallelState) -> None:
+    """Slice every ``Experts`` module's weights to this rank's experts as ``Shard(0)`` DTensors on ``ps.ep_mesh``
+    and install an ``ExpertParallelDispatcher``. The model may be on meta (nothing allocated) or on a device
+    (the full weights are initialised or loaded; each rank keeps a copy of its slice)."""
+    experts = check_expert_parallel(model, ps.ep_size)
+    for _, module in experts:
+        num_local = module.num_experts // ps.ep_size
+        start = ps.ep_rank * num_local
+        for pname in EXPERT_PARAM_NAMES:
+            param = getattr(module, pname)
+            local = param[start : start + num_local]
+            if not local.is_meta:
+                local = local.clone()  # do not keep the full weight alive through a view
+            sharded = DTensor.from_local(
+                local, ps.ep_mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride()
+            )
+            setattr(module, pname, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        module.dispatcher = ExpertParallelDispatcher(module.num_experts, ps.ep_group)
+
+
+def shard_experts(model: nn.Module, ps: ParallelState, fsdp_kwargs: dict) -> None:
+    """Put each ``Experts`` module in its own FSDP2 unit over ``ps.ep_fsdp_mesh`` (call after
+    ``apply_expert_parallel`` and before the enclosing layers are sharded), with the world-wide gradient divide
+    factor explained in the module docstring. ``fsdp_kwargs`` are those of the other units; the mesh is replaced.
+    """
+    for name, module in _experts_modules(model):
+        kwargs = {**fsdp_kwargs, "mesh": ps.ep_fsdp_mesh}
+        if not isinstance(module.gate_up_proj, DTensor):
+            raise ValueError(f"shard_experts: {name} is not expert-parallel; call apply_expert_parallel first")
+        num_local = module.num_experts // ps.ep_size
+        if num_local % ps.ep_fsdp_size:
+            # Fewer (or unevenly many) local experts than ep_fsdp ranks: shard inside each expert instead.
+            kwargs["shard_placement_fn"] = lambda param: Shard(1)
+        fully_shard(module, **kwargs)
+        module.set_gradient_divide_factor(float(ps.fsdp_size))

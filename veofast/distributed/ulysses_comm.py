@@ -1,0 +1,200 @@
+"""The differentiable, asynchronous all-to-alls of Ulysses sequence parallelism.
+
+Ulysses moves attention inputs from "this rank's tokens, all heads" to "all tokens, this rank's heads" and the
+attention output back. Every all-to-all here is launched asynchronously and waited for as late as possible, in
+the forward and in the backward, so that it runs under computation:
+
+- ``launch_heads_to_sequence`` / ``wait_heads_to_sequence`` split one all-to-all in two autograd nodes. Between
+  them the caller computes (e.g. the next projection). In the backward the wait node launches the reverse
+  all-to-all and the launch node waits for it, so the reverse transfer runs under the backward of whatever was
+  computed in between.
+- ``all_to_all_linear`` fuses the output all-to-all with the output projection, split by heads: the projection
+  of the heads this rank already holds runs while the other ranks' heads are in flight. Its backward computes the
+  input gradient first, launches its all-to-all, and computes the weight gradient under it.
+
+Layouts: with ``P`` ranks in the group, ``n`` tokens per rank and ``N = P * n``, a "sequence-sharded" tensor is
+``(n, heads, d)`` and a "head-sharded" one is ``(N, heads / P, d)``; rank ``i`` holds tokens
+``[i * n, (i + 1) * n)`` and heads ``[i * heads / P, (i + 1) * heads / P)``.
+
+``mode`` selects how the collectives run: ``"async"`` (overlapped; the default), ``"sync"`` (each all-to-all is
+waited for right after its launch: the no-overlap baseline of the benchmark) or ``"skip"`` (no communication at
+all, a local copy of the same size instead: wrong results, for measuring the computation alone in benchmarks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+COMM_MODES = ("async", "sync", "skip")
+
+
+def check_comm_mode(mode: str) -> None:
+    if mode not in COMM_MODES:
+        raise ValueError(f"Ulysses communication mode must be one of {COMM_MODES}, got {mode!r}")
+
+
+class InFlight:
+    """One all-to-all between its launch and its wait. ``start`` takes a ``(P, rows, cols)`` contiguous buffer
+    whose block ``j`` goes to rank ``j`` and returns the receive buffer (block ``i`` from rank ``i``), whose
+    contents are only valid after ``finish``."""
+
+    def __init__(self, group: dist.ProcessGroup | None, mode: str):
+        self.group = group
+        self.mode = mode
+        self.work: dist.Work | None = None
+        self.buffer: torch.Tensor | None = None
+
+    def start(self, send: torch.Tensor) -> torch.Tensor:
+        assert self.buffer is None, "an InFlight carries one collective at a time"
+        send = send.contiguous()
+        recv = torch.empty_like(send)
+        if self.mode == "skip":
+            recv.copy_(send)
+        else:
+            self.work = dist.all_to_all_single(recv, send, group=self.group, async_op=self.mode == "async")
+        self.buffer = recv
+        return recv
+
+    def finish(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        buffer, self.buffer = self.buffer, None
+        assert buffer is not None, "finish() without start()"
+        return buffer
+
+
+class _Launch(torch.autograd.Function):
+    """Forward: start the all-to-all of ``send (P, rows, cols)``. Backward: wait for the reverse one."""
+
+    @staticmethod
+    def forward(ctx, send: torch.Tensor, flight: InFlight) -> torch.Tensor:
+        ctx.flight = flight
+        return flight.start(send)
+
+    @staticmethod
+    def backward(ctx, grad_in_flight: torch.Tensor):
+        # the gradient arriving here is the receive buffer of the reverse all-to-all launched by _Wait.backward
+        return ctx.flight.finish(), None
+
+
+class _Wait(torch.autograd.Function):
+    """Forward: wait for the all-to-all and hand its result on. Backward: launch the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, recv: torch.Tensor, flight: InFlight) -> torch.Tensor:
+        ctx.flight = flight
+        result = flight.finish()
+        assert result is recv, "_Wait must follow the _Launch of the same InFlight"
+        return recv
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.flight.start(grad), None
+
+
+def launch_heads_to_sequence(x: torch.Tensor, flight: InFlight) -> torch.Tensor:
+    """Start moving ``x (n, heads, d)`` (this rank's tokens) to head-sharded layout; returns the in-flight buffer
+    ``(P, n, heads / P * d)`` to pass to ``wait_heads_to_sequence``. ``heads`` must be divisible by ``P``."""
+    size = _group_size(flight)
+    n, heads, d = x.shape
+    assert heads % size == 0, f"{heads} heads do not split over {size} ranks"
+    send = x.reshape(n, size, heads // size * d).transpose(0, 1)
+    return _Launch.apply(send, flight)
+
+
+def wait_heads_to_sequence(in_flight: torch.Tensor, flight: InFlight, head_dim: int) -> torch.Tensor:
+    """Wait for ``launch_heads_to_sequence``; returns ``(N, heads / P, d)``: all tokens, this rank's heads."""
+    size, n, cols = in_flight.shape
+    return _Wait.apply(in_flight, flight).view(size * n, cols // head_dim, head_dim)
+
+
+def _group_size(flight: InFlight) -> int:
+    return dist.get_world_size(flight.group)
+
+
+class _AllToAllLinear(torch.autograd.Function):
+    """``y = sequence_gather(x) @ weight.T`` with the all-to-all overlapped by the local heads' share of the GEMM.
+
+    x: (N, c) head-sharded (c = this rank's heads * d, contiguous); weight: (out, P * c), its column block ``j``
+    belonging to rank ``j``'s heads. Returns y: (n, out) for this rank's tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group, rank: int, size: int, mode: str):
+        cols = x.shape[1]
+        send = x.view(size, x.shape[0] // size, cols)
+        flight = InFlight(group, mode)
+        flight.start(send)
+        blocks = [weight[:, j * cols:(j + 1) * cols] for j in range(size)]
+        y = send[rank] @ blocks[rank].t()  # this rank's heads for its own tokens: needs no communication
+        recv = flight.finish()
+        for j in range(size):
+            if j != rank:
+                y = torch.addmm(y, recv[j], blocks[j].t())
+        ctx.save_for_backward(recv, weight)
+        ctx.group, ctx.rank, ctx.mode = group, rank, mode
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        recv, weight = ctx.saved_tensors
+        size, n, cols = recv.shape
+        grad_y = grad_y.contiguous()
+        blocks = [weight[:, j * cols:(j + 1) * cols] for j in range(size)]
+        grad_send = grad_y.new_empty((size, n, cols))
+        for j in range(size):
+            torch.mm(grad_y, blocks[j], out=grad_send[j])
+        flight = InFlight(ctx.group, ctx.mode)
+        flight.start(grad_send)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # under the all-to-all: dW^T block j = recv[j]^T @ dy
+            grad_weight_t = weight.new_empty((size, cols, weight.shape[0]))
+            for j in range(size):
+                torch.mm(recv[j].t(), grad_y, out=grad_weight_t[j])
+            grad_weight = grad_weight_t.view(size * cols, weight.shape[0]).t()
+        grad_x = flight.finish().view(size * n, cols)
+        return grad_x, grad_weight, None, None, None, None
+
+
+def all_to_all_linear(
+    x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup | None, *, mode: str = "async"
+) -> torch.Tensor:
+    """Move ``x (N, local_heads * d)`` (all tokens, this rank's heads) back to this rank's tokens and apply the
+    bias-free linear ``weight (out, heads * d)``: returns ``(N / P, out)``, as ``F.linear`` on the gathered heads."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    return _AllToAllLinear.apply(x.contiguous(), weight, group, rank, size, mode)
+
+
+def gather_sequence_start(x: torch.Tensor, group: dist.ProcessGroup | None, mode: str):
+    """Start all-gathering a non-differentiable ``x (n,)`` along the sequence; returns ``(out (N,), work)``;
+    ``out`` is valid after ``work.wait()`` (``work`` is None when nothing is in flight)."""
+    size = dist.get_world_size(group)
+    if mode == "skip":
+        return x.repeat(size), None
+    out = x.new_empty((size * x.shape[0],))
+    work = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=mode == "async")
+    return out, work
+
+
+class _SequenceMean(torch.autograd.Function):
+    """Mean of a tensor over the ranks of a group; the backward is the adjoint when every rank's loss counts."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out / dist.get_world_size(group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
+
+
+def sequence_mean(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``x`` averaged over ``group``, differentiable: rank ``r``'s gradient is the group mean of the incoming ones."""
+    return _SequenceMean.apply(x, group)
