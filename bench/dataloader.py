@@ -5,8 +5,9 @@ tasks and simple sentences; log-normal lengths) is synthesized in a temporary di
 project's tokenizer (``tokenizers/tiny`` when present, else a byte-level one built in memory), packed into
 8192-token micro-batches (micro_batch_size 2 x max_seq_len 4096) and collated. Throughput counts the tokens in
 the delivered micro-batches, everything included (reading, JSON, tokenizing, shuffling, packing, collating,
-moving between processes), and is compared with what one H200 consumes training a 1B model (~40k tokens/s,
-ANCHORS.md; the goal is >= 20x).
+moving between processes); the "pretokenized" rows give the loader alone (shuffle, packing, collation,
+transfer) on samples tokenized beforehand. It is compared with what one H200 consumes training a 1B model
+(~40k tokens/s, ANCHORS.md; the goal is >= 20x).
 
 Run: ``python bench/dataloader.py [--docs 20000 --steps 150]``; results append to ``bench/results/dataloader.jsonl``.
 """
@@ -112,11 +113,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "train.jsonl"
         write_corpus(corpus, args.docs)
-        for datasets_type in ("iterable", "mapping"):
+        for datasets_type in ("iterable", "mapping", "pretokenized"):
             if datasets_type == "iterable":
                 dataset = build_iterative_dataset(corpus, transform, seed=0)
-            else:
+            elif datasets_type == "mapping":
                 dataset = build_mapping_dataset(corpus, transform)
+            else:  # the loader alone: samples tokenized beforehand (a custom map-style dataset)
+                mapping = build_mapping_dataset(corpus, transform)
+                dataset = [s for i in range(len(mapping)) for s in mapping[i]]
             for num_workers in (0, 2):
                 row = {
                     "datasets_type": datasets_type,

@@ -171,33 +171,32 @@ def bench_ffn(inp: dict, repeats: int) -> list[dict]:
 
     def dense():
         gate, up = (dense_x @ dense_w1).chunk(2, dim=-1)
-        return F.silu(gate) * up @ dense_w2
+        return (F.silu(gate) * up) @ dense_w2
 
-    def own_gemm_moe_ffn(*args):
-        saved = moe_ops._torch_grouped_mm_ok
-        moe_ops._torch_grouped_mm_ok = lambda *mats: False
-        try:
-            return moe_ffn(*args)
-        finally:
-            moe_ops._torch_grouped_mm_ok = saved
-
+    # provider -> (forward, output gradient, run on veofast's own Triton grouped GEMM instead of torch._grouped_mm)
     providers = {
-        "veofast-moe_ffn": (lambda: moe_ffn(hidden, ids, weights, gate_up, down), grad),
-        "veofast-moe_ffn[triton-gemm]": (lambda: own_gemm_moe_ffn(hidden, ids, weights, gate_up, down), grad),
-        "veofast-expert_ffn": (lambda: expert_ffn(rows_leaf, perm.expert_offsets, gate_up, down), grad_rows),
-        "torch-loop": (lambda: moe_ffn_reference(hidden, ids, weights, gate_up, down), grad),
-        "torch-grouped_mm": (lambda: torch_grouped_mm_ffn(hidden, ids, weights, gate_up, down), grad),
-        "dense-same-flops": (dense, grad_dense),
+        "veofast-moe_ffn": (lambda: moe_ffn(hidden, ids, weights, gate_up, down), grad, False),
+        "veofast-moe_ffn[triton-gemm]": (lambda: moe_ffn(hidden, ids, weights, gate_up, down), grad, True),
+        "veofast-expert_ffn": (lambda: expert_ffn(rows_leaf, perm.expert_offsets, gate_up, down), grad_rows, False),
+        "torch-loop": (lambda: moe_ffn_reference(hidden, ids, weights, gate_up, down), grad, False),
+        "torch-grouped_mm": (lambda: torch_grouped_mm_ffn(hidden, ids, weights, gate_up, down), grad, False),
+        "dense-same-flops": (dense, grad_dense, False),
     }
     leaves = (hidden, weights, gate_up, down, rows_leaf, dense_x, dense_w1, dense_w2)
     flops = 18 * routed * HIDDEN * INTER
     rows = []
-    for provider, (fwd, g) in providers.items():
+    for provider, (fwd, g, own_gemm) in providers.items():
 
-        def step(fwd=fwd, g=g):
+        def step(fwd=fwd, g=g, own_gemm=own_gemm):
             for t in leaves:
                 t.grad = None
-            fwd().backward(g)
+            saved = moe_ops._torch_grouped_mm_ok
+            if own_gemm:  # bench-only switch, forward and backward
+                moe_ops._torch_grouped_mm_ok = lambda *mats, out_cols: False
+            try:
+                fwd().backward(g)
+            finally:
+                moe_ops._torch_grouped_mm_ok = saved
 
         def body(row, step=step):
             row["ms"] = time_ms(step, warmup=3, repeats=repeats)

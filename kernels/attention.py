@@ -62,21 +62,31 @@ def _pruner(smem_tiles, acc_tiles):
     return prune
 
 
-_FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3),
-               (32, 32, 4, 2)]
+_FWD_SHAPES = [
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 64, 4, 3),
+    (64, 64, 4, 3),
+    (128, 32, 8, 3),
+    (64, 32, 4, 3),
+    (32, 32, 4, 2),
+]
 _DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)]
 _DQ_SHAPES = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2)]
 
 _fwd = triton.autotune(
-    configs=_configs(_FWD_SHAPES, (32, 16)), key=_KEY,
+    configs=_configs(_FWD_SHAPES, (32, 16)),
+    key=_KEY,
     prune_configs_by={"early_config_prune": _pruner(lambda bm, bn, st: bm + 2 * st * bn, lambda bm, bn: bm)},
 )(_attn_fwd_kernel)
 _dkdv = triton.autotune(
-    configs=_configs(_DKDV_SHAPES, (16, 32)), key=_KEY,
+    configs=_configs(_DKDV_SHAPES, (16, 32)),
+    key=_KEY,
     prune_configs_by={"early_config_prune": _pruner(lambda bm, bn, st: 2 * bn + 2 * st * bm, lambda bm, bn: 2 * bn)},
 )(_attn_bwd_dkdv_kernel)
 _dq = triton.autotune(
-    configs=_configs(_DQ_SHAPES, (16, 32)), key=_KEY,
+    configs=_configs(_DQ_SHAPES, (16, 32)),
+    key=_KEY,
     prune_configs_by={"early_config_prune": _pruner(lambda bm, bn, st: 2 * bm + 2 * st * bn, lambda bm, bn: bm)},
 )(_attn_bwd_dq_kernel)
 
@@ -91,8 +101,17 @@ def _flags(window_left: int, window_right: int, dtype: torch.dtype, max_seqlen: 
 
 
 def varlen_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, *, softmax_scale: float, window_left: int, window_right: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass. q: (total_q, Hq, D), k/v: (total_k, Hk, D) with unit last-dim stride; window sides -1 =
     unlimited (causal = ``window_right=0``). Returns out (total_q, Hq, D) in q's dtype and lse (Hq, total_q) fp32."""
@@ -104,19 +123,47 @@ def varlen_attention_fwd(
         return out, lse.fill_(float("inf"))
     grid = lambda meta: (num_heads, num_docs, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))
     _fwd[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        total_q, softmax_scale * math.log2(math.e), max(window_left, 0), max(window_right, 0),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        total_q,
+        softmax_scale * math.log2(math.e),
+        max(window_left, 0),
+        max(window_right, 0),
         num_heads // k.shape[1],
-        HEAD_DIM=head_dim, **_flags(window_left, window_right, q.dtype, max_seqlen_q),
+        HEAD_DIM=head_dim,
+        **_flags(window_left, window_right, q.dtype, max_seqlen_q),
     )
     return out, lse
 
 
 def varlen_attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
-    softmax_scale: float, window_left: int, window_right: int,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass from the forward's ``out`` and ``lse``. dout: (total_q, Hq, D) with unit last-dim stride.
     Returns dq (total_q, Hq, D), dk, dv (total_k, Hk, D), in the inputs' dtype."""
@@ -131,22 +178,68 @@ def varlen_attention_bwd(
     delta = torch.empty_like(lse)
     block_t = 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), num_heads)](
-        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total_q,
-        HEAD_DIM=head_dim, BLOCK_T=block_t,
+        out,
+        dout,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        total_q,
+        HEAD_DIM=head_dim,
+        BLOCK_T=block_t,
     )
     common = dict(
-        total_q=total_q, sm_scale=softmax_scale, qk_scale=softmax_scale * math.log2(math.e),
-        window_left=max(window_left, 0), window_right=max(window_right, 0), group_size=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim, **_flags(window_left, window_right, q.dtype, max(max_seqlen_q, max_seqlen_k)),
+        total_q=total_q,
+        sm_scale=softmax_scale,
+        qk_scale=softmax_scale * math.log2(math.e),
+        window_left=max(window_left, 0),
+        window_right=max(window_right, 0),
+        group_size=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        **_flags(window_left, window_right, q.dtype, max(max_seqlen_q, max_seqlen_k)),
     )
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
-               dout.stride(1))
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+    )
     _dkdv[lambda meta: (num_kv_heads, num_docs, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]))](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **common,
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *strides,
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        **common,
     )
     _dq[lambda meta: (num_heads, num_docs, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))](
-        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-        *strides, dq.stride(0), dq.stride(1), **common,
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *strides,
+        dq.stride(0),
+        dq.stride(1),
+        **common,
     )
     return dq, dk, dv

@@ -18,24 +18,34 @@ from .attention_fwd import LOG2E, _key_block_range, _visible
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q,
-                                HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr
+):
     """DELTA[h, t] = sum_d O[t, h, d] * DO[t, h, d] in fp32, for ``BLOCK_T`` tokens of one head."""
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = (rows < total_q)[:, None]
-    o = tl.load(O + rows.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=row_ok,
-                other=0.0)
-    do = tl.load(DO + rows.to(tl.int64)[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok,
-                 other=0.0)
+    o = tl.load(O + rows.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=row_ok, other=0.0)
+    do = tl.load(
+        DO + rows.to(tl.int64)[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + head.to(tl.int64) * total_q + rows, delta, mask=rows < total_q)
 
 
 @triton.jit
-def _query_block_range(n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _query_block_range(
+    n0,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+):
     """Query blocks for the key block starting at ``n0``: ``[b_lo, f_lo)`` masked, ``[f_lo, f_hi)`` unmasked
     (all rows and columns valid and visible), ``[f_hi, b_hi)`` masked."""
     off = seqlen_k - seqlen_q
@@ -59,9 +69,28 @@ def _query_block_range(n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, cols, seqlen_q, seqlen_k, off,
-                window_left, window_right, qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_block(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    lse_ptrs,
+    delta_ptrs,
+    rows,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    off,
+    window_left,
+    window_right,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Accumulate one query block into dK, dV (BLOCK_N, HEAD_DIM); transposed scores (BLOCK_N, BLOCK_M)."""
     if MASKED:
         row_ok = rows < seqlen_q
@@ -77,8 +106,9 @@ def _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, cols,
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.exp2(s_t - (lse * LOG2E)[None, :])
     if MASKED:
-        keep = _visible(rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
-                        HAS_RIGHT)
+        keep = _visible(
+            rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
+        )
         p_t = tl.where(keep, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -89,12 +119,41 @@ def _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, cols,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_q, sm_scale, qk_scale, window_left, window_right, group_size, seqlen_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    CU_Q,
+    CU_K,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    total_q,
+    sm_scale,
+    qk_scale,
+    window_left,
+    window_right,
+    group_size,
+    seqlen_bucket,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one ``BLOCK_N`` key block of one document for one KV head, summed over its query-head group."""
     kv_head = tl.program_id(0)
@@ -117,8 +176,9 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    b_lo, f_lo, f_hi, b_hi = _query_block_range(n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
-                                                HAS_LEFT, HAS_RIGHT)
+    b_lo, f_lo, f_hi, b_hi = _query_block_range(
+        n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
     first_row = q_start.to(tl.int64) + b_lo * BLOCK_M
     for g in range(group_size):
         head = kv_head * group_size + g
@@ -127,40 +187,121 @@ def _attn_bwd_dkdv_kernel(
         lse_ptrs = LSE + head.to(tl.int64) * total_q + first_row + offs_m
         delta_ptrs = DELTA + head.to(tl.int64) * total_q + first_row + offs_m
         for mb in range(b_lo, f_lo):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, mb * BLOCK_M + offs_m, cols,
-                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True, HAS_LEFT,
-                                 HAS_RIGHT, DOT_PRECISION)
+            dk, dv = _dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                q_ptrs,
+                do_ptrs,
+                lse_ptrs,
+                delta_ptrs,
+                mb * BLOCK_M + offs_m,
+                cols,
+                seqlen_q,
+                seqlen_k,
+                off,
+                window_left,
+                window_right,
+                qk_scale,
+                True,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DOT_PRECISION,
+            )
             q_ptrs += BLOCK_M * stride_qt
             do_ptrs += BLOCK_M * stride_dot
             lse_ptrs += BLOCK_M
             delta_ptrs += BLOCK_M
         for mb in range(f_lo, f_hi):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, mb * BLOCK_M + offs_m, cols,
-                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, False, HAS_LEFT,
-                                 HAS_RIGHT, DOT_PRECISION)
+            dk, dv = _dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                q_ptrs,
+                do_ptrs,
+                lse_ptrs,
+                delta_ptrs,
+                mb * BLOCK_M + offs_m,
+                cols,
+                seqlen_q,
+                seqlen_k,
+                off,
+                window_left,
+                window_right,
+                qk_scale,
+                False,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DOT_PRECISION,
+            )
             q_ptrs += BLOCK_M * stride_qt
             do_ptrs += BLOCK_M * stride_dot
             lse_ptrs += BLOCK_M
             delta_ptrs += BLOCK_M
         for mb in range(f_hi, b_hi):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, mb * BLOCK_M + offs_m, cols,
-                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True, HAS_LEFT,
-                                 HAS_RIGHT, DOT_PRECISION)
+            dk, dv = _dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                q_ptrs,
+                do_ptrs,
+                lse_ptrs,
+                delta_ptrs,
+                mb * BLOCK_M + offs_m,
+                cols,
+                seqlen_q,
+                seqlen_k,
+                off,
+                window_left,
+                window_right,
+                qk_scale,
+                True,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DOT_PRECISION,
+            )
             q_ptrs += BLOCK_M * stride_qt
             do_ptrs += BLOCK_M * stride_dot
             lse_ptrs += BLOCK_M
             delta_ptrs += BLOCK_M
 
-    tl.store(DK + k_row[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + k_row[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_ok)
+    tl.store(
+        DK + k_row[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+        (dk * sm_scale).to(DK.dtype.element_ty),
+        mask=col_ok,
+    )
+    tl.store(
+        DV + k_row[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok,
+    )
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, rows, cols, seqlen_q, seqlen_k, off, window_left,
-              window_right, qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+def _dq_block(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    rows,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    off,
+    window_left,
+    window_right,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Accumulate one key block into dQ (BLOCK_M, HEAD_DIM); ``lse2`` is the LSE in log2 units."""
     if MASKED:
         k = tl.load(k_ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
@@ -171,8 +312,9 @@ def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, rows, cols, seqlen_q, seql
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
-        keep = _visible(rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
-                        HAS_RIGHT)
+        keep = _visible(
+            rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
+        )
         p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -182,11 +324,38 @@ def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, rows, cols, seqlen_q, seql
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-    total_q, sm_scale, qk_scale, window_left, window_right, group_size, seqlen_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    CU_Q,
+    CU_K,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    total_q,
+    sm_scale,
+    qk_scale,
+    window_left,
+    window_right,
+    group_size,
+    seqlen_bucket,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one ``BLOCK_M`` query block of one document for one query head."""
     head = tl.program_id(0)
@@ -208,33 +377,105 @@ def _attn_bwd_dq_kernel(
     row_ok = rows < seqlen_q
     q_row = q_start.to(tl.int64) + rows
     q = tl.load(Q + q_row[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + q_row[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
+    do = tl.load(
+        DO + q_row[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
     lse2 = tl.load(LSE + head.to(tl.int64) * total_q + q_row, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + head.to(tl.int64) * total_q + q_row, mask=row_ok, other=0.0)
 
-    b_lo, f_lo, f_hi, b_hi = _key_block_range(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
-                                              HAS_LEFT, HAS_RIGHT)
-    k_ptrs = (K + (k_start.to(tl.int64) + b_lo * BLOCK_N) * stride_kt + kv_head * stride_kh
-              + offs_n[:, None] * stride_kt + offs_d[None, :])
-    v_ptrs = (V + (k_start.to(tl.int64) + b_lo * BLOCK_N) * stride_vt + kv_head * stride_vh
-              + offs_n[:, None] * stride_vt + offs_d[None, :])
+    b_lo, f_lo, f_hi, b_hi = _key_block_range(
+        m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    k_ptrs = (
+        K
+        + (k_start.to(tl.int64) + b_lo * BLOCK_N) * stride_kt
+        + kv_head * stride_kh
+        + offs_n[:, None] * stride_kt
+        + offs_d[None, :]
+    )
+    v_ptrs = (
+        V
+        + (k_start.to(tl.int64) + b_lo * BLOCK_N) * stride_vt
+        + kv_head * stride_vh
+        + offs_n[:, None] * stride_vt
+        + offs_d[None, :]
+    )
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for nb in range(b_lo, f_lo):
-        dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off,
-                       window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_ptrs,
+            v_ptrs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     for nb in range(f_lo, f_hi):
-        dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off,
-                       window_left, window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_ptrs,
+            v_ptrs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            False,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     for nb in range(f_hi, b_hi):
-        dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off,
-                       window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_ptrs,
+            v_ptrs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
 
-    tl.store(DQ + q_row[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        DQ + q_row[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )

@@ -21,8 +21,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _visible(rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT: tl.constexpr,
-             HAS_RIGHT: tl.constexpr):
+def _visible(
+    rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr
+):
     """Boolean mask of visible (row, col) pairs; ``rows``/``cols`` are broadcastable document-local indices."""
     keep = (rows < seqlen_q) & (cols < seqlen_k)
     if HAS_RIGHT:
@@ -33,8 +34,17 @@ def _visible(rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS
 
 
 @triton.jit
-def _key_block_range(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _key_block_range(
+    m0,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+):
     """Key blocks for the query block starting at ``m0``: ``[b_lo, f_lo)`` masked, ``[f_lo, f_hi)`` unmasked,
     ``[f_hi, b_hi)`` masked. Blocks outside ``[b_lo, b_hi)`` hold no key any query of the block sees."""
     off = seqlen_k - seqlen_q
@@ -57,16 +67,17 @@ def _key_block_range(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M:
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, seqlen_q, seqlen_k, off, window_left, window_right,
+def _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, rows, cols, seqlen_q, seqlen_k, off, window_left, window_right,
                qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over one key block. ``rows``: (BLOCK_M,), ``cols``: (BLOCK_N,) document-local."""
+    """One online-softmax step over one key block (block pointers ``k_blk``/``v_blk``).
+    ``rows``: (BLOCK_M,), ``cols``: (BLOCK_N,) document-local indices."""
     if MASKED:
-        k = tl.load(k_ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
+        k = tl.load(k_blk, boundary_check=(0,), padding_option="zero")
+        v = tl.load(v_blk, boundary_check=(0,), padding_option="zero")
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        k = tl.load(k_blk)
+        v = tl.load(v_blk)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         keep = _visible(rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
@@ -87,11 +98,33 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, seqlen_q, seqlen_k,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_q, qk_scale, window_left, window_right, group_size, seqlen_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CU_Q,
+    CU_K,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    total_q,
+    qk_scale,
+    window_left,
+    window_right,
+    group_size,
+    seqlen_bucket,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """O = softmax(Q K^T * scale) V per document and head; LSE (num_q_heads, total_q) fp32, natural log,
     +inf for a query that sees no key (its output row is 0). ``seqlen_bucket`` only keys the autotuner."""
@@ -110,46 +143,41 @@ def _attn_fwd_kernel(
     m0 = block * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-
-    q_ptrs = Q + (q_start.to(tl.int64) + m0) * stride_qt + head * stride_qh
-    q = tl.load(q_ptrs + tl.arange(0, BLOCK_M)[:, None] * stride_qt + offs_d[None, :],
-                mask=(rows < seqlen_q)[:, None], other=0.0)
+    q_blk = tl.make_block_ptr(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh, (seqlen_q, HEAD_DIM),
+                              (stride_qt, 1), (m0, 0), (BLOCK_M, HEAD_DIM), (1, 0))
+    q = tl.load(q_blk, boundary_check=(0,), padding_option="zero")
 
     b_lo, f_lo, f_hi, b_hi = _key_block_range(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
                                               HAS_LEFT, HAS_RIGHT)
-    k_ptrs = (K + (k_start.to(tl.int64) + b_lo * BLOCK_N) * stride_kt + kv_head * stride_kh
-              + offs_n[:, None] * stride_kt + offs_d[None, :])
-    v_ptrs = (V + (k_start.to(tl.int64) + b_lo * BLOCK_N) * stride_vt + kv_head * stride_vh
-              + offs_n[:, None] * stride_vt + offs_d[None, :])
+    k_blk = tl.make_block_ptr(K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh, (seqlen_k, HEAD_DIM),
+                              (stride_kt, 1), (b_lo * BLOCK_N, 0), (BLOCK_N, HEAD_DIM), (1, 0))
+    v_blk = tl.make_block_ptr(V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh, (seqlen_k, HEAD_DIM),
+                              (stride_vt, 1), (b_lo * BLOCK_N, 0), (BLOCK_N, HEAD_DIM), (1, 0))
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for nb in range(b_lo, f_lo):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q,
-                                   seqlen_k, off, window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT,
-                                   DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
+                                   off, window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        k_blk = tl.advance(k_blk, (BLOCK_N, 0))
+        v_blk = tl.advance(v_blk, (BLOCK_N, 0))
     for nb in range(f_lo, f_hi):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q,
-                                   seqlen_k, off, window_left, window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
+                                   off, window_left, window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT,
                                    DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        k_blk = tl.advance(k_blk, (BLOCK_N, 0))
+        v_blk = tl.advance(v_blk, (BLOCK_N, 0))
     for nb in range(f_hi, b_hi):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q,
-                                   seqlen_k, off, window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT,
-                                   DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
+                                   off, window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        k_blk = tl.advance(k_blk, (BLOCK_N, 0))
+        v_blk = tl.advance(v_blk, (BLOCK_N, 0))
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
-    row_ok = rows < seqlen_q
-    o_ptrs = O + (q_start.to(tl.int64) + m0) * stride_ot + head * stride_oh
-    tl.store(o_ptrs + tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(LSE + head.to(tl.int64) * total_q + q_start + rows, lse, mask=row_ok)
+    o_blk = tl.make_block_ptr(O + q_start.to(tl.int64) * stride_ot + head * stride_oh, (seqlen_q, HEAD_DIM),
+                              (stride_ot, 1), (m0, 0), (BLOCK_M, HEAD_DIM), (1, 0))
+    tl.store(o_blk, out.to(O.dtype.element_ty), boundary_check=(0,))
+    tl.store(LSE + head.to(tl.int64) * total_q + q_start + rows, lse, mask=rows < seqlen_q)

@@ -166,7 +166,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
         w.stride(2),
         out.stride(0),
         out.stride(1),
-        BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCK_E=max(triton.next_power_of_2(num_experts), 16),
         **cfg,
     )
     return out

@@ -15,8 +15,8 @@ import triton.language as tl
 
 def _tile(width: int) -> tuple[int, int, int]:
     """Rows and columns per program (a tile of about 4096 elements) and warps."""
-    block_i = min(triton.next_power_of_2(width), 2048)
-    return max(1, 4096 // block_i), block_i, 8
+    block_i = min(max(triton.next_power_of_2(width), 16), 2048)
+    return 4096 // block_i, block_i, 8
 
 
 @triton.jit

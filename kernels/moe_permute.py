@@ -28,8 +28,8 @@ _BLOCK_N = 128  # flattened (token, slot) entries per block of the histogram and
 
 def _row_tile(width: int) -> tuple[int, int, int]:
     """Tokens and columns per program (a tile of about 4096 elements) and warps, for the row-moving kernels."""
-    block_h = min(triton.next_power_of_2(width), 2048)
-    return max(1, 4096 // block_h), block_h, 8
+    block_h = min(max(triton.next_power_of_2(width), 16), 2048)
+    return 4096 // block_h, block_h, 8
 
 
 @triton.jit
@@ -189,7 +189,7 @@ def permute(
     if n == 0:
         tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)
         return rows, tokens_per_expert.to(torch.int32), row_index, tokens_per_expert
-    block_e = min(triton.next_power_of_2(num_experts), 128)
+    block_e = min(max(triton.next_power_of_2(num_experts), 16), 128)
     _moe_block_count_kernel[(num_blocks,)](ids, counts, n, num_experts, BLOCK_N=_BLOCK_N, BLOCK_E=block_e)
     tokens_per_expert = counts.sum(0)
     ends = tokens_per_expert.cumsum(0)

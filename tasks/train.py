@@ -17,9 +17,7 @@ import torch
 import torch.distributed as dist
 
 from veofast.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from veofast.data import build_dataloader, build_iterative_dataset, build_mapping_dataset
-from veofast.data.chat_template import build_chat_template
-from veofast.data.data_transform import process_pretrain_example, process_sft_example
+from veofast.data import build_data_transform, build_dataloader, build_iterative_dataset, build_mapping_dataset
 from veofast.distributed.parallel_state import get_parallel_state, init_parallel_state
 from veofast.distributed.torch_parallelize import build_parallelize_model
 from veofast.models import build_foundation_model, build_tokenizer
@@ -49,23 +47,11 @@ class Arguments:
     train: TrainingArguments = field(default_factory=TrainingArguments)
 
 
-def build_transform(args: Arguments, tokenizer):
-    if args.data.data_type == "plaintext":
-        return partial(
-            process_pretrain_example, tokenizer=tokenizer, max_seq_len=args.data.max_seq_len,
-            text_keys=args.data.text_keys,
-        )
-    chat_template = build_chat_template(args.data.chat_template, tokenizer)
-    return partial(
-        process_sft_example, chat_template=chat_template, max_seq_len=args.data.max_seq_len,
-        text_keys=args.data.text_keys,
-    )
-
-
 def build_dataset(args: Arguments, path: str, transform):
     if args.data.datasets_type == "iterable":
-        return build_iterative_dataset(path, transform=transform, seed=args.train.seed)
-    return build_mapping_dataset(path, transform=transform)
+        return build_iterative_dataset(path, transform=transform, seed=args.train.seed,
+                                       on_bad_record=args.data.on_bad_record)
+    return build_mapping_dataset(path, transform=transform, on_bad_record=args.data.on_bad_record)
 
 
 def build_loader(args: Arguments, dataset, train_steps: int):
@@ -146,7 +132,10 @@ def main() -> None:
     if not args.data.train_path:
         raise ArgumentError("data.train_path is required")
     tokenizer = build_tokenizer(args.model.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
-    transform = build_transform(args, tokenizer)
+    transform = build_data_transform(
+        args.data.data_type, tokenizer=tokenizer, max_seq_len=args.data.max_seq_len, text_keys=args.data.text_keys,
+        chat_template=args.data.chat_template,
+    )
     train_dataset = build_dataset(args, args.data.train_path, transform)
     dataset_length = len(train_dataset) if args.data.datasets_type == "mapping" else None
     train.compute_train_steps(args.data.max_seq_len, args.data.train_size, dataset_length)

@@ -17,6 +17,7 @@ from torch import nn
 
 from veofast.distributed.grad_norm import clip_grad_norm
 from veofast.distributed.parallel_state import ParallelState
+from veofast.distributed.sequence_parallel import shard_micro_batch
 from veofast.utils.flops import training_flops
 
 
@@ -61,8 +62,13 @@ def train_step(
     device, group = ps.device, ps.fsdp_group
     fsdp = ps.dp_mode == "fsdp2"
     lengths = [n for mb in micro_batches for n in document_lengths(mb)]
+    # the ranks of a sequence-parallel group share their micro-batches: each counts its share of tokens and FLOPs
+    share = 1.0 / ps.sp_size
+    if ps.sp_enabled:
+        micro_batches = [shard_micro_batch(mb, ps.sp_rank, ps.sp_size) for mb in micro_batches]
     counts = torch.tensor(
-        [sum(mb["num_label_tokens"] for mb in micro_batches), sum(lengths), training_flops(config, lengths)],
+        [sum(mb["num_label_tokens"] for mb in micro_batches), sum(lengths) * share,
+         training_flops(config, lengths) * share],
         dtype=torch.float64, device=device,
     )
     dist.all_reduce(counts, group=group)
@@ -103,5 +109,5 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
         loss=loss_value, aux_loss=aux_value if config.is_moe else None, grad_norm=grad_norm_value,
-        tokens=int(tokens), label_tokens=int(label_tokens), flops=flops, skipped=not finite,
+        tokens=round(tokens), label_tokens=round(label_tokens), flops=flops, skipped=not finite,
     )

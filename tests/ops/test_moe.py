@@ -102,14 +102,20 @@ def test_permute_matches_reference(num_tokens, num_experts, topk, dtype):
     )
 
 
-@pytest.mark.parametrize("case", ["one_expert", "empty_experts"])
+@pytest.mark.parametrize("case", ["one_expert", "empty_experts", "single_expert", "many_experts"])
 def test_permute_skewed_routing(case):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     num_tokens, num_experts, topk = 97, 12, 2
     if case == "one_expert":  # every token's both slots on experts 5 and 9: the others are empty
         ids = torch.tensor([5, 9], device=DEVICE).repeat(num_tokens, 1)
-    else:
+    elif case == "empty_experts":
         ids = torch.randint(0, 3, (num_tokens, topk), generator=gen, device=DEVICE) * 4
+    elif case == "single_expert":  # E = 1, K = 1
+        num_experts, topk = 1, 1
+        ids = torch.zeros(num_tokens, 1, dtype=torch.int32, device=DEVICE)
+    else:  # more experts than one histogram chunk, not a power of two
+        num_experts = 300
+        ids, _ = _routing(num_tokens, num_experts, topk, gen)
     hidden = torch.randn(num_tokens, 24, generator=gen, device=DEVICE)
     fast = moe_permute(hidden, ids, num_experts, backend="triton")
     ref = moe_permute_reference(hidden, ids, num_experts)
@@ -232,7 +238,8 @@ def test_moe_ffn_torch_backend_is_the_reference():
     out = moe_ffn(hidden, ids, weights, gate_up, down, backend="torch")
     assert torch.equal(out, moe_ffn_reference(hidden, ids, weights, gate_up, down))
     perm = moe_permute(hidden, ids, 4, backend="torch")
-    chained = moe_unpermute(expert_ffn(perm.rows, perm.expert_offsets, gate_up, down), perm.row_index, weights)
+    rows_out = expert_ffn(perm.rows, perm.expert_offsets, gate_up, down, backend="torch")
+    chained = moe_unpermute(rows_out, perm.row_index, weights, backend="torch")
     torch.testing.assert_close(chained, out)
 
 
@@ -377,3 +384,21 @@ def test_gpu_moe_ffn_makes_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(gate_up.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="torch._grouped_mm path: sm90"
+)
+def test_gpu_torch_grouped_mm_taken_for_qwen3_moe_layout():
+    """On Hopper, bf16 expert GEMMs of the HF weight layout go to torch._grouped_mm (all four operand forms)."""
+    from veofast.ops import moe as moe_ops
+
+    rows = torch.randn(1000, 2048, device=DEVICE, dtype=torch.bfloat16)
+    h = torch.randn(1000, 1536, device=DEVICE, dtype=torch.bfloat16)
+    gate_up = torch.randn(8, 1536, 2048, device=DEVICE, dtype=torch.bfloat16)
+    down = torch.randn(8, 2048, 768, device=DEVICE, dtype=torch.bfloat16)
+    assert moe_ops._torch_grouped_mm_ok(rows, gate_up.transpose(1, 2), out_cols=1536)  # forward
+    assert moe_ops._torch_grouped_mm_ok(h[:, :768].contiguous(), down.transpose(1, 2), out_cols=2048)
+    assert moe_ops._torch_grouped_mm_ok(rows, down, out_cols=768)  # input gradient through down_proj
+    assert moe_ops._torch_grouped_mm_ok(h, rows, out_cols=2048)  # weight gradient of gate_up_proj

@@ -61,7 +61,13 @@ def check_samples(output, where: str) -> list[dict]:
         n, m = len(sample["input_ids"]), len(sample["labels"])
         if n != m or n == 0:
             raise BadRecordError(f"sample has {n} input_ids and {m} labels (need equal, non-zero lengths)")
-        if not np.any(np.asarray(sample["labels"][1:]) != IGNORE_INDEX):
+        labels = sample["labels"]
+        trainable = (
+            np.any(labels[1:] != IGNORE_INDEX)
+            if isinstance(labels, np.ndarray)
+            else any(label != IGNORE_INDEX for label in labels[1:])
+        )
+        if not trainable:
             raise BadRecordError("sample has no trainable label (all labels after the first are -100)")
     return samples
 

@@ -220,3 +220,6 @@ def shard_experts(model: nn.Module, ps: ParallelState, fsdp_kwargs: dict) -> Non
             kwargs["shard_placement_fn"] = lambda param: Shard(1)
         fully_shard(module, **kwargs)
         module.set_gradient_divide_factor(float(ps.fsdp_size))
+        if ps.device_type == "cpu":
+            # the factor becomes a PREMUL_SUM reduce-scatter, which gloo lacks: sum, then divide
+            module.set_force_sum_reduction_for_comms(True)

@@ -193,7 +193,7 @@ class DecoderConfig:
                 decoder_sparse_step=self.decoder_sparse_step,
                 mlp_only_layers=list(self.mlp_only_layers),
             )
-            if "num_local_experts" in hf:  # transformers >= 5.2 writes Qwen3-MoE's num_experts under this name
+            if "num_local_experts" in hf:  # newer transformers 5 write Qwen3-MoE num_experts so
                 hf["num_local_experts"] = self.num_experts
             if self.model_type == "qwen2_moe":
                 hf["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size

@@ -210,7 +210,7 @@ def _match_checkpoint(
         used.update(alias for alias in aliases if alias in disk)
         if name not in disk:  # a tied tensor may be stored under another of its names
             name = next((alias for alias in aliases if alias in disk), name)
-        blocks = param_blocks(name, tuple(tensor.shape), set(disk))
+        blocks = param_blocks(name, tuple(tensor.shape), disk.keys())
         for block in blocks:
             if block.key not in disk:
                 missing.append(block.key)

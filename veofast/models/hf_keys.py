@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 _STACKED_EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
@@ -46,7 +47,7 @@ def is_ignored_key(key: str) -> bool:
     return _IGNORED_KEY.search(key) is not None
 
 
-def param_blocks(name: str, shape: tuple[int, ...], disk_keys: set[str] | None = None) -> list[Block]:
+def param_blocks(name: str, shape: tuple[int, ...], disk_keys: Collection[str] | None = None) -> list[Block]:
     """The checkpoint tensors that make up parameter ``name`` of global ``shape``.
 
     With ``disk_keys`` (the keys of a checkpoint being loaded) a stacked expert parameter stored under its

@@ -80,10 +80,10 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
-def _check_routing(topk_ids: torch.Tensor, num_tokens: int, name: str = "topk_ids") -> None:
-    _check_index(name, topk_ids, 2)
+def _check_routing(topk_ids: torch.Tensor, num_tokens: int) -> None:
+    _check_index("topk_ids", topk_ids, 2)
     if topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"{name} must have shape (T, K) with T = {num_tokens} tokens, got {tuple(topk_ids.shape)}")
+        raise ValueError(f"topk_ids must have shape (T, K) with T = {num_tokens} tokens, got {tuple(topk_ids.shape)}")
 
 
 def _check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
@@ -214,9 +214,10 @@ def _log_once(reason: str) -> None:
     )
 
 
-def _torch_grouped_mm_ok(*mats: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` can take these operands (2-D ones must be row-major): bf16 CUDA tensors on
-    sm90 with 16-byte aligned data and leading strides. Elsewhere our Triton kernels run (logged once for bf16)."""
+def _torch_grouped_mm_ok(*mats: torch.Tensor, out_cols: int) -> bool:
+    """Whether ``torch._grouped_mm`` can take these operands (2-D ones must be row-major) and an output with
+    ``out_cols`` columns: bf16 CUDA tensors on sm90 with 16-byte aligned data and leading strides. Elsewhere our
+    Triton kernels run (logged once for bf16)."""
     first = mats[0]
     if not first.is_cuda or first.dtype != torch.bfloat16:
         return False
@@ -227,9 +228,12 @@ def _torch_grouped_mm_ok(*mats: torch.Tensor) -> bool:
     if major != 9:
         _log_once(f"its CUTLASS path is used on sm90 only, this GPU is sm{major}x")
         return False
+    if any(m.numel() == 0 for m in mats):
+        return False
+    if out_cols % 8:
+        _log_once(f"an output row of {out_cols} bf16 values is not a multiple of 16 bytes")
+        return False
     for m in mats:
-        if m.numel() == 0:
-            return False
         row_stride, col_stride = m.stride(-2), m.stride(-1)
         row_major = col_stride == 1 and row_stride % 8 == 0 and row_stride >= m.shape[-1]
         col_major = m.dim() == 3 and row_stride == 1 and col_stride % 8 == 0 and col_stride >= m.shape[-2]
@@ -242,7 +246,7 @@ def _torch_grouped_mm_ok(*mats: torch.Tensor) -> bool:
 def _gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(M, K) x (E, K, N) -> (M, N), rows of expert e times w[e]."""
     x = x if x.stride(1) == 1 else x.contiguous()
-    if _torch_grouped_mm_ok(x, w):
+    if _torch_grouped_mm_ok(x, w, out_cols=w.shape[2]):
         return torch._grouped_mm(x, w, offs=offsets)
     return _kernels()[1].grouped_mm(x, w, offsets)
 
@@ -251,7 +255,7 @@ def _gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     """(M, P) x (M, Q) -> (E, P, Q), out[e] = a[rows of e].T @ b[rows of e] (zeros for an empty expert)."""
     a = a if a.stride(1) == 1 else a.contiguous()
     b = b if b.stride(1) == 1 else b.contiguous()
-    if _torch_grouped_mm_ok(a, b):
+    if _torch_grouped_mm_ok(a, b, out_cols=b.shape[1]):
         return torch._grouped_mm(a.t(), b, offs=offsets)
     return _kernels()[1].grouped_mm_wgrad(a, b, offsets)
 

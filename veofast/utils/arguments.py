@@ -70,7 +70,9 @@ class DataArguments:
     train_size: int = field(default=10_000_000, metadata={"help": "Tokens to train on (iterable datasets)."})
     datasets_type: Literal["mapping", "iterable"] = field(default="mapping")
     data_type: Literal["plaintext", "conversation"] = field(default="plaintext")
-    text_keys: str = field(default="text", metadata={"help": "Record field with the text (or the messages)."})
+    text_keys: str | None = field(
+        default=None, metadata={"help": "Record field with the text (default 'text') or messages ('messages')."}
+    )
     chat_template: str = field(default="chatml", metadata={"help": "chatml, llama3, or tokenizer."})
     max_seq_len: int = field(default=2048)
     num_workers: int = field(default=0)

@@ -31,9 +31,12 @@ def create_profiler(
     def on_trace_ready(prof):
         prof.export_chrome_trace(os.path.join(trace_dir, f"trace_rank{rank}.json"))
 
+    warmup = 1 if start_step >= 2 else 0  # the step before the window warms the profiler up when there is one
     return torch.profiler.profile(
         activities=activities,
-        schedule=torch.profiler.schedule(wait=max(0, start_step - 1), warmup=0, active=end_step - start_step, repeat=1),
+        schedule=torch.profiler.schedule(
+            wait=start_step - 1 - warmup, warmup=warmup, active=end_step - start_step, repeat=1
+        ),
         on_trace_ready=on_trace_ready,
         record_shapes=record_shapes,
         profile_memory=profile_memory,

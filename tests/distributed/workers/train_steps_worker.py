@@ -1,8 +1,10 @@
 """Run a few optimizer steps of a tiny model on a fixed global batch; rank 0 writes losses and grad norms.
 
 Usage: torchrun ... train_steps_worker.py OUT_JSON MODEL_TYPE [key=value ...]  (keys: dp_mode, init_device,
-ep, sp, steps). The global batch of every step is the same whatever the world size; each rank takes its
-share of the micro-batches, so losses must match across world sizes.
+ep, sp, steps, align). The global batch of every step is the same whatever the world size; each data-parallel
+rank takes its share of the micro-batches (the ranks of a sequence-parallel group take the same ones, and
+``train_step`` gives each its slice of tokens), so losses must match across world sizes. ``align=N`` lengthens
+the last document of each micro-batch to make its token count a multiple of N (no sequence-parallel padding).
 """
 
 import json
@@ -42,12 +44,14 @@ def packed_micro_batch(lengths: list[int], vocab: int, generator: torch.Generato
     }
 
 
-def global_batch(step: int, vocab: int, num_micro: int = 4) -> list[dict]:
+def global_batch(step: int, vocab: int, num_micro: int = 4, align: int = 1) -> list[dict]:
     generator = torch.Generator().manual_seed(1000 + step)
-    return [
-        packed_micro_batch(torch.randint(1, 40, (3,), generator=generator).tolist(), vocab, generator)
-        for _ in range(num_micro)
-    ]
+    batch = []
+    for _ in range(num_micro):
+        lengths = torch.randint(1, 40, (3,), generator=generator).tolist()
+        lengths[-1] += -sum(lengths) % align
+        batch.append(packed_micro_batch(lengths, vocab, generator))
+    return batch
 
 
 def main():
@@ -66,7 +70,7 @@ def main():
     results = []
     share = ps.dp_rank  # sequence-parallel ranks share their data-parallel rank's micro-batches
     for step in range(int(opts.get("steps", 3))):
-        micro_batches = global_batch(step, config.vocab_size)[share::ps.dp_size]
+        micro_batches = global_batch(step, config.vocab_size, align=int(opts.get("align", 1)))[share::ps.dp_size]
         result = train_step(model, micro_batches, optimizer, scheduler, config=config, ps=ps, max_grad_norm=1.0)
         results.append({"loss": result.loss, "aux_loss": result.aux_loss, "grad_norm": result.grad_norm,
                         "label_tokens": result.label_tokens})

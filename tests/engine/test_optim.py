@@ -1,0 +1,77 @@
+"""Optimizer groups and learning-rate schedules."""
+
+import pytest
+import torch
+
+from veofast.optim import build_lr_scheduler, build_optimizer, lr_multiplier
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.input_layernorm = torch.nn.LayerNorm(4)
+        self.frozen = torch.nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = Tiny()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3  # proj.bias, norm weight and bias
+    assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("kwargs, message", [({"lr": 0}, "lr must be > 0"), ({"optimizer_type": "sgd"}, "adamw")])
+def test_optimizer_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(Tiny(), **kwargs)
+
+
+def schedule(style, steps=10, warmup=0.2, lr_min=0.1):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_lr_scheduler(opt, train_steps=steps, lr=1.0, lr_min=lr_min, lr_warmup_ratio=warmup,
+                               lr_decay_style=style)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_warmup_then_decay_shapes():
+    cosine = schedule("cosine")
+    assert cosine[:2] == pytest.approx([0.5, 1.0])  # 2 warm-up steps
+    assert cosine[2] == pytest.approx(1.0) and cosine[-1] > 0.1 and all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+    linear = schedule("linear", warmup=0.0)
+    assert linear[0] == 1.0 and linear[5] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert schedule("constant", warmup=0.0) == [1.0] * 10
+    assert lr_multiplier(100, train_steps=10, warmup_steps=0, decay_steps=10, style="cosine", min_ratio=0.1) == 0.1
+
+
+def test_scheduler_state_round_trip():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_lr_scheduler(opt, train_steps=10, lr_warmup_ratio=0.1)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched2 = build_lr_scheduler(opt2, train_steps=10, lr_warmup_ratio=0.1)
+    sched2.load_state_dict(state)
+    assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"lr_decay_style": "step"}, "lr_decay_style"), ({"train_steps": 0}, "train_steps"),
+     ({"lr_warmup_ratio": 2.0}, "lr_warmup_ratio"), ({"lr_min": 5.0}, "lr_min")],
+)
+def test_scheduler_errors(kwargs, message):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=message):
+        build_lr_scheduler(opt, **{"train_steps": 10, **kwargs})

@@ -1,0 +1,84 @@
+"""The training step on one process: non-finite steps are skipped, activation checkpointing changes nothing,
+the profiler writes a trace."""
+
+import os
+
+import pytest
+import torch
+
+from veofast.distributed.parallel_state import destroy_parallel_state, init_parallel_state
+from veofast.distributed.torch_parallelize import build_parallelize_model
+from veofast.models import build_foundation_model
+from veofast.optim import build_lr_scheduler, build_optimizer
+from veofast.train_step import train_step
+from veofast.utils.helper import create_profiler
+
+TINY_MOE = {"model_type": "qwen3_moe", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 16, "output_router_logits": True}
+
+
+@pytest.fixture
+def parallel_state():
+    destroy_parallel_state()
+    ps = init_parallel_state(device_type="cpu")
+    yield ps
+    destroy_parallel_state()
+
+
+def micro_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 61, (1, 30), generator=g)
+    labels = ids.clone()
+    labels[0, [0, 12]] = -100
+    positions = torch.cat([torch.arange(12), torch.arange(18)])[None]
+    return {"input_ids": ids, "labels": labels, "position_ids": positions,
+            "cu_seqlens": torch.tensor([0, 12, 30], dtype=torch.int32), "max_seqlen": 18,
+            "num_label_tokens": int((labels != -100).sum())}
+
+
+def build(ps, **kwargs):
+    model = build_foundation_model(config_overrides=TINY_MOE, init_device="meta", ops_backend="torch")
+    config = model.config
+    model = build_parallelize_model(model, seed=3, **kwargs)
+    opt = build_optimizer(model, lr=1e-2)
+    return model, config, opt, build_lr_scheduler(opt, train_steps=5, lr_decay_style="constant")
+
+
+def test_non_finite_step_is_skipped(parallel_state):
+    model, config, opt, sched = build(parallel_state)
+    ok = train_step(model, [micro_batch(0)], opt, sched, config=config, ps=parallel_state, max_grad_norm=1.0)
+    assert not ok.skipped and ok.label_tokens == 28 and ok.tokens == 30
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.to_local()[3].fill_(float("nan"))
+    batch = micro_batch(1)
+    batch["input_ids"][0, 5] = 3
+    bad = train_step(model, [batch], opt, sched, config=config, ps=parallel_state, max_grad_norm=1.0)
+    assert bad.skipped
+    after = list(model.parameters())
+    changed = [not torch.equal(a.to_local(), b.to_local()) for a, b in zip(before, after)]
+    assert changed == [n == "model.embed_tokens.weight" for n, _ in model.named_parameters()]  # only our poke
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_activation_checkpointing_gives_same_step(parallel_state):
+    results = []
+    for checkpointing in (False, True):
+        model, config, opt, sched = build(parallel_state, enable_gradient_checkpointing=checkpointing)
+        steps = [train_step(model, [micro_batch(s)], opt, sched, config=config, ps=parallel_state, max_grad_norm=1.0)
+                 for s in range(2)]
+        results.append([(r.loss, r.grad_norm) for r in steps])
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+
+
+def test_profiler_writes_trace(tmp_path):
+    profiler = create_profiler(start_step=2, end_step=3, trace_dir=str(tmp_path))
+    profiler.start()
+    for _ in range(3):
+        torch.randn(64, 64) @ torch.randn(64, 64)
+        profiler.step()
+    profiler.stop()
+    assert os.path.getsize(tmp_path / "trace_rank0.json") > 0
+    with pytest.raises(ValueError, match="start_step"):
+        create_profiler(start_step=3, end_step=2, trace_dir=str(tmp_path))

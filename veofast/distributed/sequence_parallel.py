@@ -1,0 +1,233 @@
+"""Ulysses sequence parallelism (SP): each rank of an SP group holds a slice of every packed micro-batch.
+
+Data side: ``shard_micro_batch`` pads a packed micro-batch to a multiple of the SP size, shifts the labels on
+the whole sequence and gives each rank its contiguous slice of tokens (the document boundaries stay whole).
+
+Model side: ``apply_sequence_parallel`` replaces every decoder layer's ``self_attn`` by a ``UlyssesAttention``
+that holds the very same submodules (parameter names do not change: ``model.layers.0.self_attn.q_proj.weight``).
+It projects this rank's tokens, moves q, k, v with all-to-alls to "all tokens, ``heads / sp`` heads", runs
+``varlen_attention`` over the full ``cu_seqlens`` and moves the output back (see ``ulysses_comm`` for how the
+all-to-alls hide behind computation). With fewer KV heads than SP ranks each KV head is replicated so every
+rank gets one. MoE blocks get their router statistics averaged over the SP group, so the load-balancing loss
+is the one of the whole micro-batch.
+
+Loss: each rank's LM loss is the sum over its slice divided by the global label count (the loop sums the
+slices' ``num_label_tokens`` over the data x sequence group); the backward is scaled by ``dp * sp`` because
+FSDP averages gradients over that group. Gradients that cross ranks travel back through the reverse
+all-to-alls, so no extra loss reduction over the SP group is needed (and none must be done).
+
+Limitation: the (at most ``sp - 1``) padding tokens of a micro-batch take part in the router statistics of
+the MoE load-balancing loss, as padding does in any padded batch; they never reach the LM loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from veofast.models.layers import Attention
+from veofast.models.moe import SparseMoeBlock
+from veofast.ops import apply_rotary, varlen_attention
+
+from .ulysses_comm import (
+    InFlight,
+    all_to_all_linear,
+    check_comm_mode,
+    gather_sequence_start,
+    launch_heads_to_sequence,
+    sequence_mean,
+    wait_heads_to_sequence,
+)
+
+IGNORE_INDEX = -100
+_KNOWN_KEYS = {"input_ids", "labels", "shift_labels", "position_ids", "cu_seqlens", "max_seqlen",
+               "num_label_tokens", "attention_mask"}
+
+
+# ------------------------------------------------------------------------------------------------------- data side
+def shard_micro_batch(micro_batch: dict, sp_rank: int, sp_size: int) -> dict:
+    """This SP rank's slice of a packed micro-batch (host tensors, as the packing collator makes them).
+
+    In: ``input_ids (1, T)``, ``labels (1, T)`` (HF-unshifted, -100 at document starts) or ``shift_labels``,
+    ``position_ids (1, T)``, ``cu_seqlens (docs + 1,) int32``, ``max_seqlen``, ``num_label_tokens``; a micro-batch
+    without ``cu_seqlens`` is one document. ``T`` is padded to ``T' = sp_size * ceil(T / sp_size)`` with an extra
+    document of ``T' - T`` tokens (id 0, labels -100).
+
+    Out: ``input_ids``, ``position_ids``, ``shift_labels`` ``(1, T' / sp_size)`` (tokens
+    ``[sp_rank * T' / sp_size, (sp_rank + 1) * T' / sp_size)``; ``shift_labels[t] = labels[t + 1]``, taken on the
+    whole sequence before slicing), the full ``cu_seqlens`` and ``max_seqlen`` (attention sees the whole sequence)
+    and ``num_label_tokens``: this slice's count of ``shift_labels != -100``.
+    """
+    if not (isinstance(sp_size, int) and sp_size >= 1 and isinstance(sp_rank, int) and 0 <= sp_rank < sp_size):
+        raise ValueError(f"shard_micro_batch: need 0 <= sp_rank < sp_size, got sp_rank={sp_rank}, sp_size={sp_size}")
+    unknown = sorted(set(micro_batch) - _KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"shard_micro_batch: do not know how to split the keys {unknown} over sequence ranks")
+    input_ids = micro_batch["input_ids"]
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(
+            f"shard_micro_batch: sequence parallelism needs packed micro-batches with input_ids of shape (1, T) "
+            f"(set data.rmpad or rmpad_with_pos_ids), got {tuple(input_ids.shape)}"
+        )
+    mask = micro_batch.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("shard_micro_batch: a packed micro-batch must not hold padding (attention_mask has zeros)")
+    total = input_ids.shape[1]
+    cu_seqlens = micro_batch.get("cu_seqlens")
+    if cu_seqlens is None:
+        cu_seqlens, max_seqlen = torch.tensor([0, total], dtype=torch.int32), total
+    else:
+        max_seqlen = micro_batch.get("max_seqlen")
+        if max_seqlen is None:
+            raise ValueError("shard_micro_batch: max_seqlen must be given with cu_seqlens")
+    position_ids = micro_batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(total, dtype=torch.int64)[None]
+    if micro_batch.get("shift_labels") is not None:
+        shift_labels = micro_batch["shift_labels"]
+    elif micro_batch.get("labels") is not None:
+        shift_labels = F.pad(micro_batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    else:
+        shift_labels = None
+
+    pad = -total % sp_size
+    if pad:
+        input_ids = torch.cat([input_ids, input_ids.new_zeros((1, pad))], dim=1)
+        position_ids = torch.cat([position_ids, torch.arange(pad, dtype=position_ids.dtype)[None]], dim=1)
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total + pad])])
+        max_seqlen = max(int(max_seqlen), pad)
+        if shift_labels is not None:
+            shift_labels = torch.cat([shift_labels, shift_labels.new_full((1, pad), IGNORE_INDEX)], dim=1)
+    part = (total + pad) // sp_size
+    window = slice(sp_rank * part, (sp_rank + 1) * part)
+    out = {"input_ids": input_ids[:, window].contiguous(), "position_ids": position_ids[:, window].contiguous(),
+           "cu_seqlens": cu_seqlens, "max_seqlen": int(max_seqlen)}
+    if shift_labels is not None:
+        out["shift_labels"] = shift_labels[:, window].contiguous()
+        out["num_label_tokens"] = int((out["shift_labels"] != IGNORE_INDEX).sum())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ model side
+def ulysses_kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
+    """How many times each KV head is repeated so that ``sp_size`` ranks each get whole heads (1: none).
+
+    Raises ValueError when the query heads do not split over ``sp_size`` ranks, or the KV heads neither split
+    over them nor divide ``sp_size``.
+    """
+    if num_heads % sp_size:
+        raise ValueError(
+            f"Ulysses sequence parallelism: num_attention_heads ({num_heads}) must be divisible by ulysses_size "
+            f"({sp_size}); choose an ulysses_size that divides it"
+        )
+    if num_kv_heads % sp_size == 0:
+        return 1
+    if sp_size % num_kv_heads:
+        raise ValueError(
+            f"Ulysses sequence parallelism: num_key_value_heads ({num_kv_heads}) must be divisible by ulysses_size "
+            f"({sp_size}) or divide it (KV heads are then replicated); choose another ulysses_size"
+        )
+    return sp_size // num_kv_heads
+
+
+class UlyssesAttention(nn.Module):
+    """``Attention`` over a sequence split across an SP group: same submodules, same parameter names.
+
+    ``forward(hidden (n, H), position_ids (n,), cu_seqlens (docs + 1,) of the whole sequence, max_seqlen,
+    inv_freq, rope_scaling) -> (n, H)`` with ``n = N / sp`` this rank's tokens. Order of work, each all-to-all
+    hidden by what follows it: gather positions; q projection -> send q; k projection -> send k; v projection ->
+    send v; wait q, k -> RoPE on all tokens of the local heads (under v); wait v -> ``varlen_attention``; output
+    all-to-all under the local heads' share of ``o_proj``. The backward mirrors this (``ulysses_comm``).
+    """
+
+    def __init__(self, attn: Attention, group, sp_size: int, *, comm_mode: str = "async"):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.backend = attn.backend
+        self.kv_repeat = ulysses_kv_replication(self.num_heads, self.num_kv_heads, sp_size)
+        if self.o_proj.bias is not None:
+            raise ValueError("UlyssesAttention: o_proj with a bias is not supported")
+        self.group = group
+        self.sp_size = sp_size
+        self.comm_mode = comm_mode
+
+    @property
+    def comm_mode(self) -> str:
+        return self._comm_mode
+
+    @comm_mode.setter
+    def comm_mode(self, mode: str) -> None:
+        check_comm_mode(mode)
+        self._comm_mode = mode
+
+    def _send(self, x: torch.Tensor) -> tuple[torch.Tensor, InFlight]:
+        flight = InFlight(self.group, self.comm_mode)
+        return launch_heads_to_sequence(x, flight), flight
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        inv_freq: torch.Tensor,
+        rope_scaling: float,
+    ) -> torch.Tensor:
+        n, d = hidden.shape[0], self.head_dim
+        positions, positions_work = gather_sequence_start(position_ids, self.group, self.comm_mode)
+        q = self.q_proj(hidden).view(n, self.num_heads, d)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q_sent, q_flight = self._send(q)
+        k = self.k_proj(hidden).view(n, self.num_kv_heads, d)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k_sent, k_flight = self._send(k.repeat_interleave(self.kv_repeat, dim=1) if self.kv_repeat > 1 else k)
+        v = self.v_proj(hidden).view(n, self.num_kv_heads, d)
+        v_sent, v_flight = self._send(v.repeat_interleave(self.kv_repeat, dim=1) if self.kv_repeat > 1 else v)
+        if positions_work is not None:
+            positions_work.wait()
+        q = wait_heads_to_sequence(q_sent, q_flight, d)
+        k = wait_heads_to_sequence(k_sent, k_flight, d)
+        q, k = apply_rotary(q, k, positions, inv_freq, scaling=rope_scaling, backend=self.backend)
+        v = wait_heads_to_sequence(v_sent, v_flight, d)
+        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                               backend=self.backend)
+        return all_to_all_linear(out.reshape(out.shape[0], -1), self.o_proj.weight, self.group, mode=self.comm_mode)
+
+    def extra_repr(self) -> str:
+        return f"sp_size={self.sp_size}, kv_repeat={self.kv_repeat}, comm_mode={self.comm_mode!r}"
+
+
+def _average_router_stats(group):
+    def hook(module: nn.Module, args, output):
+        out, stats = output
+        return out, sequence_mean(stats, group)
+
+    return hook
+
+
+def apply_sequence_parallel(model: nn.Module, ps, *, comm_mode: str = "async") -> nn.Module:
+    """Make ``model`` run on its SP rank's slice of each micro-batch (in place; before FSDP; meta is fine).
+
+    Every ``Attention`` becomes a ``UlyssesAttention`` over ``ps.sp_group`` (``ps.sp_size`` ranks); every
+    ``SparseMoeBlock`` averages its router statistics over the group. Raises ValueError if the head counts do
+    not split over ``ps.sp_size`` ranks (see ``ulysses_kv_replication``) or the model has no ``Attention``.
+    """
+    check_comm_mode(comm_mode)
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, Attention)]
+    if not targets:
+        raise ValueError("apply_sequence_parallel: the model has no veofast Attention module to parallelise")
+    for _, _, attn in targets:
+        ulysses_kv_replication(attn.num_heads, attn.num_kv_heads, ps.sp_size)
+    group = ps.sp_group
+    for parent, name, attn in targets:
+        setattr(parent, name, UlyssesAttention(attn, group, ps.sp_size, comm_mode=comm_mode))
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.register_forward_hook(_average_router_stats(group))
+    return model
