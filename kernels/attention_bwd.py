@@ -69,46 +69,27 @@ def _query_block_range(
 
 
 @triton.jit
-def _dkdv_block(
-    dk,
-    dv,
-    k,
-    v,
-    q_ptrs,
-    do_ptrs,
-    lse_ptrs,
-    delta_ptrs,
-    rows,
-    cols,
-    seqlen_q,
-    seqlen_k,
-    off,
-    window_left,
-    window_right,
-    qk_scale,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Accumulate one query block into dK, dV (BLOCK_N, HEAD_DIM); transposed scores (BLOCK_N, BLOCK_M)."""
+def _dkdv_block(dk, dv, k, v, q_tile, do_tile, lse_ptrs, delta_ptrs, rows, cols, seqlen_q, seqlen_k, off,
+                window_left, window_right, qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate one query block into dK, dV (BLOCK_N, HEAD_DIM); transposed scores (BLOCK_N, BLOCK_M).
+    ``q_tile``/``do_tile``: (BLOCK_M, HEAD_DIM) pointers, ``lse_ptrs``/``delta_ptrs``: (BLOCK_M,) pointers."""
     if MASKED:
         row_ok = rows < seqlen_q
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_tile, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_tile, mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
     else:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
+        q = tl.load(q_tile)
+        do = tl.load(do_tile)
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.exp2(s_t - (lse * LOG2E)[None, :])
     if MASKED:
-        keep = _visible(
-            rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
-        )
+        keep = _visible(rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
+                        HAS_RIGHT)
         p_t = tl.where(keep, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -119,41 +100,12 @@ def _dkdv_block(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    CU_Q,
-    CU_K,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_dot,
-    stride_doh,
-    stride_dkt,
-    stride_dkh,
-    stride_dvt,
-    stride_dvh,
-    total_q,
-    sm_scale,
-    qk_scale,
-    window_left,
-    window_right,
-    group_size,
-    seqlen_bucket,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    total_q, sm_scale, qk_scale, window_left, window_right, group_size, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one ``BLOCK_N`` key block of one document for one KV head, summed over its query-head group."""
     kv_head = tl.program_id(0)
@@ -170,151 +122,64 @@ def _attn_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = (cols < seqlen_k)[:, None]
-    k_row = k_start.to(tl.int64) + cols
-    k = tl.load(K + k_row[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=col_ok, other=0.0)
-    v = tl.load(V + k_row[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=col_ok, other=0.0)
+    k_rows = k_start.to(tl.int64) + cols
+    k = tl.load(K + k_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=col_ok, other=0.0)
+    v = tl.load(V + k_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=col_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    q_offs = offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_offs = offs_m[:, None] * stride_dot + offs_d[None, :]
 
-    b_lo, f_lo, f_hi, b_hi = _query_block_range(
-        n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-    )
-    first_row = q_start.to(tl.int64) + b_lo * BLOCK_M
+    b_lo, f_lo, f_hi, b_hi = _query_block_range(n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                                HAS_LEFT, HAS_RIGHT)
     for g in range(group_size):
         head = kv_head * group_size + g
-        q_ptrs = Q + first_row * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = DO + first_row * stride_dot + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
-        lse_ptrs = LSE + head.to(tl.int64) * total_q + first_row + offs_m
-        delta_ptrs = DELTA + head.to(tl.int64) * total_q + first_row + offs_m
+        q_head = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+        do_head = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
+        lse_head = LSE + head.to(tl.int64) * total_q + q_start
+        delta_head = DELTA + head.to(tl.int64) * total_q + q_start
         for mb in range(b_lo, f_lo):
-            dk, dv = _dkdv_block(
-                dk,
-                dv,
-                k,
-                v,
-                q_ptrs,
-                do_ptrs,
-                lse_ptrs,
-                delta_ptrs,
-                mb * BLOCK_M + offs_m,
-                cols,
-                seqlen_q,
-                seqlen_k,
-                off,
-                window_left,
-                window_right,
-                qk_scale,
-                True,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DOT_PRECISION,
-            )
-            q_ptrs += BLOCK_M * stride_qt
-            do_ptrs += BLOCK_M * stride_dot
-            lse_ptrs += BLOCK_M
-            delta_ptrs += BLOCK_M
+            m0 = tl.cast(mb * BLOCK_M, tl.int64)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_head + m0 * stride_qt + q_offs, do_head + m0 * stride_dot + do_offs,
+                                 lse_head + m0 + offs_m, delta_head + m0 + offs_m, mb * BLOCK_M + offs_m, cols,
+                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True, HAS_LEFT,
+                                 HAS_RIGHT, DOT_PRECISION)
         for mb in range(f_lo, f_hi):
-            dk, dv = _dkdv_block(
-                dk,
-                dv,
-                k,
-                v,
-                q_ptrs,
-                do_ptrs,
-                lse_ptrs,
-                delta_ptrs,
-                mb * BLOCK_M + offs_m,
-                cols,
-                seqlen_q,
-                seqlen_k,
-                off,
-                window_left,
-                window_right,
-                qk_scale,
-                False,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DOT_PRECISION,
-            )
-            q_ptrs += BLOCK_M * stride_qt
-            do_ptrs += BLOCK_M * stride_dot
-            lse_ptrs += BLOCK_M
-            delta_ptrs += BLOCK_M
+            m0 = tl.cast(mb * BLOCK_M, tl.int64)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_head + m0 * stride_qt + q_offs, do_head + m0 * stride_dot + do_offs,
+                                 lse_head + m0 + offs_m, delta_head + m0 + offs_m, mb * BLOCK_M + offs_m, cols,
+                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, False, HAS_LEFT,
+                                 HAS_RIGHT, DOT_PRECISION)
         for mb in range(f_hi, b_hi):
-            dk, dv = _dkdv_block(
-                dk,
-                dv,
-                k,
-                v,
-                q_ptrs,
-                do_ptrs,
-                lse_ptrs,
-                delta_ptrs,
-                mb * BLOCK_M + offs_m,
-                cols,
-                seqlen_q,
-                seqlen_k,
-                off,
-                window_left,
-                window_right,
-                qk_scale,
-                True,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DOT_PRECISION,
-            )
-            q_ptrs += BLOCK_M * stride_qt
-            do_ptrs += BLOCK_M * stride_dot
-            lse_ptrs += BLOCK_M
-            delta_ptrs += BLOCK_M
+            m0 = tl.cast(mb * BLOCK_M, tl.int64)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_head + m0 * stride_qt + q_offs, do_head + m0 * stride_dot + do_offs,
+                                 lse_head + m0 + offs_m, delta_head + m0 + offs_m, mb * BLOCK_M + offs_m, cols,
+                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True, HAS_LEFT,
+                                 HAS_RIGHT, DOT_PRECISION)
 
-    tl.store(
-        DK + k_row[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-        (dk * sm_scale).to(DK.dtype.element_ty),
-        mask=col_ok,
-    )
-    tl.store(
-        DV + k_row[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=col_ok,
-    )
+    tl.store(DK + k_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + k_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok)
 
 
 @triton.jit
-def _dq_block(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    k_ptrs,
-    v_ptrs,
-    rows,
-    cols,
-    seqlen_q,
-    seqlen_k,
-    off,
-    window_left,
-    window_right,
-    qk_scale,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Accumulate one key block into dQ (BLOCK_M, HEAD_DIM); ``lse2`` is the LSE in log2 units."""
+def _dq_block(dq, q, do, lse2, delta, k_tile, v_tile, rows, cols, seqlen_q, seqlen_k, off, window_left,
+              window_right, qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Accumulate one key block (``k_tile``/``v_tile``: (BLOCK_N, HEAD_DIM) pointers) into dQ (BLOCK_M, HEAD_DIM);
+    ``lse2`` is the LSE in log2 units."""
     if MASKED:
-        k = tl.load(k_ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
+        k = tl.load(k_tile, mask=(cols < seqlen_k)[:, None], other=0.0)
+        v = tl.load(v_tile, mask=(cols < seqlen_k)[:, None], other=0.0)
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        k = tl.load(k_tile)
+        v = tl.load(v_tile)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
-        keep = _visible(
-            rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
-        )
+        keep = _visible(rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
+                        HAS_RIGHT)
         p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -324,38 +189,11 @@ def _dq_block(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    CU_Q,
-    CU_K,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_dot,
-    stride_doh,
-    stride_dqt,
-    stride_dqh,
-    total_q,
-    sm_scale,
-    qk_scale,
-    window_left,
-    window_right,
-    group_size,
-    seqlen_bucket,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    total_q, sm_scale, qk_scale, window_left, window_right, group_size, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one ``BLOCK_M`` query block of one document for one query head."""
     head = tl.program_id(0)
@@ -375,107 +213,35 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < seqlen_q
-    q_row = q_start.to(tl.int64) + rows
-    q = tl.load(Q + q_row[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(
-        DO + q_row[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok[:, None], other=0.0
-    )
-    lse2 = tl.load(LSE + head.to(tl.int64) * total_q + q_row, mask=row_ok, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + head.to(tl.int64) * total_q + q_row, mask=row_ok, other=0.0)
+    q_rows = q_start.to(tl.int64) + rows
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse2 = tl.load(LSE + head.to(tl.int64) * total_q + q_rows, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + head.to(tl.int64) * total_q + q_rows, mask=row_ok, other=0.0)
 
-    b_lo, f_lo, f_hi, b_hi = _key_block_range(
-        m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-    )
-    k_ptrs = (
-        K
-        + (k_start.to(tl.int64) + b_lo * BLOCK_N) * stride_kt
-        + kv_head * stride_kh
-        + offs_n[:, None] * stride_kt
-        + offs_d[None, :]
-    )
-    v_ptrs = (
-        V
-        + (k_start.to(tl.int64) + b_lo * BLOCK_N) * stride_vt
-        + kv_head * stride_vh
-        + offs_n[:, None] * stride_vt
-        + offs_d[None, :]
-    )
+    b_lo, f_lo, f_hi, b_hi = _key_block_range(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                              HAS_LEFT, HAS_RIGHT)
+    k_head = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_head = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    k_offs = offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vt + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for nb in range(b_lo, f_lo):
-        dq = _dq_block(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            k_ptrs,
-            v_ptrs,
-            rows,
-            nb * BLOCK_N + offs_n,
-            seqlen_q,
-            seqlen_k,
-            off,
-            window_left,
-            window_right,
-            qk_scale,
-            True,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DOT_PRECISION,
-        )
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        n0 = tl.cast(nb * BLOCK_N, tl.int64)
+        dq = _dq_block(dq, q, do, lse2, delta, k_head + n0 * stride_kt + k_offs, v_head + n0 * stride_vt + v_offs, rows,
+                       nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True,
+                       HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
     for nb in range(f_lo, f_hi):
-        dq = _dq_block(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            k_ptrs,
-            v_ptrs,
-            rows,
-            nb * BLOCK_N + offs_n,
-            seqlen_q,
-            seqlen_k,
-            off,
-            window_left,
-            window_right,
-            qk_scale,
-            False,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DOT_PRECISION,
-        )
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        n0 = tl.cast(nb * BLOCK_N, tl.int64)
+        dq = _dq_block(dq, q, do, lse2, delta, k_head + n0 * stride_kt + k_offs, v_head + n0 * stride_vt + v_offs, rows,
+                       nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, False,
+                       HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
     for nb in range(f_hi, b_hi):
-        dq = _dq_block(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            k_ptrs,
-            v_ptrs,
-            rows,
-            nb * BLOCK_N + offs_n,
-            seqlen_q,
-            seqlen_k,
-            off,
-            window_left,
-            window_right,
-            qk_scale,
-            True,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DOT_PRECISION,
-        )
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        n0 = tl.cast(nb * BLOCK_N, tl.int64)
+        dq = _dq_block(dq, q, do, lse2, delta, k_head + n0 * stride_kt + k_offs, v_head + n0 * stride_vt + v_offs, rows,
+                       nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True,
+                       HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
 
-    tl.store(
-        DQ + q_row[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-        (dq * sm_scale).to(DQ.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    tl.store(DQ + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -67,17 +67,17 @@ def _key_block_range(
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, rows, cols, seqlen_q, seqlen_k, off, window_left, window_right,
+def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, seqlen_q, seqlen_k, off, window_left, window_right,
                qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over one key block (block pointers ``k_blk``/``v_blk``).
+    """One online-softmax step over one key block (``k_ptrs``/``v_ptrs``: (BLOCK_N, HEAD_DIM) pointers).
     ``rows``: (BLOCK_M,), ``cols``: (BLOCK_N,) document-local indices."""
     if MASKED:
-        k = tl.load(k_blk, boundary_check=(0,), padding_option="zero")
-        v = tl.load(v_blk, boundary_check=(0,), padding_option="zero")
+        k = tl.load(k_ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
     else:
-        k = tl.load(k_blk)
-        v = tl.load(v_blk)
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         keep = _visible(rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
@@ -143,41 +143,40 @@ def _attn_fwd_kernel(
     m0 = block * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    q_blk = tl.make_block_ptr(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh, (seqlen_q, HEAD_DIM),
-                              (stride_qt, 1), (m0, 0), (BLOCK_M, HEAD_DIM), (1, 0))
-    q = tl.load(q_blk, boundary_check=(0,), padding_option="zero")
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < seqlen_q
+    q_rows = q_start.to(tl.int64) + rows
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
     b_lo, f_lo, f_hi, b_hi = _key_block_range(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
                                               HAS_LEFT, HAS_RIGHT)
-    k_blk = tl.make_block_ptr(K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh, (seqlen_k, HEAD_DIM),
-                              (stride_kt, 1), (b_lo * BLOCK_N, 0), (BLOCK_N, HEAD_DIM), (1, 0))
-    v_blk = tl.make_block_ptr(V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh, (seqlen_k, HEAD_DIM),
-                              (stride_vt, 1), (b_lo * BLOCK_N, 0), (BLOCK_N, HEAD_DIM), (1, 0))
+    k_first = k_start.to(tl.int64) + b_lo * BLOCK_N
+    k_ptrs = K + k_first * stride_kt + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + k_first * stride_vt + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for nb in range(b_lo, f_lo):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
                                    off, window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
-        k_blk = tl.advance(k_blk, (BLOCK_N, 0))
-        v_blk = tl.advance(v_blk, (BLOCK_N, 0))
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
     for nb in range(f_lo, f_hi):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
                                    off, window_left, window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT,
                                    DOT_PRECISION)
-        k_blk = tl.advance(k_blk, (BLOCK_N, 0))
-        v_blk = tl.advance(v_blk, (BLOCK_N, 0))
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
     for nb in range(f_hi, b_hi):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
                                    off, window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
-        k_blk = tl.advance(k_blk, (BLOCK_N, 0))
-        v_blk = tl.advance(v_blk, (BLOCK_N, 0))
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
-    o_blk = tl.make_block_ptr(O + q_start.to(tl.int64) * stride_ot + head * stride_oh, (seqlen_q, HEAD_DIM),
-                              (stride_ot, 1), (m0, 0), (BLOCK_M, HEAD_DIM), (1, 0))
-    tl.store(o_blk, out.to(O.dtype.element_ty), boundary_check=(0,))
-    tl.store(LSE + head.to(tl.int64) * total_q + q_start + rows, lse, mask=rows < seqlen_q)
+    tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + head.to(tl.int64) * total_q + q_rows, lse, mask=row_ok)

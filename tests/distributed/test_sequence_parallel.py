@@ -117,7 +117,7 @@ def run(tmp_path, nproc, *options):
 
 def assert_same(a, b, rel=2e-5):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x["label_tokens"] == y["label_tokens"]
         for key in ("loss", "grad_norm", "aux_loss"):
             if x[key] is not None:
@@ -135,11 +135,13 @@ def test_sp2_matches_sp1_llama(tmp_path, llama_single):
 
 
 def test_sp2_matches_sp1_moe(tmp_path):
-    # even lengths (align=2): no padding tokens, which would enter the MoE router statistics
+    # even lengths (align=2): no padding tokens, which would enter the MoE router statistics; with activation
+    # checkpointing, so the router-statistics average is recomputed too
     single = run(tmp_path, 1, "qwen3_moe", "align=2")
     assert single[0]["aux_loss"] is not None
-    assert_same(single, run(tmp_path, 2, "qwen3_moe", "sp=2", "align=2"))
+    assert_same(single, run(tmp_path, 2, "qwen3_moe", "sp=2", "align=2", "ckpt=1"))
 
 
 def test_sp2_dp2_matches_single(tmp_path, llama_single):
-    assert_same(llama_single, run(tmp_path, 4, "llama", "sp=2"))
+    # with activation checkpointing: the recomputed forward repeats the all-to-alls in the backward
+    assert_same(llama_single, run(tmp_path, 4, "llama", "sp=2", "ckpt=1"))

@@ -146,7 +146,7 @@ def _bad_call(**overrides):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(cu_seqlens_q=torch.tensor([0, 5, 3, 7], dtype=torch.int32)), "cu_seqlens_q must be non-decreasing"),
+        (dict(cu_seqlens_q=torch.tensor([0, 5, 3], dtype=torch.int32)), "cu_seqlens_q must be non-decreasing"),
         (dict(cu_seqlens_k=torch.tensor([0, 3, 6], dtype=torch.int32)), r"cu_seqlens_k\[-1\]"),
         (dict(cu_seqlens_q=torch.tensor([1, 3, 7], dtype=torch.int32)), "cu_seqlens_q must start at 0"),
         (dict(cu_seqlens_q=torch.tensor([0, 3, 7])), "cu_seqlens_q must be a 1-D int32"),

@@ -56,34 +56,78 @@ from .parallel_state import ParallelState
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
 
 
-def _all_to_all(rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    """``rows (sum(input_splits), H)`` -> ``(sum(output_splits), H)``: block i of the input goes to rank i."""
-    out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), output_splits, input_splits, group=group)
-    return out
+class _Exchange:
+    """An all-to-all in flight between ``_AllToAllStart`` and ``_AllToAllWait`` (forward, then backward)."""
+
+    def __init__(self, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup):
+        self.output_splits, self.input_splits, self.group = output_splits, input_splits, group
+        self.work = None
+
+    def launch(self, rows: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+        out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
+        self.work = dist.all_to_all_single(
+            out, rows.contiguous(), output_splits, input_splits, group=self.group, async_op=True
+        )
+        return out
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.work = None
 
 
-class _AllToAll(torch.autograd.Function):
-    """Differentiable uneven ``all_to_all_single``; its backward is the reverse exchange."""
+class _AllToAllStart(torch.autograd.Function):
+    """Launches the exchange; its backward waits for the reverse exchange launched by ``_AllToAllWait``'s."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
-        return _all_to_all(rows, output_splits, input_splits, group)
+    def forward(ctx, rows: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
+        ctx.exchange = exchange
+        return exchange.launch(rows, exchange.output_splits, exchange.input_splits)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
+        ctx.exchange.wait()  # ``grad`` is the buffer that the reverse exchange fills
+        return grad, None
 
 
-def all_to_all_rows(rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    """Differentiable uneven all-to-all of ``rows (sum(input_splits), ...)`` over ``group``."""
-    return _AllToAll.apply(rows, output_splits, input_splits, group)
+class _AllToAllWait(torch.autograd.Function):
+    """Waits for the exchange; its backward launches the reverse exchange of the gradient (without waiting)."""
+
+    @staticmethod
+    def forward(ctx, received: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
+        ctx.exchange = exchange
+        exchange.wait()
+        return received.view_as(received)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        exchange = ctx.exchange
+        # not valid until _AllToAllStart.backward, the only consumer, waits for it
+        return exchange.launch(grad, exchange.input_splits, exchange.output_splits), None
+
+
+def all_to_all_start(rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> tuple:
+    """Start a differentiable uneven all-to-all of ``rows (sum(input_splits), ...)``; returns ``(received,
+    exchange)``: ``received (sum(output_splits), ...)`` is valid only after ``all_to_all_wait``. Work done between
+    the two (in forward, and in reverse order in backward) overlaps the communication: autograd runs the backward
+    of later-created nodes first, so the gradient exchange launched by the wait's backward runs while the backward
+    of that work runs, and the start's backward waits for it."""
+    exchange = _Exchange(output_splits, input_splits, group)
+    return _AllToAllStart.apply(rows, exchange), exchange
+
+
+def all_to_all_wait(received: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
+    """Wait for the exchange started by ``all_to_all_start``; returns ``received``, now valid."""
+    return _AllToAllWait.apply(received, exchange)
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
     """The local experts of an expert weight: a DTensor's local shard (differentiably), a plain tensor as is."""
     return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """Rows per expert ``(E,)`` -> cumulative end rows ``(E,)`` int32."""
+    return counts.cumsum(0).to(torch.int32)
 
 
 class ExpertParallelDispatcher:
@@ -94,17 +138,21 @@ class ExpertParallelDispatcher:
     expert weights either as DTensors sharded ``Shard(0)`` over the EP mesh (global ``(E, 2I, H)`` / ``(E, H, I)``)
     or as this rank's plain ``(E/ep, 2I, H)`` / ``(E/ep, H, I)`` slices. Returns ``(T, H)`` in hidden's dtype.
     Every rank of ``group`` must call it the same number of times (it runs collectives).
+
+    Overlap: rows whose expert lives on this rank never enter the all-to-alls. Their FFN is split in two by
+    local expert (experts ``[0, L//2)`` and ``[L//2, L)``): the first half runs while the dispatch exchange is in
+    flight, the second while the combine exchange is, and in backward the same halves' backward runs under the
+    two gradient exchanges.
     """
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup):
         ep_size = dist.get_world_size(group)
         if num_experts % ep_size:
-            raise ValueError(
-                f"expert parallelism: num_experts={num_experts} is not divisible by ep_size={ep_size}"
-            )
+            raise ValueError(f"expert parallelism: num_experts={num_experts} is not divisible by ep_size={ep_size}")
         self.num_experts = num_experts
         self.group = group
         self.ep_size = ep_size
+        self.ep_rank = dist.get_rank(group)
         self.num_local_experts = num_experts // ep_size
 
     def __repr__(self) -> str:
@@ -120,7 +168,7 @@ class ExpertParallelDispatcher:
         *,
         backend: str = "auto",
     ) -> torch.Tensor:
-        ep, num_local = self.ep_size, self.num_local_experts
+        ep, rank, num_local = self.ep_size, self.ep_rank, self.num_local_experts
         gate_up, down = _local(gate_up_proj), _local(down_proj)
         if gate_up.shape[0] != num_local or down.shape[0] != num_local:
             raise ValueError(
@@ -134,7 +182,7 @@ class ExpertParallelDispatcher:
             )
 
         # 1. Per-expert counts of this rank's assignments (no host sync), exchanged asynchronously: afterwards
-        #    recv_counts[i * L + l] = rows that rank i sends to this rank's local expert l.
+        #    recv_counts[i, l] = rows that rank i sends to this rank's local expert l.
         flat_ids = topk_ids.reshape(-1).long()
         send_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=hidden.device)
         send_counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
@@ -143,20 +191,42 @@ class ExpertParallelDispatcher:
         # 2. Meanwhile, group this rank's token copies by (global) expert: rank j's rows are one contiguous block.
         permuted = moe_permute(hidden, topk_ids, self.num_experts, backend=backend)
         work.wait()
+        send_counts, recv_counts = send_counts.view(ep, num_local), recv_counts.view(ep, num_local).clone()
+        own_counts = send_counts[rank]  # rows of this rank's tokens for its own experts (never exchanged)
+        recv_counts[rank] = 0
+        half = num_local // 2
         # 3. The one host sync of the layer: all_to_all_single needs its split sizes as Python ints.
-        splits = torch.cat([send_counts.view(ep, num_local).sum(1), recv_counts.view(ep, num_local).sum(1)]).tolist()
-        send_splits, recv_splits = splits[:ep], splits[ep:]
-        # 4. Dispatch, then regroup the received rows from (source rank, local expert) order to local expert order.
-        received = all_to_all_rows(permuted.rows, recv_splits, send_splits, self.group)
+        sizes = torch.cat([send_counts.sum(1), recv_counts.sum(1), own_counts[:half].sum().view(1)]).tolist()
+        send_splits, recv_splits, rows_a = sizes[:ep], sizes[ep : 2 * ep], sizes[2 * ep]
+        own_start, own_rows = sum(send_splits[:rank]), send_splits[rank]
+        send_splits[rank] = 0
+        rows = permuted.rows
+        own = rows[own_start : own_start + own_rows]
+
+        # 4. Dispatch the other ranks' rows; meanwhile the first half of the local experts on this rank's rows.
+        remote = torch.cat([rows[:own_start], rows[own_start + own_rows :]])
+        received, dispatch = all_to_all_start(remote, recv_splits, send_splits, self.group)
+        out_a = own[:0]  # with a single local expert there is no first half
+        if half:
+            out_a = expert_ffn(own[:rows_a], _offsets(own_counts[:half]), gate_up[:half], down[:half], backend=backend)
+        received = all_to_all_wait(received, dispatch)
+        # 5. Received rows are ordered (source rank, local expert): regroup by local expert, run, order back.
         local_ids = torch.repeat_interleave(
-            torch.arange(num_local, device=hidden.device).repeat(ep), recv_counts, output_size=sum(recv_splits)
+            torch.arange(num_local, device=hidden.device).repeat(ep),
+            recv_counts.reshape(-1),
+            output_size=sum(recv_splits),
         )
         grouped = moe_permute(received, local_ids[:, None], num_local, backend=backend)
-        # 5. The local experts.
         out_rows = expert_ffn(grouped.rows, grouped.expert_offsets, gate_up, down, backend=backend)
-        # 6. Back to (source rank, local expert) order, back to the source ranks, then weighted sum per token.
-        returned = all_to_all_rows(out_rows.index_select(0, grouped.row_index), send_splits, recv_splits, self.group)
-        return moe_unpermute(returned, permuted.row_index, topk_weights, backend=backend)
+        # 6. Combine: results back to their token's rank; meanwhile the second half of the local experts.
+        returned, combine = all_to_all_start(
+            out_rows.index_select(0, grouped.row_index), send_splits, recv_splits, self.group
+        )
+        out_b = expert_ffn(own[rows_a:], _offsets(own_counts[half:]), gate_up[half:], down[half:], backend=backend)
+        returned = all_to_all_wait(returned, combine)
+        # 7. Rows back in permuted order, then each token's K rows weighted by its router probabilities and summed.
+        out = torch.cat([returned[:own_start], out_a, out_b, returned[own_start:]])
+        return moe_unpermute(out, permuted.row_index, topk_weights, backend=backend)
 
 
 def _experts_modules(model: nn.Module) -> list[tuple[str, Experts]]:
@@ -220,6 +290,7 @@ def shard_experts(model: nn.Module, ps: ParallelState, fsdp_kwargs: dict) -> Non
             kwargs["shard_placement_fn"] = lambda param: Shard(1)
         fully_shard(module, **kwargs)
         module.set_gradient_divide_factor(float(ps.fsdp_size))
-        if ps.device_type == "cpu":
-            # the factor becomes a PREMUL_SUM reduce-scatter, which gloo lacks: sum, then divide
+        if ps.device_type == "cpu" and ps.ep_fsdp_size > 1:
+            # The factor makes FSDP reduce-scatter with PREMUL_SUM, which gloo lacks: sum, then divide instead.
+            # Not on a 1-rank ep_fsdp mesh, which runs no reduce-scatter (and torch 2.13 would divide twice there).
             module.set_force_sum_reduction_for_comms(True)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 NORM_GROUPS_ATTR = "_veofast_norm_groups"
 
@@ -23,7 +24,8 @@ def _reduce_groups(param: torch.Tensor) -> tuple:
     if isinstance(param, DTensor):
         mesh = param.device_mesh
         for dim, placement in enumerate(param.placements):
-            if isinstance(placement, Shard) and mesh.size(dim) > 1:
+            # _StridedShard (FSDP2 over a dim that EP/TP also shards) is no Shard subclass in recent torch
+            if isinstance(placement, (Shard, _StridedShard)) and mesh.size(dim) > 1:
                 groups.append(mesh.get_group(dim))
     groups.extend(getattr(param, NORM_GROUPS_ATTR, ()))
     return tuple(groups)

@@ -18,7 +18,8 @@ Layouts: with ``P`` ranks in the group, ``n`` tokens per rank and ``N = P * n``,
 
 ``mode`` selects how the collectives run: ``"async"`` (overlapped; the default), ``"sync"`` (each all-to-all is
 waited for right after its launch: the no-overlap baseline of the benchmark) or ``"skip"`` (no communication at
-all, a local copy of the same size instead: wrong results, for measuring the computation alone in benchmarks).
+all, the send buffer stands for the received one: wrong results, for measuring the computation alone in
+benchmarks).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ class InFlight:
     def start(self, send: torch.Tensor) -> torch.Tensor:
         assert self.buffer is None, "an InFlight carries one collective at a time"
         send = send.contiguous()
-        recv = torch.empty_like(send)
         if self.mode == "skip":
-            recv.copy_(send)
+            recv = send
         else:
+            recv = torch.empty_like(send)
             self.work = dist.all_to_all_single(recv, send, group=self.group, async_op=self.mode == "async")
         self.buffer = recv
         return recv

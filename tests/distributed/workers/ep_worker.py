@@ -52,7 +52,10 @@ def check_errors(ps) -> list[str]:
 
 
 def _routing(case: str, num_tokens: int, rank: int, generator: torch.Generator) -> torch.Tensor:
-    """``topk_ids (T, 2)`` of 4 experts (ranks 0/1 of an EP pair own experts {0, 1} / {2, 3})."""
+    """``topk_ids (T, 2)`` of 4 experts (ranks 0/1 of an EP pair own experts {0, 1} / {2, 3}), or ``(T, 1)`` of
+    2 experts for ``one_local_expert``."""
+    if case == "one_local_expert":
+        return torch.randint(0, 2, (num_tokens, 1), generator=generator)
     if case == "random":
         return torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(num_tokens)])
     if case == "idle_rank":  # only experts of EP rank 0: EP rank 1 receives no rows
@@ -67,14 +70,16 @@ def _routing(case: str, num_tokens: int, rank: int, generator: torch.Generator) 
 
 def check_dispatch(ps) -> dict:
     """Dispatcher vs reference in float64 for every routing case; uneven token counts per rank."""
-    hidden_size, inter, num_experts, local = 8, 6, 4, 2
+    hidden_size, inter = 8, 6
     group_ranks = [ps.global_rank - ps.ep_rank + i for i in range(EP_SIZE)]
-    dispatcher = ExpertParallelDispatcher(num_experts, ps.ep_group)
     results = {}
-    for case in ("random", "idle_rank", "empty_experts", "all_remote"):
+    for case in ("random", "idle_rank", "empty_experts", "all_remote", "one_local_expert"):
+        num_experts, topk = (2, 1) if case == "one_local_expert" else (4, 2)
+        local = num_experts // EP_SIZE
+        dispatcher = ExpertParallelDispatcher(num_experts, ps.ep_group)
         generator = torch.Generator().manual_seed(7)
-        gate_up = (torch.randn(num_experts, 2 * inter, hidden_size, generator=generator, dtype=torch.float64) * 0.3)
-        down = (torch.randn(num_experts, hidden_size, inter, generator=generator, dtype=torch.float64) * 0.3)
+        gate_up = torch.randn(num_experts, 2 * inter, hidden_size, generator=generator, dtype=torch.float64) * 0.3
+        down = torch.randn(num_experts, hidden_size, inter, generator=generator, dtype=torch.float64) * 0.3
         gate_up.requires_grad_(True)
         down.requires_grad_(True)
         inputs = {}
@@ -82,29 +87,38 @@ def check_dispatch(ps) -> dict:
             tokens = [5, 3, 4, 2][rank]
             hidden = torch.randn(tokens, hidden_size, generator=generator, dtype=torch.float64)
             ids = _routing(case, tokens, rank, generator)
-            weights = torch.rand(tokens, 2, generator=generator, dtype=torch.float64)
+            weights = torch.rand(tokens, topk, generator=generator, dtype=torch.float64)
             grad_out = torch.randn(tokens, hidden_size, generator=generator, dtype=torch.float64)
             inputs[rank] = [hidden.requires_grad_(True), ids, weights.requires_grad_(True), grad_out]
         # reference: the EP group's tokens through the full experts
-        ref_loss = sum((moe_ffn_reference(h, i, w, gate_up, down) * g).sum() for h, i, w, g in
-                       (inputs[r] for r in group_ranks))
+        ref_loss = sum(
+            (moe_ffn_reference(h, i, w, gate_up, down) * g).sum() for h, i, w, g in (inputs[r] for r in group_ranks)
+        )
         ref_loss.backward()
         hidden, ids, weights, grad_out = inputs[ps.global_rank]
-        ref = {"out": moe_ffn_reference(hidden, ids, weights, gate_up, down).detach(),
-               "hidden": hidden.grad.clone(), "weights": weights.grad.clone(),
-               "gate_up": gate_up.grad[ps.ep_rank * local:(ps.ep_rank + 1) * local],
-               "down": down.grad[ps.ep_rank * local:(ps.ep_rank + 1) * local]}
+        ref = {
+            "out": moe_ffn_reference(hidden, ids, weights, gate_up, down).detach(),
+            "hidden": hidden.grad.clone(),
+            "weights": weights.grad.clone(),
+            "gate_up": gate_up.grad[ps.ep_rank * local : (ps.ep_rank + 1) * local],
+            "down": down.grad[ps.ep_rank * local : (ps.ep_rank + 1) * local],
+        }
         hidden.grad = weights.grad = None
         # expert parallel: this rank's slices of the weights
-        local_gate_up = gate_up.detach()[ps.ep_rank * local:(ps.ep_rank + 1) * local].clone().requires_grad_(True)
-        local_down = down.detach()[ps.ep_rank * local:(ps.ep_rank + 1) * local].clone().requires_grad_(True)
+        local_gate_up = gate_up.detach()[ps.ep_rank * local : (ps.ep_rank + 1) * local].clone().requires_grad_(True)
+        local_down = down.detach()[ps.ep_rank * local : (ps.ep_rank + 1) * local].clone().requires_grad_(True)
         out = dispatcher(hidden, ids, weights, local_gate_up, local_down, backend="torch")
         (out * grad_out).sum().backward()
-        got = {"out": out.detach(), "hidden": hidden.grad, "weights": weights.grad, "gate_up": local_gate_up.grad,
-               "down": local_down.grad}
+        got = {
+            "out": out.detach(),
+            "hidden": hidden.grad,
+            "weights": weights.grad,
+            "gate_up": local_gate_up.grad,
+            "down": local_down.grad,
+        }
         errors = torch.tensor([float((got[k] - ref[k]).abs().max()) for k in ref], dtype=torch.float64)
         dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-        results[case] = dict(zip(ref, errors.tolist()))
+        results[case] = dict(zip(ref, errors.tolist(), strict=True))
     return results
 
 
@@ -145,10 +159,16 @@ def train(ps, steps: int) -> list[dict]:
     scheduler = build_lr_scheduler(optimizer, train_steps=10, lr_decay_style="constant")
     results = []
     for step in range(steps):
-        micro_batches = global_batch(step, config.vocab_size)[ps.dp_rank::ps.dp_size]
+        micro_batches = global_batch(step, config.vocab_size)[ps.dp_rank :: ps.dp_size]
         result = train_step(model, micro_batches, optimizer, scheduler, config=config, ps=ps, max_grad_norm=1.0)
-        results.append({"loss": result.loss, "aux_loss": result.aux_loss, "grad_norm": result.grad_norm,
-                        "label_tokens": result.label_tokens})
+        results.append(
+            {
+                "loss": result.loss,
+                "aux_loss": result.aux_loss,
+                "grad_norm": result.grad_norm,
+                "label_tokens": result.label_tokens,
+            }
+        )
     return results
 
 
@@ -156,8 +176,12 @@ def main():
     out_path, tmp_dir, *options = sys.argv[1:]
     opts = dict(o.split("=", 1) for o in options)
     ps = init_parallel_state(ep_size=EP_SIZE, device_type="cpu")
-    report = {"errors": check_errors(ps), "dispatch": check_dispatch(ps), "hf": check_hf(ps, tmp_dir),
-              "train": train(ps, int(opts.get("steps", 3)))}
+    report = {
+        "errors": check_errors(ps),
+        "dispatch": check_dispatch(ps),
+        "hf": check_hf(ps, tmp_dir),
+        "train": train(ps, int(opts.get("steps", 3))),
+    }
     if ps.global_rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f)

@@ -1,0 +1,351 @@
+"""Ulysses sequence parallelism: how much of the all-to-all hides behind compute, and how SP=2 scales.
+
+One 7B-shaped dense decoder layer (hidden 4096, 32 query / 8 KV heads, head_dim 128, FFN 11008, bf16 weights and
+activations, no FSDP) runs forward + backward over 64k packed tokens per SP group (five long documents; they
+straddle the rank boundary). Cases, timed side by side and interleaved round by round:
+
+- ``overlap``: SP=2, all-to-alls asynchronous and overlapped (the default ``comm_mode="async"``);
+- ``sync``: SP=2, every all-to-all waited for right after its launch (no overlap);
+- ``compute``: SP=2 per-rank work with the all-to-alls replaced by local copies (``comm_mode="skip"``);
+- ``comm``: the same all-to-alls alone (q, k, v, output; forward and backward);
+- ``1gpu``: the plain layer on one GPU over the same 64k tokens (every rank runs it alone, no communication);
+- ``1gpu_half``: the plain layer on one GPU over the first half of every document (32k tokens).
+
+Derived: ``hidden% = 1 - (overlap - compute) / (sync - compute)`` (share of the all-to-all time that the overlap
+hides); ``eff = 1gpu / (2 * overlap)``: SP=2 tokens/s over twice one GPU's on the *same* documents (same FLOPs, so
+the quadratic attention term is accounted for); ``eff_half`` compares FLOP/s per GPU against one GPU on the
+half-length documents. A profiler trace of the overlapped case (rank 0) goes to the results directory as
+``ulysses_trace_rank0.json.gz``; from its kernels, ``trace_hidden%`` is the share of NCCL kernel time during which
+a compute kernel ran too. Rank 0 prints a table and appends JSON lines to ``<results>/ulysses.jsonl``.
+
+    torchrun --nproc_per_node=2 bench/ulysses.py [--quick] [--tokens 65536] [--attn-backend auto]
+    torchrun --nproc_per_node=2 bench/ulysses.py --tiny     # CPU / gloo smoke run with a tiny layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for ``bench``; an installed veofast comes first
+
+from bench.common import H200_BF16_TFLOPS, output_dir, print_table, record  # noqa: E402
+from veofast.distributed.parallel_state import init_parallel_state  # noqa: E402
+from veofast.distributed.sequence_parallel import UlyssesAttention, apply_sequence_parallel  # noqa: E402
+from veofast.models.config import DecoderConfig  # noqa: E402
+from veofast.models.decoder import DecoderLayer  # noqa: E402
+from veofast.models.rotary import rotary_frequencies  # noqa: E402
+from veofast.ops import varlen_attention  # noqa: E402
+from veofast.utils.helper import exit_process  # noqa: E402
+
+SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128}
+SHAPE_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16}
+DOC_SHARES = (6, 4, 3, 2, 1)  # five documents: 3/8, 1/4, 3/16, 1/8, 1/16 of the tokens
+logger = logging.getLogger("bench.ulysses")
+
+
+def doc_lengths(tokens: int) -> list[int]:
+    unit = tokens // sum(DOC_SHARES)
+    lengths = [unit * s for s in DOC_SHARES]
+    lengths[0] += tokens - sum(lengths)
+    return lengths
+
+
+def layer_flops(config: DecoderConfig, lengths: list[int]) -> float:
+    """Forward + backward FLOPs of one dense decoder layer over documents of ``lengths`` (causal attention)."""
+    h, d = config.hidden_size, config.head_dim
+    attention = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    params = attention + 3 * h * config.intermediate_size
+    return 6.0 * params * sum(lengths) + 6.0 * config.num_attention_heads * d * sum(n * n for n in lengths)
+
+
+class Inputs:
+    """A packed sequence on ``device``: ``hidden (T, H)``, ``grad (T, H)``, ``positions (T,)``, ``cu_seqlens``."""
+
+    def __init__(self, config: DecoderConfig, lengths: list[int], device, dtype, seed: int = 0):
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        total = sum(lengths)
+        self.hidden = torch.randn(total, config.hidden_size, generator=generator).to(device, dtype)
+        self.grad = torch.randn(total, config.hidden_size, generator=generator).to(device, dtype)
+        self.positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+        self.cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(device=device, dtype=torch.int32)
+        self.max_seqlen = max(lengths)
+
+    def window(self, rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.hidden.shape[0] // size
+        part = slice(rank * n, (rank + 1) * n)
+        return self.hidden[part].clone(), self.positions[part].clone(), self.grad[part].clone()
+
+
+def make_step(layer, hidden, positions, grad, inputs: Inputs, inv_freq, scaling) -> Callable[[], torch.Tensor]:
+    """One forward + backward of ``layer``; parameter and input gradients are dropped first (no accumulation)."""
+    hidden = hidden.detach().requires_grad_(True)
+
+    def step() -> torch.Tensor:
+        for p in layer.parameters():
+            p.grad = None
+        hidden.grad = None
+        out, _ = layer(hidden, positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
+        out.backward(grad)
+        return out
+
+    return step
+
+
+def timed(fn: Callable[[], object], iterations: int, device) -> float:
+    """Wall time of ``iterations`` calls in ms per call, ranks aligned first (CUDA events on a GPU)."""
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iterations):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iterations
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / iterations
+
+
+def all_to_all_alone(config: DecoderConfig, tokens: int, size: int, device, dtype, group) -> Callable[[], None]:
+    """The layer's eight all-to-alls (q, k, v, output; forward and backward), synchronous, on buffers of their size."""
+    n, d = tokens // size, config.head_dim
+    kv = max(config.num_key_value_heads, size)
+    widths = [config.num_attention_heads, kv, kv, config.num_attention_heads] * 2
+    buffers = [torch.randn(size, n, w // size * d, device=device, dtype=dtype) for w in widths]
+    outputs = [torch.empty_like(b) for b in buffers]
+
+    def run() -> None:
+        for send, recv in zip(buffers, outputs, strict=True):
+            dist.all_to_all_single(recv, send, group=group)
+
+    return run
+
+
+def set_mode(layer, mode: str) -> None:
+    for module in layer.modules():
+        if isinstance(module, UlyssesAttention):
+            module.comm_mode = mode
+
+
+def pick_attention_backend(requested: str, device, dtype, head_dim: int) -> tuple[str, str | None]:
+    """``requested``, or ``"torch"`` with the reason when a small ``varlen_attention`` fwd+bwd fails with it."""
+    if requested == "torch":
+        return requested, None
+    try:
+        q = torch.randn(300, 4, head_dim, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(300, 2, head_dim, device=device, dtype=dtype, requires_grad=True)
+        cu = torch.tensor([0, 100, 300], device=device, dtype=torch.int32)
+        varlen_attention(q, k, k, cu, cu, 200, 200, backend=requested).sum().backward()
+        return requested, None
+    except Exception as exc:  # noqa: BLE001 - any failure of the fast path is reported and the reference used
+        reason = f"varlen_attention backend={requested!r} failed ({type(exc).__name__}: {exc}); using 'torch'"
+        logger.warning(reason)
+        return "torch", reason
+
+
+def trace_overlap(trace_path: Path) -> dict:
+    """From a chrome trace: NCCL kernel time, and the share of it during which a non-NCCL kernel also ran."""
+    with gzip.open(trace_path, "rt") as f:
+        events = json.load(f).get("traceEvents", [])
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel" and "dur" in e]
+    comm = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e.get("name", "").lower()]
+    compute = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e.get("name", "").lower())
+    merged: list[list[float]] = []
+    for a, b in compute:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    total = sum(b - a for a, b in comm)
+    covered = sum(max(0.0, min(b, mb) - max(a, ma)) for a, b in comm for ma, mb in merged)
+    return {"trace_nccl_ms": total / 1e3, "trace_hidden%": 100.0 * covered / total if total else None}
+
+
+def write_trace(step: Callable, iterations: int, rank: int, results: Path) -> Path | None:
+    """Profile ``iterations`` steps (every rank runs them; rank 0 records) into ``ulysses_trace_rank0.json.gz``."""
+    dist.barrier()
+    if rank != 0:
+        for _ in range(iterations):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iterations):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / "ulysses_trace_rank0.json.gz"
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return path
+
+
+def run(args) -> list[dict]:
+    tiny = args.tiny
+    device_type = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+    ps = init_parallel_state(dp_size=1, ulysses_size=int(os.environ.get("WORLD_SIZE", "1")), device_type=device_type)
+    rank, size, device = ps.sp_rank, ps.sp_size, ps.device
+    if size < 2:
+        raise SystemExit("bench/ulysses.py: run it under torchrun with --nproc_per_node=2 (or more)")
+    dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
+    tokens = args.tokens if not tiny else 512
+    tokens -= tokens % size
+    shape = SHAPE_TINY if tiny else SHAPE_7B
+    ops_backend = "torch" if device_type == "cpu" else "auto"
+    attn_backend, fallback = pick_attention_backend(
+        "torch" if device_type == "cpu" else args.attn_backend, device, dtype, shape["head_dim"])
+    config = DecoderConfig(model_type="llama", num_hidden_layers=1, vocab_size=32000, ops_backend=ops_backend, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        layer = DecoderLayer(config, 0).to(dtype)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.02)
+    layer.self_attn.backend = attn_backend
+    inv_freq, scaling = rotary_frequencies(config)
+    inv_freq = inv_freq.to(device)
+    sp_layer = apply_sequence_parallel(copy.deepcopy(layer), ps)
+
+    lengths = doc_lengths(tokens)
+    half_lengths = [n // 2 for n in lengths]
+    inputs = Inputs(config, lengths, device, dtype)
+    half = Inputs(config, half_lengths, device, dtype, seed=1)
+    local_hidden, local_positions, local_grad = inputs.window(rank, size)
+    steps = {
+        "sp": make_step(sp_layer, local_hidden, local_positions, local_grad, inputs, inv_freq, scaling),
+        "1gpu": make_step(layer, inputs.hidden, inputs.positions, inputs.grad, inputs, inv_freq, scaling),
+        "1gpu_half": make_step(layer, half.hidden, half.positions, half.grad, half, inv_freq, scaling),
+        "comm": all_to_all_alone(config, tokens, size, device, dtype, ps.sp_group),
+    }
+    base = {"shape": "tiny" if tiny else "7B-layer", "tokens": tokens, "docs": lengths, "sp": size,
+            "attn_backend": attn_backend, "dtype": str(dtype).removeprefix("torch."), "fallback": fallback}
+
+    # correctness: this rank's slice of the SP output against the whole-sequence layer
+    set_mode(sp_layer, "async")
+    with torch.no_grad():
+        n = tokens // size
+        whole, _ = layer(inputs.hidden, inputs.positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
+        part, _ = sp_layer(local_hidden, local_positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
+        ref = whole[rank * n:(rank + 1) * n].float()
+        err = ((part.float() - ref).abs().max() / ref.abs().max()).item()
+        del whole, part, ref
+
+    cases = ["overlap", "sync", "compute", "comm", "1gpu", "1gpu_half"]
+    mode_of = {"overlap": "async", "sync": "sync", "compute": "skip"}
+
+    def call(case: str) -> Callable[[], object]:
+        if case in mode_of:
+            set_mode(sp_layer, mode_of[case])
+            return steps["sp"]
+        return steps[case]
+
+    rounds, per_round = (3, 3) if args.quick else (5, 4)
+    if tiny:
+        rounds, per_round = 2, 2
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    peaks: dict[str, float | None] = {}
+    for case in cases:  # warm-up (Triton compilation and autotuning happen here) and peak memory
+        fn = call(case)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        timed(fn, 2, device)
+        peaks[case] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    for _ in range(rounds):
+        for case in cases:
+            times[case].append(timed(call(case), per_round, device))
+    ms = {c: statistics.median(v) for c, v in times.items()}
+
+    set_mode(sp_layer, "async")
+    trace_info: dict = {}
+    trace_path = write_trace(steps["sp"], 2 if tiny else 3, rank, output_dir())
+    if trace_path is not None:
+        trace_info = {"trace": str(trace_path), **trace_overlap(trace_path)}
+
+    flops_full, flops_half = layer_flops(config, lengths), layer_flops(config, half_lengths)
+    exposed_sync, exposed_overlap = ms["sync"] - ms["compute"], ms["overlap"] - ms["compute"]
+    summary = {
+        "hidden%": 100.0 * (1.0 - exposed_overlap / exposed_sync) if exposed_sync > 0 else None,
+        "hidden%_vs_comm": 100.0 * (1.0 - exposed_overlap / ms["comm"]) if ms["comm"] > 0 else None,
+        "sp_tokens_per_s": tokens / ms["overlap"] * 1e3,
+        "1gpu_tokens_per_s": tokens / ms["1gpu"] * 1e3,
+        "eff": ms["1gpu"] / (size * ms["overlap"]),
+        "eff_half": (flops_full / (size * ms["overlap"])) / (flops_half / ms["1gpu_half"]),
+        "sp_tflops_per_gpu": flops_full / size / ms["overlap"] / 1e9,
+        "sp_mfu%": 100.0 * flops_full / size / ms["overlap"] / 1e9 / H200_BF16_TFLOPS,
+        "max_rel_err": err,
+        "half_docs": half_lengths,
+    }
+    rows = []
+    for case in cases:
+        tok = {"1gpu_half": sum(half_lengths)}.get(case, tokens)
+        flops = {"1gpu": flops_full, "1gpu_half": flops_half, "comm": None}.get(case, flops_full / size)
+        rows.append({**base, "case": case, "ms": ms[case], "ms_all": times[case], "tokens_case": tok,
+                     "tflops_per_gpu": flops / ms[case] / 1e9 if flops else None, "peak_gib": peaks[case]})
+    rows.append({**base, "case": "summary", **summary, **trace_info})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer timed rounds")
+    parser.add_argument("--tiny", action="store_true", help="tiny layer on CPU/gloo (a smoke run of this script)")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per SP group (default 64k)")
+    parser.add_argument("--attn-backend", default="auto", choices=("auto", "triton", "torch"),
+                        help="varlen_attention backend (falls back to 'torch', logged, if it fails)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    code, rank = 0, 0
+    try:
+        rows = run(args)
+        rank = dist.get_rank()
+    except Exception as exc:  # noqa: BLE001 - the failure is recorded, then the process exits non-zero
+        traceback.print_exc()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rows = [{"case": "failed", "error": f"{type(exc).__name__}: {exc}"}]
+        code = 1
+    if rank == 0:
+        for row in rows:
+            record("ulysses", row)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        print(f"\n{device}: one decoder layer fwd+bwd, ms per step on each rank (median of rounds)")
+        print_table([r for r in rows if r.get("case") != "summary"],
+                    ["case", "ms", "tokens_case", "tflops_per_gpu", "peak_gib", "error"])
+        for row in rows:
+            if row.get("case") == "summary":
+                print("\n" + "\n".join(f"{k}: {v}" for k, v in row.items() if k not in ("docs", "dtype")))
+    exit_process(code)
+
+
+if __name__ == "__main__":
+    main()
