@@ -21,12 +21,6 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # compiler missing, headers missing, ...
             warnings.warn(f"veofast: C++ extension veofast._C not built ({exc}); using pure-Python fallbacks.")
 
-    def build_extension(self, ext):
-        try:
-            super().build_extension(ext)
-        except Exception as exc:
-            warnings.warn(f"veofast: C++ extension {ext.name} not built ({exc}); using pure-Python fallbacks.")
-
 
 def extensions():
     try:

@@ -62,6 +62,7 @@ class _Exchange:
     def __init__(self, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup):
         self.output_splits, self.input_splits, self.group = output_splits, input_splits, group
         self.work = None
+        self.grad = None  # the gradient of the exchange's input, filled by the reverse exchange in backward
 
     def launch(self, rows: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
         out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
@@ -85,8 +86,11 @@ class _AllToAllStart(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.exchange.wait()  # ``grad`` is the buffer that the reverse exchange fills
-        return grad, None
+        del grad  # the placeholder passed on by _AllToAllWait.backward
+        exchange = ctx.exchange
+        exchange.wait()
+        grad_rows, exchange.grad = exchange.grad, None
+        return grad_rows, None
 
 
 class _AllToAllWait(torch.autograd.Function):
@@ -101,8 +105,10 @@ class _AllToAllWait(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         exchange = ctx.exchange
-        # not valid until _AllToAllStart.backward, the only consumer, waits for it
-        return exchange.launch(grad, exchange.input_splits, exchange.output_splits), None
+        exchange.grad = exchange.launch(grad, exchange.input_splits, exchange.output_splits)
+        # _AllToAllStart.backward waits for the exchange and returns exchange.grad; ``grad`` (still being read by
+        # the exchange, and left unchanged) only stands in for the gradient of the start's output
+        return grad, None
 
 
 def all_to_all_start(rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> tuple:
