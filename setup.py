@@ -19,14 +19,16 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # compiler missing, headers missing, ...
-            warnings.warn(f"veofast: C++ extension veofast._C not built ({exc}); using pure-Python fallbacks.")
+            message = f"veofast: C++ extension veofast._C not built ({exc}); using pure-Python fallbacks."
+            warnings.warn(message, stacklevel=1)
 
 
 def extensions():
     try:
         from pybind11.setup_helpers import Pybind11Extension
     except ImportError:
-        warnings.warn("veofast: pybind11 not installed; veofast._C not built, using pure-Python fallbacks.")
+        message = "veofast: pybind11 not installed; veofast._C not built, using pure-Python fallbacks."
+        warnings.warn(message, stacklevel=1)
         return []
     sources = sorted(glob.glob("csrc/*.cpp"))
     return [Pybind11Extension("veofast._C", sources, cxx_std=17, extra_compile_args=["-O3"])]

@@ -117,10 +117,13 @@ def make_sdpa_loop(q, k, v, lengths, cu):
     def run(q, k, v):
         outs = [
             F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+                q[a:b].transpose(0, 1),
+                k[a:b].transpose(0, 1),
+                v[a:b].transpose(0, 1),
+                is_causal=True,
                 enable_gqa=True,
             ).transpose(0, 1)
-            for a, b in zip(bounds[:-1], bounds[1:])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
         return torch.cat(outs)
 
@@ -146,37 +149,45 @@ def from_provider_layout(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- runner
+def measure(fn, q, k, v, dout, fwd_flops, repeats, row) -> torch.Tensor:
+    """Time ``fn`` fwd (no grad) and fwd+bwd into ``row``; return its output."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    fwd_bwd = lambda: torch.autograd.grad(fn(*leaves), leaves, dout)
+    with torch.no_grad():
+        out = fn(q, k, v)
+        row["fwd_ms"] = time_ms(lambda: fn(q, k, v), repeats=repeats)
+    row["fwdbwd_ms"] = time_ms(fwd_bwd, repeats=repeats)
+    row["peak_gib"] = peak_extra_gib(fwd_bwd)
+    row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+    row["fwdbwd_tflops"] = 3.5 * fwd_flops / row["fwdbwd_ms"] / 1e9
+    return out
+
+
 def bench_shape(name, lengths, hq, hk, d, repeats, rows):
     total = sum(lengths)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (
-        torch.randn(total, h, d, device="cuda", dtype=DTYPE, generator=gen) for h in (hq, hk, hk, hq)
-    )
+    q, k, v, dout = (torch.randn(total, h, d, device="cuda", dtype=DTYPE, generator=gen) for h in (hq, hk, hk, hq))
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     fwd_flops = 4 * d * hq * sum(n * (n + 1) // 2 for n in lengths)
     outputs = {}
     for provider, make in PROVIDERS.items():
         if provider == "reference" and not name.startswith("small"):
             continue
-        row = {"shape": name, "provider": provider, "tokens": total, "docs": len(lengths), "q_heads": hq,
-               "kv_heads": hk, "head_dim": d, "dtype": str(DTYPE).removeprefix("torch.")}
+        row = {
+            "shape": name,
+            "provider": provider,
+            "tokens": total,
+            "docs": len(lengths),
+            "q_heads": hq,
+            "kv_heads": hk,
+            "head_dim": d,
+            "dtype": str(DTYPE).removeprefix("torch."),
+        }
         try:
             pq, pk, pv, pdout = (to_provider_layout(provider, t) for t in (q, k, v, dout))
-            fn = make(q, k, v, lengths, cu)
-            leaves = [t.detach().requires_grad_() for t in (pq, pk, pv)]
-
-            def fwd_bwd():
-                return torch.autograd.grad(fn(*leaves), leaves, pdout)
-
-            with torch.no_grad():
-                out = from_provider_layout(provider, fn(pq, pk, pv)).float()
-                row["fwd_ms"] = time_ms(lambda: fn(pq, pk, pv), repeats=repeats)
-            row["fwdbwd_ms"] = time_ms(fwd_bwd, repeats=repeats)
-            row["peak_gib"] = peak_extra_gib(fwd_bwd)
-            row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
-            row["fwdbwd_tflops"] = 3.5 * fwd_flops / row["fwdbwd_ms"] / 1e9
+            out = measure(make(q, k, v, lengths, cu), pq, pk, pv, pdout, fwd_flops, repeats, row)
             if provider in ("veofast", "sdpa_loop"):
-                outputs[provider] = out
+                outputs[provider] = from_provider_layout(provider, out).float()
         except Exception as exc:  # report and go on: one provider must not stop the suite
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             traceback.print_exc(limit=2)
@@ -224,8 +235,10 @@ def main() -> None:
     check_no_host_sync(anchor_lengths(), 32, 8, 128)
     print()
     print("ANCHORS.md peers at the anchor (fwd / fwd+bwd TFLOP/s):", PEERS)
-    print_table(rows, ["shape", "provider", "head_dim", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops",
-                       "peak_gib", "error"])
+    print_table(
+        rows,
+        ["shape", "provider", "head_dim", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops", "peak_gib", "error"],
+    )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,15 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-from bench.common import print_table, record
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for ``bench`` when run as python bench/<suite>.py
+
+from bench.common import print_table, record  # noqa: E402
 from veofast.data import build_dataloader, build_iterative_dataset, build_mapping_dataset
 from veofast.data.data_transform import process_pretrain_example
 from veofast.data.packing import cpp_available
@@ -64,9 +67,8 @@ def load_tokenizer():
     here = Path(__file__).resolve().parent.parent / "tokenizers" / "tiny"
     if (here / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(str(here)), "tokenizers/tiny"
-    from transformers import PreTrainedTokenizerFast
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -106,7 +108,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=20_000, help="documents in the synthesized corpus")
     parser.add_argument("--steps", type=int, default=150, help="steps (8192-token micro-batches) timed per config")
+    parser.add_argument("--workers", default="0,2", help="comma-separated dataloader worker counts to time")
+    parser.add_argument("--quick", action="store_true", help="5,000 documents and 50 steps per config")
     args = parser.parse_args()
+    if args.quick:
+        args.docs, args.steps = 5_000, 50
     tokenizer, tokenizer_name = load_tokenizer()
     transform = partial(process_pretrain_example, tokenizer=tokenizer, max_seq_len=4096)
     rows = []
@@ -121,7 +127,7 @@ def main() -> None:
             else:  # the loader alone: samples tokenized beforehand (a custom map-style dataset)
                 mapping = build_mapping_dataset(corpus, transform)
                 dataset = [s for i in range(len(mapping)) for s in mapping[i]]
-            for num_workers in (0, 2):
+            for num_workers in (int(w) for w in args.workers.split(",")):
                 row = {
                     "datasets_type": datasets_type,
                     "num_workers": num_workers,

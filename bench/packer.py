@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from bench.common import print_table, record
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for ``bench`` when run as python bench/<suite>.py
+
+from bench.common import print_table, record  # noqa: E402
 from veofast.data.dynamic_batching import DynamicBatcher
 from veofast.data.packing import cpp_available, pack_sequences
 
@@ -104,7 +108,10 @@ def bench_efficiency(sequences: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sequences", type=int, default=20_000, help="sequences streamed per efficiency run")
+    parser.add_argument("--quick", action="store_true", help="5,000 sequences per efficiency run")
     args = parser.parse_args()
+    if args.quick:
+        args.sequences = 5_000
     speed = bench_speed()
     print("packer speed (sequences/s, one call over n sequences, one core)")
     print_table(speed, ["n", "cpp_seq_per_s", "python_seq_per_s", "speedup"])

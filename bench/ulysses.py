@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import gzip
 import json
 import logging
@@ -212,6 +213,9 @@ def write_trace(step: Callable, iterations: int, rank: int, results: Path) -> Pa
 def run(args) -> list[dict]:
     tiny = args.tiny
     device_type = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=300))
     ps = init_parallel_state(dp_size=1, ulysses_size=int(os.environ.get("WORLD_SIZE", "1")), device_type=device_type)
     rank, size, device = ps.sp_rank, ps.sp_size, ps.device
     if size < 2:
@@ -274,27 +278,46 @@ def run(args) -> list[dict]:
         rounds, per_round = 2, 2
     times: dict[str, list[float]] = {c: [] for c in cases}
     peaks: dict[str, float | None] = {}
+    errors: dict[str, str] = {}
+
+    def attempt(case: str, iterations: int) -> float | None:
+        """Time ``case``; a failure on any rank drops the case on every rank (its error is kept)."""
+        try:
+            result, ok = timed(call(case), iterations, device), 1.0
+        except Exception as exc:  # noqa: BLE001 - recorded per case, the other cases still run
+            errors[case], result, ok = f"{type(exc).__name__}: {exc}"[:500], None, 0.0
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        flag = torch.tensor([ok], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 0.0:
+            errors.setdefault(case, "failed on another rank")
+            return None
+        return result
+
     for case in cases:  # warm-up (Triton compilation and autotuning happen here) and peak memory
-        fn = call(case)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        timed(fn, 2, device)
-        peaks[case] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        if attempt(case, 2) is not None:
+            peaks[case] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     for _ in range(rounds):
         for case in cases:
-            times[case].append(timed(call(case), per_round, device))
-    ms = {c: statistics.median(v) for c, v in times.items()}
+            if case not in errors and (t := attempt(case, per_round)) is not None:
+                times[case].append(t)
+    ms = {c: statistics.median(v) if v else float("nan") for c, v in times.items()}
 
     set_mode(sp_layer, "async")
     trace_info: dict = {}
-    trace_path = write_trace(steps["sp"], 2 if tiny else 3, rank, output_dir())
+    trace_path = None if "overlap" in errors else write_trace(steps["sp"], 2 if tiny else 3, rank, output_dir())
     if trace_path is not None:
         trace_info = {"trace": str(trace_path), **trace_overlap(trace_path)}
 
     flops_full, flops_half = layer_flops(config, lengths), layer_flops(config, half_lengths)
     exposed_sync, exposed_overlap = ms["sync"] - ms["compute"], ms["overlap"] - ms["compute"]
     summary = {
+        "exposed_sync_ms": exposed_sync,
+        "exposed_overlap_ms": exposed_overlap,
         "hidden%": 100.0 * (1.0 - exposed_overlap / exposed_sync) if exposed_sync > 0 else None,
         "hidden%_vs_comm": 100.0 * (1.0 - exposed_overlap / ms["comm"]) if ms["comm"] > 0 else None,
         "sp_tokens_per_s": tokens / ms["overlap"] * 1e3,
@@ -311,7 +334,8 @@ def run(args) -> list[dict]:
         tok = {"1gpu_half": sum(half_lengths)}.get(case, tokens)
         flops = {"1gpu": flops_full, "1gpu_half": flops_half, "comm": None}.get(case, flops_full / size)
         rows.append({**base, "case": case, "ms": ms[case], "ms_all": times[case], "tokens_case": tok,
-                     "tflops_per_gpu": flops / ms[case] / 1e9 if flops else None, "peak_gib": peaks[case]})
+                     "tflops_per_gpu": flops / ms[case] / 1e9 if flops else None, "peak_gib": peaks.get(case),
+                     "error": errors.get(case)})
     rows.append({**base, "case": "summary", **summary, **trace_info})
     return rows
 

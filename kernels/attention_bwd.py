@@ -19,17 +19,16 @@ from .attention_fwd import LOG2E, _key_block_range, _visible
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr
+    OUT, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr
 ):
     """DELTA[h, t] = sum_d O[t, h, d] * DO[t, h, d] in fp32, for ``BLOCK_T`` tokens of one head."""
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = (rows < total_q)[:, None]
-    o = tl.load(O + rows.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=row_ok, other=0.0)
-    do = tl.load(
-        DO + rows.to(tl.int64)[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok, other=0.0
-    )
+    tokens = rows.to(tl.int64)[:, None]
+    o = tl.load(OUT + tokens * stride_ot + head * stride_oh + offs_d[None, :], mask=row_ok, other=0.0)
+    do = tl.load(DO + tokens * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + head.to(tl.int64) * total_q + rows, delta, mask=rows < total_q)
 
@@ -69,9 +68,28 @@ def _query_block_range(
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_tile, do_tile, lse_ptrs, delta_ptrs, rows, cols, seqlen_q, seqlen_k, off,
-                window_left, window_right, qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_block(
+    dk,
+    dv,
+    k,
+    v,
+    q_tile,
+    do_tile,
+    lse_ptrs,
+    delta_ptrs,
+    rows,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    off,
+    window_left,
+    window_right,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Accumulate one query block into dK, dV (BLOCK_N, HEAD_DIM); transposed scores (BLOCK_N, BLOCK_M).
     ``q_tile``/``do_tile``: (BLOCK_M, HEAD_DIM) pointers, ``lse_ptrs``/``delta_ptrs``: (BLOCK_M,) pointers."""
     if MASKED:
@@ -88,8 +106,9 @@ def _dkdv_block(dk, dv, k, v, q_tile, do_tile, lse_ptrs, delta_ptrs, rows, cols,
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.exp2(s_t - (lse * LOG2E)[None, :])
     if MASKED:
-        keep = _visible(rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
-                        HAS_RIGHT)
+        keep = _visible(
+            rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
+        )
         p_t = tl.where(keep, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -100,12 +119,41 @@ def _dkdv_block(dk, dv, k, v, q_tile, do_tile, lse_ptrs, delta_ptrs, rows, cols,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_q, sm_scale, qk_scale, window_left, window_right, group_size, seqlen_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    CU_Q,
+    CU_K,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    total_q,
+    sm_scale,
+    qk_scale,
+    window_left,
+    window_right,
+    group_size,
+    seqlen_bucket,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one ``BLOCK_N`` key block of one document for one KV head, summed over its query-head group."""
     kv_head = tl.program_id(0)
@@ -130,8 +178,9 @@ def _attn_bwd_dkdv_kernel(
     q_offs = offs_m[:, None] * stride_qt + offs_d[None, :]
     do_offs = offs_m[:, None] * stride_dot + offs_d[None, :]
 
-    b_lo, f_lo, f_hi, b_hi = _query_block_range(n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
-                                                HAS_LEFT, HAS_RIGHT)
+    b_lo, f_lo, f_hi, b_hi = _query_block_range(
+        n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
     for g in range(group_size):
         head = kv_head * group_size + g
         q_head = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
@@ -140,33 +189,111 @@ def _attn_bwd_dkdv_kernel(
         delta_head = DELTA + head.to(tl.int64) * total_q + q_start
         for mb in range(b_lo, f_lo):
             m0 = tl.cast(mb * BLOCK_M, tl.int64)
-            dk, dv = _dkdv_block(dk, dv, k, v, q_head + m0 * stride_qt + q_offs, do_head + m0 * stride_dot + do_offs,
-                                 lse_head + m0 + offs_m, delta_head + m0 + offs_m, mb * BLOCK_M + offs_m, cols,
-                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True, HAS_LEFT,
-                                 HAS_RIGHT, DOT_PRECISION)
+            dk, dv = _dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                q_head + m0 * stride_qt + q_offs,
+                do_head + m0 * stride_dot + do_offs,
+                lse_head + m0 + offs_m,
+                delta_head + m0 + offs_m,
+                mb * BLOCK_M + offs_m,
+                cols,
+                seqlen_q,
+                seqlen_k,
+                off,
+                window_left,
+                window_right,
+                qk_scale,
+                True,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DOT_PRECISION,
+            )
         for mb in range(f_lo, f_hi):
             m0 = tl.cast(mb * BLOCK_M, tl.int64)
-            dk, dv = _dkdv_block(dk, dv, k, v, q_head + m0 * stride_qt + q_offs, do_head + m0 * stride_dot + do_offs,
-                                 lse_head + m0 + offs_m, delta_head + m0 + offs_m, mb * BLOCK_M + offs_m, cols,
-                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, False, HAS_LEFT,
-                                 HAS_RIGHT, DOT_PRECISION)
+            dk, dv = _dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                q_head + m0 * stride_qt + q_offs,
+                do_head + m0 * stride_dot + do_offs,
+                lse_head + m0 + offs_m,
+                delta_head + m0 + offs_m,
+                mb * BLOCK_M + offs_m,
+                cols,
+                seqlen_q,
+                seqlen_k,
+                off,
+                window_left,
+                window_right,
+                qk_scale,
+                False,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DOT_PRECISION,
+            )
         for mb in range(f_hi, b_hi):
             m0 = tl.cast(mb * BLOCK_M, tl.int64)
-            dk, dv = _dkdv_block(dk, dv, k, v, q_head + m0 * stride_qt + q_offs, do_head + m0 * stride_dot + do_offs,
-                                 lse_head + m0 + offs_m, delta_head + m0 + offs_m, mb * BLOCK_M + offs_m, cols,
-                                 seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True, HAS_LEFT,
-                                 HAS_RIGHT, DOT_PRECISION)
+            dk, dv = _dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                q_head + m0 * stride_qt + q_offs,
+                do_head + m0 * stride_dot + do_offs,
+                lse_head + m0 + offs_m,
+                delta_head + m0 + offs_m,
+                mb * BLOCK_M + offs_m,
+                cols,
+                seqlen_q,
+                seqlen_k,
+                off,
+                window_left,
+                window_right,
+                qk_scale,
+                True,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DOT_PRECISION,
+            )
 
-    tl.store(DK + k_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + k_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_ok)
+    tl.store(
+        DK + k_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+        (dk * sm_scale).to(DK.dtype.element_ty),
+        mask=col_ok,
+    )
+    tl.store(
+        DV + k_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok,
+    )
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, k_tile, v_tile, rows, cols, seqlen_q, seqlen_k, off, window_left,
-              window_right, qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+def _dq_block(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_tile,
+    v_tile,
+    rows,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    off,
+    window_left,
+    window_right,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Accumulate one key block (``k_tile``/``v_tile``: (BLOCK_N, HEAD_DIM) pointers) into dQ (BLOCK_M, HEAD_DIM);
     ``lse2`` is the LSE in log2 units."""
     if MASKED:
@@ -178,8 +305,9 @@ def _dq_block(dq, q, do, lse2, delta, k_tile, v_tile, rows, cols, seqlen_q, seql
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
-        keep = _visible(rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
-                        HAS_RIGHT)
+        keep = _visible(
+            rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
+        )
         p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -189,11 +317,38 @@ def _dq_block(dq, q, do, lse2, delta, k_tile, v_tile, rows, cols, seqlen_q, seql
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-    total_q, sm_scale, qk_scale, window_left, window_right, group_size, seqlen_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    CU_Q,
+    CU_K,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    total_q,
+    sm_scale,
+    qk_scale,
+    window_left,
+    window_right,
+    group_size,
+    seqlen_bucket,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one ``BLOCK_M`` query block of one document for one query head."""
     head = tl.program_id(0)
@@ -215,13 +370,15 @@ def _attn_bwd_dq_kernel(
     row_ok = rows < seqlen_q
     q_rows = q_start.to(tl.int64) + rows
     q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
+    do = tl.load(
+        DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
     lse2 = tl.load(LSE + head.to(tl.int64) * total_q + q_rows, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + head.to(tl.int64) * total_q + q_rows, mask=row_ok, other=0.0)
 
-    b_lo, f_lo, f_hi, b_hi = _key_block_range(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
-                                              HAS_LEFT, HAS_RIGHT)
+    b_lo, f_lo, f_hi, b_hi = _key_block_range(
+        m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
     k_head = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_head = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
     k_offs = offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -229,19 +386,76 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for nb in range(b_lo, f_lo):
         n0 = tl.cast(nb * BLOCK_N, tl.int64)
-        dq = _dq_block(dq, q, do, lse2, delta, k_head + n0 * stride_kt + k_offs, v_head + n0 * stride_vt + v_offs, rows,
-                       nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True,
-                       HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_head + n0 * stride_kt + k_offs,
+            v_head + n0 * stride_vt + v_offs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
     for nb in range(f_lo, f_hi):
         n0 = tl.cast(nb * BLOCK_N, tl.int64)
-        dq = _dq_block(dq, q, do, lse2, delta, k_head + n0 * stride_kt + k_offs, v_head + n0 * stride_vt + v_offs, rows,
-                       nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, False,
-                       HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_head + n0 * stride_kt + k_offs,
+            v_head + n0 * stride_vt + v_offs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            False,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
     for nb in range(f_hi, b_hi):
         n0 = tl.cast(nb * BLOCK_N, tl.int64)
-        dq = _dq_block(dq, q, do, lse2, delta, k_head + n0 * stride_kt + k_offs, v_head + n0 * stride_vt + v_offs, rows,
-                       nb * BLOCK_N + offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, True,
-                       HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_head + n0 * stride_kt + k_offs,
+            v_head + n0 * stride_vt + v_offs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
 
-    tl.store(DQ + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        DQ + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )

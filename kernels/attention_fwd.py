@@ -67,9 +67,26 @@ def _key_block_range(
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, seqlen_q, seqlen_k, off, window_left, window_right,
-               qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+def _fwd_block(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    rows,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    off,
+    window_left,
+    window_right,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One online-softmax step over one key block (``k_ptrs``/``v_ptrs``: (BLOCK_N, HEAD_DIM) pointers).
     ``rows``: (BLOCK_M,), ``cols``: (BLOCK_N,) document-local indices."""
     if MASKED:
@@ -80,8 +97,9 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, seqlen_q, seqlen_k,
         v = tl.load(v_ptrs)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        keep = _visible(rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
-                        HAS_RIGHT)
+        keep = _visible(
+            rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
+        )
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: keep p = 0, not NaN
@@ -101,7 +119,7 @@ def _attn_fwd_kernel(
     Q,
     K,
     V,
-    O,
+    OUT,
     LSE,
     CU_Q,
     CU_K,
@@ -126,7 +144,7 @@ def _attn_fwd_kernel(
     HAS_RIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """O = softmax(Q K^T * scale) V per document and head; LSE (num_q_heads, total_q) fp32, natural log,
+    """OUT = softmax(Q K^T * scale) V per document and head; LSE (num_q_heads, total_q) fp32, natural log,
     +inf for a query that sees no key (its output row is 0). ``seqlen_bucket`` only keys the autotuner."""
     head = tl.program_id(0)
     doc = tl.program_id(1)
@@ -148,8 +166,9 @@ def _attn_fwd_kernel(
     q_rows = q_start.to(tl.int64) + rows
     q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    b_lo, f_lo, f_hi, b_hi = _key_block_range(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
-                                              HAS_LEFT, HAS_RIGHT)
+    b_lo, f_lo, f_hi, b_hi = _key_block_range(
+        m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
     k_first = k_start.to(tl.int64) + b_lo * BLOCK_N
     k_ptrs = K + k_first * stride_kt + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + k_first * stride_vt + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
@@ -158,25 +177,81 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for nb in range(b_lo, f_lo):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
-                                   off, window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_block(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     for nb in range(f_lo, f_hi):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
-                                   off, window_left, window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT,
-                                   DOT_PRECISION)
+        acc, l_i, m_i = _fwd_block(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            False,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     for nb in range(f_hi, b_hi):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, nb * BLOCK_N + offs_n, seqlen_q, seqlen_k,
-                                   off, window_left, window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_block(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            rows,
+            nb * BLOCK_N + offs_n,
+            seqlen_q,
+            seqlen_k,
+            off,
+            window_left,
+            window_right,
+            qk_scale,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DOT_PRECISION,
+        )
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
-    tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(
+        OUT + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(LSE + head.to(tl.int64) * total_q + q_rows, lse, mask=row_ok)

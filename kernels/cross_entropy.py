@@ -27,7 +27,8 @@ DEFAULT_CHUNK_BYTES = 512 * 2**20
 CHUNK_ROW_MULTIPLE = 128
 MAX_BLOCK_V = 4096
 
-_NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m_old - m_new) free of (-inf) - (-inf) = nan
+# A finite "minus infinity": keeps exp(m_old - m_new) free of (-inf) - (-inf) = nan.
+_NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
 
 
 def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, *, budget_bytes: int | None = None) -> int:

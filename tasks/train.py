@@ -1,4 +1,6 @@
-"""Train a dense or MoE language model: ``torchrun --nproc_per_node=N tasks/train.py configs/moe.yaml [--train.lr 1e-4 ...]``.
+"""Train a dense or MoE language model.
+
+    torchrun --nproc_per_node=N tasks/train.py configs/moe.yaml [--train.lr 1e-4 ...]
 
 The VeOmni layers in order: arguments -> parallel state -> data -> model -> parallelize -> optimizer -> loop.
 Each step takes a list of micro-batches, learns the global label-token count with one all-reduce, and
@@ -22,6 +24,7 @@ from veofast.distributed.parallel_state import get_parallel_state, init_parallel
 from veofast.distributed.torch_parallelize import build_parallelize_model
 from veofast.models import build_foundation_model, build_tokenizer
 from veofast.optim import build_lr_scheduler, build_optimizer
+from veofast.train_step import to_device, train_step
 from veofast.utils.arguments import (
     ArgumentError,
     DataArguments,
@@ -31,7 +34,6 @@ from veofast.utils.arguments import (
     save_args,
     to_dict,
 )
-from veofast.train_step import to_device, train_step
 from veofast.utils.flops import peak_tflops
 from veofast.utils.helper import create_profiler, exit_process, set_seed
 from veofast.utils.logging import get_logger

@@ -21,9 +21,8 @@ SPECIAL_TOKENS = [
 
 def make_tokenizer(chat_template: str | None = None):
     """A byte-level tokenizer (one token per byte, no merges) with the chat special tokens; no download."""
-    from transformers import PreTrainedTokenizerFast
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}

@@ -73,9 +73,8 @@ def test_errors(tokenizer):
 
 
 def test_missing_special_tokens():
-    from transformers import PreTrainedTokenizerFast
-
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()

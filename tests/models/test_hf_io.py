@@ -36,9 +36,8 @@ def _assert_same_as_hf(model, hf) -> None:
 
 
 def _tiny_tokenizer():
-    from transformers import PreTrainedTokenizerFast
-
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<eos>": 1, "a": 2, "b": 3}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

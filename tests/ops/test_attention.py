@@ -77,7 +77,7 @@ def _check_against_reference(lens_q, lens_k, hq, hk, d, dtype, *, causal, window
     fast = _fwd_bwd(varlen_attention, q, k, v, dout, *args, backend="triton", **kw)
     low = _fwd_bwd(varlen_attention_reference, q, k, v, dout, *args, **kw)
     ref = _fwd_bwd(varlen_attention_reference, *(t.double() for t in (q, k, v, dout)), *args, **kw)
-    for name, f, lo, r in zip(("out", "dq", "dk", "dv"), fast, low, ref):
+    for name, f, lo, r in zip(("out", "dq", "dk", "dv"), fast, low, ref, strict=True):
         assert f.dtype == dtype and f.shape == r.shape
         _assert_bound(name, f, lo, r, dtype)
 
@@ -95,8 +95,9 @@ def _check_against_reference(lens_q, lens_k, hq, hk, d, dtype, *, causal, window
 )
 def test_reference_matches_dense_definition(lens_q, lens_k, causal, window_size):
     q, k, v, _ = _inputs(lens_q, lens_k, 4, 2, 8, torch.float64, "cpu")
-    got = varlen_attention_reference(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=causal,
-                                     window_size=window_size)
+    got = varlen_attention_reference(
+        q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=causal, window_size=window_size
+    )
     want = _dense(q, k, v, _cu(lens_q), _cu(lens_k), causal=causal, window_size=window_size)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -129,8 +130,11 @@ def test_custom_op_registration():
 
     q, k, v, _ = _inputs([3, 5], [3, 5], 2, 1, 16, torch.float32, "cpu")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(_fwd_op, (q, k, v, _cu([3, 5]), _cu([3, 5]), 5, 5, 0.25, -1, 0),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        _fwd_op,
+        (q, k, v, _cu([3, 5]), _cu([3, 5]), 5, 5, 0.25, -1, 0),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------- input checks
@@ -170,8 +174,10 @@ def test_bad_inputs_raise(overrides, match, backend):
     "overrides, match",
     [
         (dict(q=torch.randn(7, 4, 24), k=torch.randn(7, 2, 24), v=torch.randn(7, 2, 24)), "head_dim 24"),
-        (dict(q=torch.randn(7, 4, 16).double(), k=torch.randn(7, 2, 16).double(), v=torch.randn(7, 2, 16).double()),
-         "float64"),
+        (
+            dict(q=torch.randn(7, 4, 16).double(), k=torch.randn(7, 2, 16).double(), v=torch.randn(7, 2, 16).double()),
+            "float64",
+        ),
     ],
 )
 def test_triton_rejects_unsupported(overrides, match):
@@ -200,8 +206,13 @@ def test_gpu_causal(dtype, d, hq, hk):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "lens_k, causal, window_size",
-    [(None, False, (-1, -1)), (None, True, (200, -1)), (None, False, (64, 32)),
-     ([5, 40, 90, 128, 7, 200, 1000, 301], True, (-1, -1)), ([5, 40, 90, 128, 7, 200, 1000, 301], False, (-1, -1))],
+    [
+        (None, False, (-1, -1)),
+        (None, True, (200, -1)),
+        (None, False, (64, 32)),
+        ([5, 40, 90, 128, 7, 200, 1000, 301], True, (-1, -1)),
+        ([5, 40, 90, 128, 7, 200, 1000, 301], False, (-1, -1)),
+    ],
     ids=["full", "causal-window200", "window-64-32", "bottom-right-causal", "bottom-right-full"],
 )
 def test_gpu_masks(dtype, lens_k, causal, window_size):
@@ -231,7 +242,7 @@ def test_gpu_torch_compile():
 
     eager = _fwd_bwd(layer, q, k, v, dout)
     compiled = _fwd_bwd(torch.compile(layer, fullgraph=True), q, k, v, dout)
-    for a, b in zip(eager, compiled):
+    for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 

@@ -24,7 +24,7 @@ from .parallel_state import get_parallel_state
 logger = logging.getLogger("veofast.distributed")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_once(message: str) -> None:
     logger.warning(message)
 

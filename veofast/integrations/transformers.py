@@ -284,7 +284,7 @@ def _passthrough_mask(*args, attention_mask: torch.Tensor | None = None, **kwarg
     return attention_mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def register_veofast_attention(name: str = ATTENTION_NAME) -> str:
     """Register ``veofast_attention_forward`` (and its mask function) under ``name`` with transformers' public
     ``AttentionInterface`` / ``AttentionMaskInterface``; returns ``name``. Idempotent."""

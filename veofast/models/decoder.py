@@ -18,8 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from veofast.ops import fused_linear_cross_entropy
 
 from .config import DecoderConfig
-from .layers import MLP, Attention, RMSNorm
 from .init import init_parameter
+from .layers import MLP, Attention, RMSNorm
 from .moe import SparseMoeBlock, expert_init_std, load_balancing_loss
 from .rotary import rotary_frequencies
 
@@ -64,7 +64,8 @@ class DecoderLayer(nn.Module):
         rope_scaling: float,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``hidden (N, H)`` -> ``(hidden (N, H), router_stats (2, E) or None)``."""
-        attn = self.self_attn(self.input_layernorm(hidden), position_ids, cu_seqlens, max_seqlen, inv_freq, rope_scaling)
+        normed = self.input_layernorm(hidden)
+        attn = self.self_attn(normed, position_ids, cu_seqlens, max_seqlen, inv_freq, rope_scaling)
         normed, residual = self.post_attention_layernorm(attn, residual=hidden)
         if self.is_moe:
             out, stats = self.mlp(normed)

@@ -18,7 +18,7 @@ logger = logging.getLogger("veofast.ops")
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None when triton imports, else the reason it does not."""
     try:
@@ -33,7 +33,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_fallback_once(op: str, reason: str) -> None:
     logger.warning("veofast.ops.%s: using the torch reference on CUDA because %s", op, reason)
 

@@ -48,8 +48,10 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     """Shape/dtype/device checks that never read device memory; raises ``ValueError`` naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{_OP}: {name} must be a 3-D tensor (tokens, heads, head_dim), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise ValueError(
+                f"{_OP}: {name} must be a 3-D tensor (tokens, heads, head_dim), got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
         if not t.is_floating_point():
             raise ValueError(f"{_OP}: {name} must be a floating-point tensor, got {t.dtype}")
     if k.shape != v.shape:
@@ -64,27 +66,34 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         raise ValueError(f"{_OP}: num_q_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({k.shape[1]})")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
-            raise ValueError(f"{_OP}: {name} must be a 1-D int32 tensor (num_docs + 1,), got "
-                             f"{(cu.dtype, tuple(cu.shape)) if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+            raise ValueError(
+                f"{_OP}: {name} must be a 1-D int32 tensor (num_docs + 1,), got "
+                f"{(cu.dtype, tuple(cu.shape)) if isinstance(cu, torch.Tensor) else type(cu).__name__}"
+            )
         if cu.device != q.device:
             raise ValueError(f"{_OP}: {name} must be on q's device {q.device}, got {cu.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"{_OP}: cu_seqlens_q and cu_seqlens_k must have the same length (num_docs + 1), got "
-                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+        raise ValueError(
+            f"{_OP}: cu_seqlens_q and cu_seqlens_k must have the same length (num_docs + 1), got "
+            f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"{_OP}: {name} must be a Python int >= 0, got {m!r}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"{_OP}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    ):
         raise ValueError(f"{_OP}: window_size must be a pair of ints >= -1 (-1 = unlimited), got {window_size!r}")
 
 
 def _check_cu_seqlens(cu: torch.Tensor, total: int, max_seqlen: int, name: str, max_name: str) -> list[int]:
     """Check the contents of one ``cu_seqlens`` (one device-to-host copy) and return it as a list."""
     bounds = cu.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if bounds[0] != 0:
         raise ValueError(f"{_OP}: {name} must start at 0, got {bounds[0]}")
     if any(n < 0 for n in lengths):
@@ -128,7 +137,7 @@ def varlen_attention_reference(
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
+    for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:], strict=True):
         len_q, len_k = q1 - q0, k1 - k0
         if len_q == 0:
             continue
@@ -149,8 +158,9 @@ def varlen_attention_reference(
             if left >= 0:
                 mask &= j >= i - left
             blind = ~mask.any(dim=1)  # queries that see no key: unmask them (no NaN), then zero their rows
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask | blind[:, None], scale=scale,
-                                                enable_gqa=gqa)
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=mask | blind[:, None], scale=scale, enable_gqa=gqa
+            )
             od = od.masked_fill(blind[None, :, None], 0.0)
         outs.append(od.transpose(0, 1))
     if not outs:
@@ -171,8 +181,9 @@ def _kernels() -> ModuleType:
         if exc.name != "veofast.kernels":
             raise
     source = Path(__file__).resolve().parents[2] / "kernels"
-    spec = importlib.util.spec_from_file_location("veofast.kernels", source / "__init__.py",
-                                                  submodule_search_locations=[str(source)])
+    spec = importlib.util.spec_from_file_location(
+        "veofast.kernels", source / "__init__.py", submodule_search_locations=[str(source)]
+    )
     if spec is None or not (source / "__init__.py").exists():
         raise ModuleNotFoundError("veofast.kernels is not installed and no kernels/ source directory was found")
     module = importlib.util.module_from_spec(spec)
@@ -195,7 +206,7 @@ def _triton_unsupported(q: torch.Tensor, num_docs: int, max_seqlen_q: int, max_s
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_fallback_once(reason: str) -> None:
     logger.warning("veofast.ops.%s: using the torch reference because %s", _OP, reason)
 
@@ -205,36 +216,92 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("veofast::varlen_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-            window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (out (total_q, Hq, D), lse (Hq, total_q) fp32)."""
     return _kernels().varlen_attention_fwd(
-        _unit_stride(q), _unit_stride(k), _unit_stride(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        softmax_scale=softmax_scale, window_left=window_left, window_right=window_right)
+        _unit_stride(q),
+        _unit_stride(k),
+        _unit_stride(v),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale=softmax_scale,
+        window_left=window_left,
+        window_right=window_right,
+    )
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-              window_right):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((q.shape[1], q.shape[0]),
-                                                                                  dtype=torch.float32)
+def _fwd_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right
+):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (q.shape[1], q.shape[0]), dtype=torch.float32
+    )
 
 
 @torch.library.custom_op("veofast::varlen_attention_bwd", mutates_args=())
-def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-            max_seqlen_k: int, softmax_scale: float, window_left: int,
-            window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dq, dk, dv) shaped like q, k, v."""
     return _kernels().varlen_attention_bwd(
-        _unit_stride(dout), _unit_stride(q), _unit_stride(k), _unit_stride(v), out, lse, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right)
+        _unit_stride(dout),
+        _unit_stride(q),
+        _unit_stride(k),
+        _unit_stride(v),
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale=softmax_scale,
+        window_left=window_left,
+        window_right=window_right,
+    )
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right):
+def _bwd_fake(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    window_left,
+    window_right,
+):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -294,8 +361,18 @@ def varlen_attention(
             _log_fallback_once(reason)
             chosen = "torch"
     if chosen == "torch":
-        return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          causal=causal, softmax_scale=softmax_scale, window_size=window_size)
+        return varlen_attention_reference(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            window_size=window_size,
+        )
     if check_inputs or q.device.type == "cpu":
         _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
         _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
