@@ -83,22 +83,56 @@ PROVIDERS = ("veofast", "veofast-torch", "transformers", "transformers+veofast",
 
 # Llama-3.2-1B-shaped (RoPE without the llama3 scaling: it does not change the cost).
 LLAMA_1B = dict(
-    model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
-    max_position_embeddings=131072, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
 # Qwen3-30B-A3B-shaped, with fewer layers (num_hidden_layers is set per run).
 QWEN3_MOE = dict(
-    model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=4,
-    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-    moe_intermediate_size=768, norm_topk_prob=True, output_router_logits=False, decoder_sparse_step=1,
-    mlp_only_layers=[], tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=40960,
+    model_type="qwen3_moe",
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=4,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+    norm_topk_prob=True,
+    output_router_logits=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=40960,
     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
 )
 
 TABLE_COLUMNS = [
-    "model", "provider", "world_size", "step_ms", "tokens_per_s_per_gpu", "mfu_pct", "peak_gib", "attention_pct",
-    "loss_pct", "moe_pct", "rest_pct", "loss_first", "error",
+    "model",
+    "provider",
+    "world_size",
+    "step_ms",
+    "tokens_per_s_per_gpu",
+    "mfu_pct",
+    "peak_gib",
+    "attention_pct",
+    "loss_pct",
+    "moe_pct",
+    "rest_pct",
+    "loss_first",
+    "error",
 ]
 
 
@@ -190,14 +224,18 @@ def build_veofast(hf: dict, backend: str, batch: Batch, device: torch.device) ->
 
     def loss_fn() -> torch.Tensor:
         out = model(
-            batch.input_ids, batch.labels, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
+            batch.input_ids,
+            batch.labels,
+            position_ids=batch.position_ids,
+            cu_seqlens=batch.cu_seqlens,
             max_seqlen=seq_len,
         )
         return out.loss
 
     precision = (
         f"fp32 master + bf16 compute (FSDP2 mixed precision, {ps.world_size}-rank mesh)"
-        if device.type == "cuda" else "fp32"
+        if device.type == "cuda"
+        else "fp32"
     )
     return Runner(model, optimizer, loss_fn, precision)
 
@@ -254,8 +292,12 @@ def build_transformers(hf: dict, mode: str, batch: Batch, device: torch.device) 
                 from veofast.integrations.transformers import causal_lm_loss
 
                 return causal_lm_loss(
-                    model, batch.input_ids, batch.labels, position_ids=batch.position_ids,
-                    cu_seqlens=batch.cu_seqlens, max_seqlen=batch.seq_len,
+                    model,
+                    batch.input_ids,
+                    batch.labels,
+                    position_ids=batch.position_ids,
+                    cu_seqlens=batch.cu_seqlens,
+                    max_seqlen=batch.seq_len,
                 )
             return model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
 
@@ -423,8 +465,14 @@ def benchmark_provider(
     config = DecoderConfig.from_hf_dict(hf)
     flops = training_flops(config, [seq_len])
     row: dict = {
-        "model": model_name, "provider": provider, "layers": config.num_hidden_layers, "seq_len": seq_len,
-        "world_size": world, "warmup": warmup, "steps": steps, "matmul_params": matmul_params(config),
+        "model": model_name,
+        "provider": provider,
+        "layers": config.num_hidden_layers,
+        "seq_len": seq_len,
+        "world_size": world,
+        "warmup": warmup,
+        "steps": steps,
+        "matmul_params": matmul_params(config),
         "flops_per_seq": flops,
     }
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -525,8 +573,12 @@ def one_gpu_reference(row: dict) -> dict | None:
             except json.JSONDecodeError:
                 continue
             if (
-                r.get("world_size") == 1 and r.get("model") == row["model"] and r.get("provider") == row["provider"]
-                and r.get("seq_len") == row["seq_len"] and r.get("device") == device and not r.get("error")
+                r.get("world_size") == 1
+                and r.get("model") == row["model"]
+                and r.get("provider") == row["provider"]
+                and r.get("seq_len") == row["seq_len"]
+                and r.get("device") == device
+                and not r.get("error")
                 and r.get("tokens_per_s")
             ):
                 best = r
@@ -593,14 +645,25 @@ def main() -> None:
     rows = []
     for model_name, hf, provider in plan:
         if _over_budget(start, budget):
-            row = {"model": model_name, "provider": provider, "world_size": world, "seq_len": args.seq_len,
-                   "error": f"skipped: time budget {budget:.0f} s spent"}
+            row = {
+                "model": model_name,
+                "provider": provider,
+                "world_size": world,
+                "seq_len": args.seq_len,
+                "error": f"skipped: time budget {budget:.0f} s spent",
+            }
             _print(f"note: {model_name} / {provider} skipped: the time budget of {budget:.0f} s is spent")
             rows.append(row)
             continue
         t0 = time.perf_counter()
         row = benchmark_provider(
-            model_name, hf, provider, device=device, seq_len=args.seq_len, warmup=warmup, steps=steps,
+            model_name,
+            hf,
+            provider,
+            device=device,
+            seq_len=args.seq_len,
+            warmup=warmup,
+            steps=steps,
             profile_steps=args.profile_steps,
         )
         row["wall_s"] = time.perf_counter() - t0
@@ -613,16 +676,22 @@ def main() -> None:
             row = record(SUITE, row)
             _print(
                 f"{model_name} / {provider}: "
-                + ", ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
-                            for k in ("step_ms", "tokens_per_s_per_gpu", "mfu_pct", "peak_gib", "loss_first",
-                                      "wall_s", "error") if k in row)
+                + ", ".join(
+                    f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
+                    for k in ("step_ms", "tokens_per_s_per_gpu", "mfu_pct", "peak_gib", "loss_first", "wall_s", "error")
+                    if k in row
+                )
             )
         rows.append(row)
 
-    _print(f"\nwhole training steps, {args.seq_len} tokens per GPU per step, median of {steps} steps; "
-           f"MFU = training_flops / step time / {H200_BF16_TFLOPS} TFLOP/s; split = % of profiled CUDA kernel time")
-    _print("precision: transformers = fp32 master + bf16 autocast; veofast = fp32 master + bf16 compute through "
-           "FSDP2 mixed precision (1-rank mesh on one GPU); all use fused AdamW")
+    _print(
+        f"\nwhole training steps, {args.seq_len} tokens per GPU per step, median of {steps} steps; "
+        f"MFU = training_flops / step time / {H200_BF16_TFLOPS} TFLOP/s; split = % of profiled CUDA kernel time"
+    )
+    _print(
+        "precision: transformers = fp32 master + bf16 autocast; veofast = fp32 master + bf16 compute through "
+        "FSDP2 mixed precision (1-rank mesh on one GPU); all use fused AdamW"
+    )
     if _is_main():
         print_table(rows, TABLE_COLUMNS)
         for row in rows:
@@ -637,8 +706,10 @@ def main() -> None:
                         f"{row['one_gpu_tokens_per_s']:.0f} (target >= {0.95 * world:.2f}x)"
                     )
                 elif not row.get("error"):
-                    print(f"scaling {row['model']}: no 1-GPU row in {output_dir() / 'train.jsonl'} to compare "
-                          "with; run python bench/train.py --quick first")
+                    print(
+                        f"scaling {row['model']}: no 1-GPU row in {output_dir() / 'train.jsonl'} to compare "
+                        "with; run python bench/train.py --quick first"
+                    )
     print(f"total wall time {time.perf_counter() - start:.0f} s") if _is_main() else None
     dist.barrier()
     dist.destroy_process_group()

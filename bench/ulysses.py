@@ -18,7 +18,7 @@ half-length documents. A profiler trace of the overlapped case (rank 0) goes to 
 ``ulysses_trace_rank0.json.gz``; from its kernels, ``trace_hidden%`` is the share of NCCL kernel time during which
 a compute kernel ran too. Rank 0 prints a table and appends JSON lines to ``<results>/ulysses.jsonl``.
 
-    torchrun --nproc_per_node=2 bench/ulysses.py [--quick] [--tokens 65536] [--attn-backend auto]
+    torchrun --nproc_per_node=2 bench/ulysses.py [--quick] [--tokens 65536] [--ops-backend auto]
     torchrun --nproc_per_node=2 bench/ulysses.py --tiny     # CPU / gloo smoke run with a tiny layer
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import gzip
 import json
@@ -51,7 +52,6 @@ from veofast.distributed.sequence_parallel import UlyssesAttention, apply_sequen
 from veofast.models.config import DecoderConfig  # noqa: E402
 from veofast.models.decoder import DecoderLayer  # noqa: E402
 from veofast.models.rotary import rotary_frequencies  # noqa: E402
-from veofast.ops import varlen_attention  # noqa: E402
 from veofast.utils.helper import exit_process  # noqa: E402
 
 SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -149,20 +149,21 @@ def set_mode(layer, mode: str) -> None:
             module.comm_mode = mode
 
 
-def pick_attention_backend(requested: str, device, dtype, head_dim: int) -> tuple[str, str | None]:
-    """``requested``, or ``"torch"`` with the reason when a small ``varlen_attention`` fwd+bwd fails with it."""
-    if requested == "torch":
-        return requested, None
+def pick_ops_backend(config: DecoderConfig, device, dtype) -> tuple[DecoderConfig, str | None]:
+    """``config``, or a copy with ``ops_backend="torch"`` and the reason when a small fwd+bwd of the layer fails."""
+    if config.ops_backend == "torch":
+        return config, None
     try:
-        q = torch.randn(300, 4, head_dim, device=device, dtype=dtype, requires_grad=True)
-        k = torch.randn(300, 2, head_dim, device=device, dtype=dtype, requires_grad=True)
-        cu = torch.tensor([0, 100, 300], device=device, dtype=torch.int32)
-        varlen_attention(q, k, k, cu, cu, 200, 200, backend=requested).sum().backward()
-        return requested, None
-    except Exception as exc:  # noqa: BLE001 - any failure of the fast path is reported and the reference used
-        reason = f"varlen_attention backend={requested!r} failed ({type(exc).__name__}: {exc}); using 'torch'"
+        with torch.device(device):
+            layer = DecoderLayer(config, 0).to(dtype)
+        inputs = Inputs(config, [100, 200], device, dtype)
+        inv_freq = rotary_frequencies(config)[0].to(device)
+        make_step(layer, inputs.hidden, inputs.positions, inputs.grad, inputs, inv_freq, 1.0)()
+        return config, None
+    except Exception as exc:  # noqa: BLE001 - a failing fast path is reported and the torch reference used
+        reason = f"ops_backend={config.ops_backend!r} failed ({type(exc).__name__}: {exc}); using 'torch'"[:500]
         logger.warning(reason)
-        return "torch", reason
+        return dataclasses.replace(config, ops_backend="torch"), reason
 
 
 def trace_overlap(trace_path: Path) -> dict:
@@ -223,11 +224,10 @@ def run(args) -> list[dict]:
     dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
     tokens = args.tokens if not tiny else 512
     tokens -= tokens % size
-    shape = SHAPE_TINY if tiny else SHAPE_7B
-    ops_backend = "torch" if device_type == "cpu" else "auto"
-    attn_backend, fallback = pick_attention_backend(
-        "torch" if device_type == "cpu" else args.attn_backend, device, dtype, shape["head_dim"])
-    config = DecoderConfig(model_type="llama", num_hidden_layers=1, vocab_size=32000, ops_backend=ops_backend, **shape)
+    config = DecoderConfig(model_type="llama", num_hidden_layers=1, vocab_size=32000,
+                           ops_backend="torch" if device_type == "cpu" else args.ops_backend,
+                           **(SHAPE_TINY if tiny else SHAPE_7B))
+    config, fallback = pick_ops_backend(config, device, dtype)
     torch.manual_seed(0)
     with torch.device(device):
         layer = DecoderLayer(config, 0).to(dtype)
@@ -235,7 +235,6 @@ def run(args) -> list[dict]:
         for name, p in layer.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 0.02)
-    layer.self_attn.backend = attn_backend
     inv_freq, scaling = rotary_frequencies(config)
     inv_freq = inv_freq.to(device)
     sp_layer = apply_sequence_parallel(copy.deepcopy(layer), ps)
@@ -252,7 +251,7 @@ def run(args) -> list[dict]:
         "comm": all_to_all_alone(config, tokens, size, device, dtype, ps.sp_group),
     }
     base = {"shape": "tiny" if tiny else "7B-layer", "tokens": tokens, "docs": lengths, "sp": size,
-            "attn_backend": attn_backend, "dtype": str(dtype).removeprefix("torch."), "fallback": fallback}
+            "ops_backend": config.ops_backend, "dtype": str(dtype).removeprefix("torch."), "fallback": fallback}
 
     # correctness: this rank's slice of the SP output against the whole-sequence layer
     set_mode(sp_layer, "async")
@@ -345,8 +344,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer timed rounds")
     parser.add_argument("--tiny", action="store_true", help="tiny layer on CPU/gloo (a smoke run of this script)")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per SP group (default 64k)")
-    parser.add_argument("--attn-backend", default="auto", choices=("auto", "triton", "torch"),
-                        help="varlen_attention backend (falls back to 'torch', logged, if it fails)")
+    parser.add_argument("--ops-backend", default="auto", choices=("auto", "triton", "torch"),
+                        help="backend of the layer's fused ops (falls back to 'torch', logged, if a small run fails)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     code, rank = 0, 0

@@ -104,8 +104,12 @@ def test_packed_documents_attend_only_within_themselves():
     with torch.no_grad():
         expected = torch.cat([ref(input_ids=ids).logits for ids in input_ids.split(lengths, dim=1)], dim=1)
         packed = swapped(
-            input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-            max_length_q=8, max_length_k=8,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=8,
+            max_length_k=8,
         ).logits
         from_positions = swapped(input_ids=input_ids, position_ids=position_ids).logits
     assert _max_diff(packed, expected) <= TOL
@@ -115,7 +119,8 @@ def test_packed_documents_attend_only_within_themselves():
     labels[0, 5] = -100  # the second document's first token is not predicted from the first document
     loss = causal_lm_loss(swapped, input_ids, labels, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=8)
     with torch.no_grad():
-        doc_sums = [ref(input_ids=ids, labels=ids).loss * (n - 1) for ids, n in zip(input_ids.split(lengths, 1), lengths)]
+        docs = zip(input_ids.split(lengths, dim=1), lengths)
+        doc_sums = [ref(input_ids=ids, labels=ids).loss * (n - 1) for ids, n in docs]
     assert abs(loss.item() - (sum(doc_sums) / (sum(lengths) - 2)).item()) <= TOL
 
 

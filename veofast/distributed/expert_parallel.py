@@ -28,12 +28,15 @@ Forward of one MoE layer (``ExpertParallelDispatcher``, installed as ``Experts.d
    ``all_to_all_single`` (NCCL and gloo take host-side split lists), so the send and receive counts per rank
    come to the host in one ``.tolist()``. This is the only host-device sync; it is unavoidable for EP > 1 with
    this collective API.
-4. ``all_to_all_single`` of the rows (uneven splits). Received rows are ordered by (source rank, local expert);
-   ``moe_permute`` with K=1 regroups them by local expert (stable, so each expert's rows stay in source order).
-5. ``expert_ffn`` on the local experts (grouped GEMMs).
-6. Rows back to (source rank, local expert) order, the reverse all-to-all, then ``moe_unpermute`` weights each
-   row by its router probability and sums each token's K rows.
-The all-to-alls are an autograd function whose backward is the reverse all-to-all.
+4. ``all_to_all_single`` of the rows for other ranks' experts (uneven splits; rows for this rank's own experts
+   never enter it), overlapped with the FFN of the first half of the local experts on this rank's own rows.
+5. Received rows are ordered by (source rank, local expert); ``moe_permute`` with K=1 regroups them by local
+   expert (stable), ``expert_ffn`` runs the local experts on them, and they go back to (source, expert) order.
+6. The reverse all-to-all, overlapped with the second half of the local experts on this rank's own rows; then
+   ``moe_unpermute`` weights each row by its router probability and sums each token's K rows.
+The all-to-alls are a pair of autograd functions (start / wait): the backward of the wait launches the reverse
+exchange of the gradient and the backward of the start waits for it, so (autograd runs later-created nodes
+first) the backward of the work done between them in forward overlaps the gradient exchange.
 
 Load-balancing loss: the router statistics stay per rank (each rank's aux loss covers its own tokens, and the
 training step averages it over micro-batches and ranks), as with EP=1 and plain data parallelism; a

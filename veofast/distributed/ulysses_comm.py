@@ -89,7 +89,7 @@ class _Wait(torch.autograd.Function):
     def forward(ctx, recv: torch.Tensor, flight: InFlight) -> torch.Tensor:
         ctx.flight = flight
         result = flight.finish()
-        assert result is recv, "_Wait must follow the _Launch of the same InFlight"
+        assert result.data_ptr() == recv.data_ptr(), "_Wait must follow the _Launch of the same InFlight"
         return recv
 
     @staticmethod
@@ -100,7 +100,7 @@ class _Wait(torch.autograd.Function):
 def launch_heads_to_sequence(x: torch.Tensor, flight: InFlight) -> torch.Tensor:
     """Start moving ``x (n, heads, d)`` (this rank's tokens) to head-sharded layout; returns the in-flight buffer
     ``(P, n, heads / P * d)`` to pass to ``wait_heads_to_sequence``. ``heads`` must be divisible by ``P``."""
-    size = _group_size(flight)
+    size = dist.get_world_size(flight.group)
     n, heads, d = x.shape
     assert heads % size == 0, f"{heads} heads do not split over {size} ranks"
     send = x.reshape(n, size, heads // size * d).transpose(0, 1)
@@ -111,10 +111,6 @@ def wait_heads_to_sequence(in_flight: torch.Tensor, flight: InFlight, head_dim: 
     """Wait for ``launch_heads_to_sequence``; returns ``(N, heads / P, d)``: all tokens, this rank's heads."""
     size, n, cols = in_flight.shape
     return _Wait.apply(in_flight, flight).view(size * n, cols // head_dim, head_dim)
-
-
-def _group_size(flight: InFlight) -> int:
-    return dist.get_world_size(flight.group)
 
 
 class _AllToAllLinear(torch.autograd.Function):

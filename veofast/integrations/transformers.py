@@ -166,7 +166,10 @@ def _same_ref(ref, obj) -> bool:
 
 
 def _document_layout(
-    batch: int, seq_len: int, device: torch.device, position_ids: torch.Tensor | None,
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+    position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, int]:
     """``(cu_seqlens (docs + 1,) int32, max_seqlen)`` over the flattened ``(batch * seq_len)`` tokens.
@@ -272,7 +275,15 @@ def veofast_attention_forward(
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     out = varlen_attention(
-        q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scaling,
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal=causal,
+        softmax_scale=scaling,
         backend=getattr(module, "veofast_ops_backend", "auto"),
     )
     return out.view(batch, seq_len, num_heads, head_dim), None
