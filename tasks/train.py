@@ -21,6 +21,7 @@ import torch.distributed as dist
 from veofast.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from veofast.data import build_data_transform, build_dataloader, build_iterative_dataset, build_mapping_dataset
 from veofast.distributed.parallel_state import get_parallel_state, init_parallel_state
+from veofast.distributed.sequence_parallel import shard_micro_batch
 from veofast.distributed.torch_parallelize import build_parallelize_model
 from veofast.models import build_foundation_model, build_tokenizer
 from veofast.optim import build_lr_scheduler, build_optimizer
@@ -102,14 +103,17 @@ def evaluate(model, make_loader, device, group, num_steps: int) -> float:
     evaluation: the loader is built afresh from its seed)."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
+    ps = get_parallel_state()
     data_iterator = iter(make_loader())
     for _ in range(num_steps):
         for micro_batch in next(data_iterator):
+            if ps.sp_enabled:  # this rank's slice of the sequence, as in training
+                micro_batch = shard_micro_batch(micro_batch, ps.sp_rank, ps.sp_size)
             batch = to_device(micro_batch, device)
             count = batch.pop("num_label_tokens")
             out = model(**batch, num_items_in_batch=1)  # loss = sum over label tokens
             totals += torch.stack([out.lm_loss.double(), torch.tensor(float(count), device=device).double()])
-    dist.all_reduce(totals, group=group)
+    dist.all_reduce(totals, group=group)  # over data and sequence parallel ranks: each counted its own slice
     model.train()
     return (totals[0] / totals[1].clamp(min=1)).item()
 

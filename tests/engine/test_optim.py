@@ -75,3 +75,17 @@ def test_scheduler_errors(kwargs, message):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=message):
         build_lr_scheduler(opt, **{"train_steps": 10, **kwargs})
+
+
+def test_resume_follows_the_new_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    short = build_lr_scheduler(opt, train_steps=4, lr_decay_style="linear")
+    for _ in range(2):
+        opt.step()
+        short.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    longer = build_lr_scheduler(opt2, train_steps=10, lr_decay_style="linear")
+    longer.load_state_dict(short.state_dict())
+    opt2.step()
+    longer.step()
+    assert longer.last_epoch == 3 and longer.get_last_lr()[0] == pytest.approx(0.7)

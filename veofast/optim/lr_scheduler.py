@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,16 +27,6 @@ def lr_multiplier(
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-class _Multiplier:
-    """A picklable schedule function (LambdaLR stores plain objects' state in its state_dict)."""
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-    def __call__(self, step: int) -> float:
-        return lr_multiplier(step, **self.kwargs)
-
-
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     train_steps: int,
@@ -58,8 +49,10 @@ def build_lr_scheduler(
         raise ValueError(f"build_lr_scheduler: lr_min {lr_min} is above the peak lr {peak}")
     warmup = int(lr_warmup_ratio * train_steps)
     decay = max(1, int(lr_decay_ratio * (train_steps - warmup)))
-    schedule = _Multiplier(
-        train_steps=train_steps, warmup_steps=warmup, decay_steps=decay, style=lr_decay_style,
+    # A partial, not an object with state: the scheduler's state_dict then holds only the step count, so a run
+    # resumed with a changed schedule (say a larger max_steps) follows the new schedule from where it was.
+    schedule = functools.partial(
+        lr_multiplier, train_steps=train_steps, warmup_steps=warmup, decay_steps=decay, style=lr_decay_style,
         min_ratio=lr_min / peak if peak > 0 else 0.0,
     )
     return LambdaLR(optimizer, schedule)
