@@ -4,11 +4,12 @@
 Neither synchronizes with the device: the grids come from ``max_seqlen_*`` and the number of documents, and
 programs past a document's end exit at once. Every output element is written by exactly one program (no atomics),
 so the autotuner can re-run a kernel freely. Configs are tuned per head dim, dtype, window flags and a power-of-two
-bucket of the longest document; candidates are pruned by an estimate of their shared memory (H200: 227 KB per
-block) and register accumulators. Under ``TRITON_INTERPRET=1`` each kernel runs one small config.
+bucket of the longest document, among a few candidates per head-dim class. Under ``TRITON_INTERPRET=1`` each
+kernel runs one small config.
 
 Supported: fp16/bf16 (tensor-core dots, fp32 accumulation) and fp32 (exact ``ieee`` dots: correct but slow on a
-GPU); head dims 16, 32, 64, 128, 256. The caller (``veofast.ops.attention``) validates the inputs.
+GPU); head dims 16, 32, 64, 128, 256; at most 65535 documents and 65535 * 32 tokens per document (grid
+limits; every config's grid block is at least 32). The caller (``veofast.ops.attention``) validates the inputs.
 """
 
 from __future__ import annotations
@@ -22,73 +23,58 @@ import triton
 from .attention_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .attention_fwd import _attn_fwd_kernel
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_DOCS = 65535  # grid axis 1 limit
-MAX_SEQLEN = 65535 * 32  # grid axis 2 limit times the smallest block
-_SMEM_BUDGET = 180 * 1024
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "seqlen_bucket"]
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class (16 and 32 use the 64 list), picked from sm_90
+# compiles of these kernels: no register spills and shared memory within the H200's 227 KB per block (head dim
+# 256 needs small tiles). fp32 inputs (CUDA-core dots) keep only tiles of at most 64 x 32.
+_FWD_SHAPES = {
+    64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+    256: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+}
+_DKDV_SHAPES = {  # BLOCK_M: queries per step, BLOCK_N: keys per program
+    64: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
+    128: [(32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2), (16, 64, 4, 3), (32, 32, 4, 2)],
+    256: [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)],
+}
+_DQ_SHAPES = {
+    64: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+    128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2)],
+    256: [(64, 32, 4, 3), (64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+}
 
-def _configs(shapes: list[tuple[int, int, int, int]], interpret_shape: tuple[int, int]) -> list[triton.Config]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates, or one small config under the interpreter."""
+
+def _head_dim_class(head_dim: int) -> int:
+    return max(head_dim, 64)
+
+
+def _autotuned(kernel, shapes: dict[int, list[tuple[int, int, int, int]]], interpret_shape: tuple[int, int]):
+    """``kernel`` autotuned over the shapes of its head-dim class, or with one small config under the interpreter."""
     if _INTERPRET:
         bm, bn = interpret_shape
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
-
-
-def _pruner(smem_tiles, acc_tiles):
-    """An ``early_config_prune`` keeping configs whose estimated shared memory and fp32 accumulator registers fit.
-
-    ``smem_tiles(bm, bn, stages)`` and ``acc_tiles(bm, bn)`` count (rows of head_dim elements) per block.
-    """
+        return triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)], _KEY)(kernel)
+    union = sorted({shape for group in shapes.values() for shape in group})
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
 
     def prune(configs, named_args, **kwargs):
-        head_dim = kwargs["HEAD_DIM"]
-        elsize = named_args["Q"].element_size()
-        kept = []
-        for cfg in configs:
-            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-            if elsize == 4 and bm * bn > 64 * 32:  # fp32 dots run on CUDA cores: small tiles only
-                continue
-            smem = elsize * head_dim * smem_tiles(bm, bn, max(cfg.num_stages, 1))
-            acc_per_thread = head_dim * acc_tiles(bm, bn) / (32 * cfg.num_warps)
-            if smem <= _SMEM_BUDGET and acc_per_thread <= 128:
-                kept.append(cfg)
+        allowed = set(shapes[_head_dim_class(kwargs["HEAD_DIM"])])
+        fp32 = named_args["Q"].element_size() == 4
+        kept = [
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed
+            and not (fp32 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 32)
+        ]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
-    return prune
+    return triton.autotune(configs, _KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_FWD_SHAPES = [
-    (128, 64, 8, 3),
-    (128, 128, 8, 2),
-    (128, 64, 4, 3),
-    (64, 64, 4, 3),
-    (128, 32, 8, 3),
-    (64, 32, 4, 3),
-    (32, 32, 4, 2),
-]
-_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)]
-_DQ_SHAPES = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2)]
-
-_fwd = triton.autotune(
-    configs=_configs(_FWD_SHAPES, (32, 16)),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _pruner(lambda bm, bn, st: bm + 2 * st * bn, lambda bm, bn: bm)},
-)(_attn_fwd_kernel)
-_dkdv = triton.autotune(
-    configs=_configs(_DKDV_SHAPES, (16, 32)),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _pruner(lambda bm, bn, st: 2 * bn + 2 * st * bm, lambda bm, bn: 2 * bn)},
-)(_attn_bwd_dkdv_kernel)
-_dq = triton.autotune(
-    configs=_configs(_DQ_SHAPES, (16, 32)),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _pruner(lambda bm, bn, st: 2 * bm + 2 * st * bn, lambda bm, bn: bm)},
-)(_attn_bwd_dq_kernel)
+_fwd = _autotuned(_attn_fwd_kernel, _FWD_SHAPES, (32, 16))
+_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_SHAPES, (16, 32))
+_dq = _autotuned(_attn_bwd_dq_kernel, _DQ_SHAPES, (16, 32))
 
 
 def _flags(window_left: int, window_right: int, dtype: torch.dtype, max_seqlen: int) -> dict:

@@ -2,13 +2,14 @@
 
 1. ``_attn_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` per query and head, fp32 ``(num_q_heads, total_q)``.
 2. ``_attn_bwd_dkdv_kernel``: one program per (KV head, document, ``BLOCK_N`` key block) loops over the query
-   heads of its GQA group and over the query blocks that see the key block; dK and dV accumulate in registers, so
-   repeated K/V are never materialized and no atomics are needed.
+   heads of its GQA group and over the query blocks that see the key block (fully masked blocks are skipped, the
+   visited ones all go through the mask: see ``_dkdv_block``); dK and dV accumulate in registers, so repeated K/V
+   are never materialized and no atomics are needed.
 3. ``_attn_bwd_dq_kernel``: one program per (query head, document, ``BLOCK_M`` query block), in the forward's
    reverse order, loops over the key blocks it sees.
 
 Both recompute ``P = exp2(S * log2(e) * scale - LSE * log2(e))`` from the saved LSE; ``dS = P * (dP - delta)``.
-Masking and block ranges follow ``attention_fwd``: only blocks on a window edge or a document end are masked.
+Block ranges follow ``attention_fwd``; the dQ kernel masks only blocks on a window edge or a document end.
 """
 
 import triton
@@ -45,26 +46,17 @@ def _query_block_range(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
 ):
-    """Query blocks for the key block starting at ``n0``: ``[b_lo, f_lo)`` masked, ``[f_lo, f_hi)`` unmasked
-    (all rows and columns valid and visible), ``[f_hi, b_hi)`` masked."""
+    """Query blocks ``[b_lo, b_hi)`` that see some key of the key block starting at ``n0``."""
     off = seqlen_k - seqlen_q
     n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
     lo = n0 * 0
     hi = seqlen_q
-    full_lo = n0 * 0
-    full_hi = seqlen_q // BLOCK_M
     if HAS_RIGHT:  # visible iff row >= col - off - window_right
         lo = tl.maximum(n0 - off - window_right, 0)
-        full_lo = tl.cdiv(tl.maximum(n_last - off - window_right, 0), BLOCK_M)
     if HAS_LEFT:  # visible iff row <= col - off + window_left
         hi = tl.minimum(tl.maximum(n_last - off + window_left + 1, 0), seqlen_q)
-        full_hi = tl.minimum(full_hi, tl.maximum(n0 - off + window_left + 1, 0) // BLOCK_M)
-    full_hi = tl.where(n0 + BLOCK_N <= seqlen_k, full_hi, 0)
     b_lo = lo // BLOCK_M
-    b_hi = tl.maximum(tl.cdiv(hi, BLOCK_M), b_lo)
-    f_lo = tl.minimum(tl.maximum(full_lo, b_lo), b_hi)
-    f_hi = tl.minimum(tl.maximum(full_hi, f_lo), b_hi)
-    return b_lo, f_lo, f_hi, b_hi
+    return b_lo, tl.maximum(tl.cdiv(hi, BLOCK_M), b_lo)
 
 
 @triton.jit
@@ -85,31 +77,25 @@ def _dkdv_block(
     window_left,
     window_right,
     qk_scale,
-    MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate one query block into dK, dV (BLOCK_N, HEAD_DIM); transposed scores (BLOCK_N, BLOCK_M).
-    ``q_tile``/``do_tile``: (BLOCK_M, HEAD_DIM) pointers, ``lse_ptrs``/``delta_ptrs``: (BLOCK_M,) pointers."""
-    if MASKED:
-        row_ok = rows < seqlen_q
-        q = tl.load(q_tile, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_tile, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
-    else:
-        q = tl.load(q_tile)
-        do = tl.load(do_tile)
-        lse = tl.load(lse_ptrs)
-        delta = tl.load(delta_ptrs)
+    ``q_tile``/``do_tile``: (BLOCK_M, HEAD_DIM) pointers, ``lse_ptrs``/``delta_ptrs``: (BLOCK_M,) pointers.
+    Always masked: one loop with the mask keeps the kernel within the register file (three loops, as in the
+    forward, made the compiler spill heavily); the mask is a few integer ops per score, the loads are per row."""
+    row_ok = rows < seqlen_q
+    q = tl.load(q_tile, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_tile, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.exp2(s_t - (lse * LOG2E)[None, :])
-    if MASKED:
-        keep = _visible(
-            rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
-        )
-        p_t = tl.where(keep, p_t, 0.0)
+    keep = _visible(
+        rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
+    )
+    p_t = tl.where(keep, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -178,7 +164,7 @@ def _attn_bwd_dkdv_kernel(
     q_offs = offs_m[:, None] * stride_qt + offs_d[None, :]
     do_offs = offs_m[:, None] * stride_dot + offs_d[None, :]
 
-    b_lo, f_lo, f_hi, b_hi = _query_block_range(
+    b_lo, b_hi = _query_block_range(
         n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )
     for g in range(group_size):
@@ -187,7 +173,7 @@ def _attn_bwd_dkdv_kernel(
         do_head = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
         lse_head = LSE + head.to(tl.int64) * total_q + q_start
         delta_head = DELTA + head.to(tl.int64) * total_q + q_start
-        for mb in range(b_lo, f_lo):
+        for mb in range(b_lo, b_hi):
             m0 = tl.cast(mb * BLOCK_M, tl.int64)
             dk, dv = _dkdv_block(
                 dk,
@@ -206,55 +192,6 @@ def _attn_bwd_dkdv_kernel(
                 window_left,
                 window_right,
                 qk_scale,
-                True,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DOT_PRECISION,
-            )
-        for mb in range(f_lo, f_hi):
-            m0 = tl.cast(mb * BLOCK_M, tl.int64)
-            dk, dv = _dkdv_block(
-                dk,
-                dv,
-                k,
-                v,
-                q_head + m0 * stride_qt + q_offs,
-                do_head + m0 * stride_dot + do_offs,
-                lse_head + m0 + offs_m,
-                delta_head + m0 + offs_m,
-                mb * BLOCK_M + offs_m,
-                cols,
-                seqlen_q,
-                seqlen_k,
-                off,
-                window_left,
-                window_right,
-                qk_scale,
-                False,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DOT_PRECISION,
-            )
-        for mb in range(f_hi, b_hi):
-            m0 = tl.cast(mb * BLOCK_M, tl.int64)
-            dk, dv = _dkdv_block(
-                dk,
-                dv,
-                k,
-                v,
-                q_head + m0 * stride_qt + q_offs,
-                do_head + m0 * stride_dot + do_offs,
-                lse_head + m0 + offs_m,
-                delta_head + m0 + offs_m,
-                mb * BLOCK_M + offs_m,
-                cols,
-                seqlen_q,
-                seqlen_k,
-                off,
-                window_left,
-                window_right,
-                qk_scale,
-                True,
                 HAS_LEFT,
                 HAS_RIGHT,
                 DOT_PRECISION,

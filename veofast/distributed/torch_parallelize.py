@@ -95,7 +95,11 @@ def build_parallelize_model(
             _log_once("mixed precision is off on CPU: bf16 compute is only used on CUDA")
         fsdp_kwargs = {"mesh": ps.fsdp_mesh, "reshard_after_forward": enable_full_shard}
         if mixed:
-            fsdp_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # Inputs are not cast: activations are bf16 already (they come out of bf16 weights), and what else
+            # flows between modules in fp32 must stay so (the RoPE frequencies would lose their precision).
+            fsdp_kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
         if enable_fsdp_offload:
             fsdp_kwargs["offload_policy"] = CPUOffloadPolicy()
         if ps.ep_enabled:

@@ -16,9 +16,10 @@ Conventions (flash-attn's ``flash_attn_varlen_func``):
 
 Input checks: shapes, dtypes, devices, head counts and window are checked without touching device memory. The
 contents of ``cu_seqlens`` (start at 0, non-decreasing, end at the token count, longest document
-``<= max_seqlen``) need a device-to-host copy, so they are checked when the tensors are on the CPU, on the torch
-backend (which reads the boundaries anyway), or when ``check_inputs=True``; the Triton path on CUDA trusts them
-otherwise, so that a training step never waits on the host.
+``<= max_seqlen``) need a device-to-host copy, so they are checked on the torch backend (which reads the
+boundaries anyway), when ``check_inputs=True``, and on the Triton path when the tensors are on the CPU (except
+while torch.compile traces, where a data-dependent check would break the graph); the Triton path on CUDA trusts
+them otherwise, so that a training step never waits on the host.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
         )
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)) or m < 0:
             raise ValueError(f"{_OP}: {name} must be a Python int >= 0, got {m!r}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"{_OP}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
@@ -172,37 +173,40 @@ def varlen_attention_reference(
 def _kernels() -> ModuleType:
     """The Triton launchers, imported on first use (the torch path never imports triton).
 
-    ``veofast.kernels`` is ``kernels/`` installed under veofast (setup.py); in a source checkout that was not
-    pip-installed it is loaded from ``kernels/`` next to ``veofast/``.
+    ``veofast.kernels`` is ``kernels/`` installed under veofast (setup.py). In a source checkout (``setup.py`` and
+    ``kernels/`` next to ``veofast/``) this tree's ``kernels/`` is loaded as ``veofast.kernels``, so that an
+    installed copy elsewhere never shadows the code being edited.
     """
-    try:
-        return importlib.import_module("veofast.kernels.attention")
-    except ModuleNotFoundError as exc:
-        if exc.name != "veofast.kernels":
-            raise
-    source = Path(__file__).resolve().parents[2] / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "veofast.kernels", source / "__init__.py", submodule_search_locations=[str(source)]
-    )
-    if spec is None or not (source / "__init__.py").exists():
-        raise ModuleNotFoundError("veofast.kernels is not installed and no kernels/ source directory was found")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["veofast.kernels"] = module
-    spec.loader.exec_module(module)
+    if "veofast.kernels" not in sys.modules:
+        checkout = Path(__file__).resolve().parents[2]
+        source = checkout / "kernels"
+        if (checkout / "setup.py").is_file() and (source / "__init__.py").is_file():
+            spec = importlib.util.spec_from_file_location(
+                "veofast.kernels", source / "__init__.py", submodule_search_locations=[str(source)]
+            )
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["veofast.kernels"] = module
+            spec.loader.exec_module(module)
     return importlib.import_module("veofast.kernels.attention")
+
+
+# What the Triton kernels take (kernels/attention.py); the grid limits 65535 documents and 65535 blocks of 32.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+_TRITON_MAX_DOCS = 65535
+_TRITON_MAX_SEQLEN = 65535 * 32
 
 
 def _triton_unsupported(q: torch.Tensor, num_docs: int, max_seqlen_q: int, max_seqlen_k: int) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None."""
-    kernels = _kernels()
-    if q.dtype not in kernels.SUPPORTED_DTYPES:
-        return f"q.dtype {q.dtype} is not one of {kernels.SUPPORTED_DTYPES}"
-    if q.shape[2] not in kernels.SUPPORTED_HEAD_DIMS:
-        return f"head_dim {q.shape[2]} is not one of {kernels.SUPPORTED_HEAD_DIMS}"
-    if num_docs > kernels.MAX_DOCS:
-        return f"cu_seqlens_q holds {num_docs} documents, more than {kernels.MAX_DOCS}"
-    if max(max_seqlen_q, max_seqlen_k) > kernels.MAX_SEQLEN:
-        return f"max_seqlen ({max(max_seqlen_q, max_seqlen_k)}) is above {kernels.MAX_SEQLEN}"
+    if q.dtype not in _TRITON_DTYPES:
+        return f"q.dtype {q.dtype} is not one of {_TRITON_DTYPES}"
+    if q.shape[2] not in _TRITON_HEAD_DIMS:
+        return f"head_dim {q.shape[2]} is not one of {_TRITON_HEAD_DIMS}"
+    if num_docs > _TRITON_MAX_DOCS:
+        return f"cu_seqlens_q holds {num_docs} documents, more than {_TRITON_MAX_DOCS}"
+    if max(max_seqlen_q, max_seqlen_k) > _TRITON_MAX_SEQLEN:
+        return f"max_seqlen ({max(max_seqlen_q, max_seqlen_k)}) is above {_TRITON_MAX_SEQLEN}"
     return None
 
 
@@ -373,7 +377,7 @@ def varlen_attention(
             softmax_scale=softmax_scale,
             window_size=window_size,
         )
-    if check_inputs or q.device.type == "cpu":
+    if check_inputs or (q.device.type == "cpu" and not torch.compiler.is_compiling()):
         _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
         _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
     left, right = _window(causal, tuple(window_size))
