@@ -93,7 +93,8 @@ def build_parallelize_model(
         mixed = enable_mixed_precision and ps.device_type == "cuda"
         if enable_mixed_precision and not mixed:
             _log_once("mixed precision is off on CPU: bf16 compute is only used on CUDA")
-        fsdp_kwargs = {"mesh": ps.fsdp_mesh, "reshard_after_forward": enable_full_shard}
+        # With one shard there is nothing to free by resharding, so parameters stay gathered after forward.
+        fsdp_kwargs = {"mesh": ps.fsdp_mesh, "reshard_after_forward": enable_full_shard and ps.fsdp_size > 1}
         if mixed:
             # Inputs are not cast: activations are bf16 already (they come out of bf16 weights), and what else
             # flows between modules in fp32 must stay so (the RoPE frequencies would lose their precision).

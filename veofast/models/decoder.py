@@ -40,6 +40,10 @@ class CausalLMOutput:
         return getattr(self, key)
 
 
+# A pytree node, like transformers' ModelOutput: FSDP2 finds the loss in it to hook the root's backward.
+torch.utils._pytree.register_dataclass(CausalLMOutput)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
 
