@@ -109,7 +109,13 @@ def build_parallelize_model(
             shard_experts(model, ps, fsdp_kwargs)
         for module in _wrap_classes(model, basic_modules):
             fully_shard(module, **fsdp_kwargs)
-        fully_shard(model, **fsdp_kwargs)
+        root_kwargs = dict(fsdp_kwargs)
+        if fsdp_kwargs["reshard_after_forward"]:
+            # torch's default for the root: keep its parameters (embeddings, final norm, LM head) gathered after
+            # forward. An explicit True would free them, and the fused loss, which reads lm_head.weight in its
+            # own backward, would then touch freed memory.
+            del root_kwargs["reshard_after_forward"]
+        fully_shard(model, **root_kwargs)
         if on_meta:
             model.to_empty(device="cpu" if enable_fsdp_offload else device)
             materialize_model(model, seed=seed)
