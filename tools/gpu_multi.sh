@@ -14,7 +14,7 @@ T0=$(date +%s)
 (
   export CUDA_VISIBLE_DEVICES=1
   for backend in auto torch; do
-    timeout 200 torchrun --nproc_per_node=1 tasks/train.py configs/moe.yaml --train.max_steps 200 --train.save_steps 0 \
+    timeout 200 torchrun --nproc_per_node=1 --master_port=29611 tasks/train.py configs/moe.yaml --train.max_steps 200 --train.save_steps 0 \
       --train.eval_steps 100 --model.ops_backend $backend --train.output_dir /tmp/lc_$backend; echo "lc $backend rc=$?"
   done
   python3 tools/compare_loss_curves.py /tmp/lc_auto/metrics.jsonl /tmp/lc_torch/metrics.jsonl \
@@ -22,7 +22,8 @@ T0=$(date +%s)
 ) > "$OUT/loss.log" 2>&1 &
 (
   export CUDA_VISIBLE_DEVICES=2,3
-  run2() { echo "=== $*"; timeout "$1" torchrun --nproc_per_node=2 "${@:2}"; echo "rc=$?"; }
+  # concurrent torchruns need distinct rendezvous ports
+  run2() { echo "=== $*"; timeout "$1" torchrun --nproc_per_node=2 --master_port=29622 "${@:2}"; echo "rc=$?"; }
   run2 150 bench/moe_ep.py --repeats 10
   run2 150 bench/ulysses.py --quick
   run2 150 bench/train.py --fsdp --models dense,moe --steps 8
