@@ -23,7 +23,10 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300, env: d
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
         f"--master_port={free_port()}", script, *args,
     ]
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
+    # the checkout under test comes first, whatever checkout an editable install of veofast points at
+    pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath,
+                **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

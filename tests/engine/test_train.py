@@ -44,7 +44,8 @@ def test_train_kill_and_resume(tmp_path):
 
     # a run killed (SIGKILL, whole process group) once its step-4 checkpoint is complete ...
     killed = tmp_path / "killed"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(train_command(killed), cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "global_step_4" / "COMPLETE"

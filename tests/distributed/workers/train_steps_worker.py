@@ -12,6 +12,7 @@ import json
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from veofast.distributed.parallel_state import init_parallel_state
 from veofast.distributed.torch_parallelize import build_parallelize_model
@@ -77,9 +78,26 @@ def main():
         result = train_step(model, micro_batches, optimizer, scheduler, config=config, ps=ps, max_grad_norm=1.0)
         results.append({"loss": result.loss, "aux_loss": result.aux_loss, "grad_norm": result.grad_norm,
                         "label_tokens": result.label_tokens})
+    if ps.dp_mode == "fsdp2" and ps.fsdp_size > 1 and not ps.sp_enabled and not ps.ep_enabled:
+        results.append(gathered_after_forward(model, global_batch(0, config.vocab_size)[share]))
     if ps.global_rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+
+
+def gathered_after_forward(model, micro_batch: dict) -> dict:
+    """Which parameters FSDP2 left gathered (plain tensors) after a forward: the root's must be, because the
+    fused loss reads lm_head.weight in its backward; ZeRO-3 layers must not be."""
+    micro_batch = {k: v for k, v in micro_batch.items() if k != "num_label_tokens"}
+    model(**micro_batch).loss.backward()  # completes the step so FSDP's state is clean again
+    model.zero_grad(set_to_none=True)
+    output = model(**micro_batch)
+    state = {
+        "root_gathered": not isinstance(model.lm_head.weight, DTensor),
+        "layer_gathered": not isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor),
+    }
+    output.loss.backward()
+    return state
 
 
 if __name__ == "__main__":
