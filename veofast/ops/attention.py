@@ -29,8 +29,6 @@ import importlib
 import importlib.util
 import logging
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -171,22 +169,8 @@ def varlen_attention_reference(
 
 # ---------------------------------------------------------------------------------------------------- triton path
 def _kernels() -> ModuleType:
-    """The Triton launchers, imported on first use (the torch path never imports triton).
-
-    ``veofast.kernels`` is ``kernels/`` installed under veofast (setup.py). In a source checkout (``setup.py`` and
-    ``kernels/`` next to ``veofast/``) this tree's ``kernels/`` is loaded as ``veofast.kernels``, so that an
-    installed copy elsewhere never shadows the code being edited.
-    """
-    if "veofast.kernels" not in sys.modules:
-        checkout = Path(__file__).resolve().parents[2]
-        source = checkout / "kernels"
-        if (checkout / "setup.py").is_file() and (source / "__init__.py").is_file():
-            spec = importlib.util.spec_from_file_location(
-                "veofast.kernels", source / "__init__.py", submodule_search_locations=[str(source)]
-            )
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["veofast.kernels"] = module
-            spec.loader.exec_module(module)
+    """The Triton launchers (``kernels/attention.py``, installed as ``veofast.kernels``), imported on first use so
+    the torch path never imports triton."""
     return importlib.import_module("veofast.kernels.attention")
 
 
