@@ -82,3 +82,4 @@ def test_profiler_writes_trace(tmp_path):
     assert os.path.getsize(tmp_path / "trace_rank0.json") > 0
     with pytest.raises(ValueError, match="start_step"):
         create_profiler(start_step=3, end_step=2, trace_dir=str(tmp_path))
+

@@ -86,7 +86,7 @@ def build_parallelize_model(
         apply_sequence_parallel(model, ps)
     if enable_compile:
         for layer in _wrap_classes(model, None):
-            layer.compile()
+            layer.compile(dynamic=True)  # packed batches change length every step: no recompiles
 
     device = ps.device
     if ps.dp_mode == "fsdp2":
