@@ -76,6 +76,7 @@ def train_step(
     # Each rank's loss is its token-loss sum over the global count; FSDP / DDP average gradients over the
     # group, so the backward loss is scaled by the group size to make the result sum(loss) / global count.
     grad_scale = float(ps.fsdp_size)
+    global_aux = getattr(getattr(model, "module", model), "router_stats_reducer", None) is not None
     step_loss = torch.zeros((), device=device)
     step_aux = torch.zeros((), device=device)
     for index, micro_batch in enumerate(micro_batches):
@@ -87,9 +88,10 @@ def train_step(
         if out.aux_loss is not None:
             step_aux += out.aux_loss.detach() / len(micro_batches)
             if config.output_router_logits:
-                # the aux loss is a mean over all micro-batches of the global batch (the group average does
-                # the rest), so it is not scaled by the group size
-                loss = loss + config.router_aux_loss_coef * out.aux_loss / len(micro_batches)
+                # a mean over the micro-batches; a per-rank aux loss is then averaged by the group's gradient
+                # averaging, a global one (same value on every rank) is scaled back up like the LM loss
+                aux_scale = grad_scale if global_aux else 1.0
+                loss = loss + config.router_aux_loss_coef * out.aux_loss / len(micro_batches) * aux_scale
         if fsdp or ps.world_size == 1 or last:
             loss.backward()
         else:

@@ -37,3 +37,13 @@ def test_ddp_and_cpu_init_match_fsdp(tmp_path):
     fsdp = run(tmp_path, 1, "llama")
     ddp = run(tmp_path, 2, "llama", "dp_mode=ddp", "init_device=cpu")
     assert_same(fsdp, ddp)
+
+
+def test_global_load_balancing_loss_sees_all_ranks(tmp_path):
+    """With the global load-balancing loss, 2 ranks holding one micro-batch each train exactly like 1 rank
+    holding both in one micro-batch (aux loss included); the per-rank loss differs."""
+    merged = run(tmp_path, 1, "qwen3_moe", "merge=2")
+    *global_, _ = run(tmp_path, 2, "qwen3_moe", "glb=1")
+    assert_same(merged, global_)
+    *per_rank, _ = run(tmp_path, 2, "qwen3_moe")
+    assert all(abs(a["aux_loss"] - b["aux_loss"]) > 1e-6 for a, b in zip(per_rank, global_))

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from veofast.models.auto import materialize_model
 
+from .load_balancing import apply_global_load_balancing
 from .parallel_state import get_parallel_state
 
 logger = logging.getLogger("veofast.distributed")
@@ -52,6 +53,7 @@ def build_parallelize_model(
     enable_fsdp_offload: bool = False,
     basic_modules: list[str] | None = None,
     enable_compile: bool = False,
+    global_load_balancing: bool = False,
     seed: int = 0,
 ) -> nn.Module:
     """Parallelise ``model`` according to ``get_parallel_state()`` and return it (FSDP2 wraps in place).
@@ -60,6 +62,7 @@ def build_parallelize_model(
     stay gathered between forward and backward); ``"ddp"`` replicates them. ``enable_mixed_precision``
     computes in bf16 on CUDA (on CPU it stays fp32, logged once). ``enable_fsdp_offload`` keeps shards and
     optimizer state on the CPU. ``init_device`` is the device the model was built on.
+    ``global_load_balancing`` forms an MoE model's load-balancing loss over all data-parallel ranks.
     """
     ps = get_parallel_state()
     if ps.tp_enabled:
@@ -84,6 +87,8 @@ def build_parallelize_model(
         from .sequence_parallel import apply_sequence_parallel
 
         apply_sequence_parallel(model, ps)
+    if global_load_balancing and not apply_global_load_balancing(model, ps) and model.config.is_moe:
+        _log_once("the load-balancing loss stays per rank (one data-parallel rank, or sequence parallelism on)")
     if enable_compile:
         for layer in _wrap_classes(model, None):
             layer.compile(dynamic=True)  # packed batches change length every step: no recompiles

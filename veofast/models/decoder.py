@@ -104,6 +104,8 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = scaling
         self.gradient_checkpointing = False
+        # set by veofast.distributed.load_balancing to form the load-balancing loss over the global batch
+        self.router_stats_reducer = None
 
     # ------------------------------------------------------------------------------------------ initialisation
 
@@ -197,7 +199,10 @@ class CausalLM(nn.Module):
 
         aux_loss = None
         if stats_sum is not None:
-            aux_loss = load_balancing_loss(stats_sum, num_moe_layers * batch * seq_len)
+            num_routed = num_moe_layers * batch * seq_len
+            if self.router_stats_reducer is not None:
+                stats_sum, num_routed = self.router_stats_reducer(stats_sum, num_routed)
+            aux_loss = load_balancing_loss(stats_sum, num_routed)
 
         if labels is None and shift_labels is None:
             logits = self.lm_head(hidden).view(batch, seq_len, -1)

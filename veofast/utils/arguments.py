@@ -106,6 +106,9 @@ class TrainingArguments:
     enable_fsdp_offload: bool = field(default=False)
     init_device: Literal["meta", "cpu", "cuda"] = field(default="meta")
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block."})
+    global_load_balancing: bool = field(
+        default=True, metadata={"help": "MoE load-balancing loss over all data-parallel ranks' micro-batches."}
+    )
     # batch
     micro_batch_size: int = field(default=1)
     global_batch_size: int | None = field(default=None, metadata={"help": "Default: micro_batch_size * dp size."})

@@ -67,7 +67,8 @@ def main():
     model = build_foundation_model(config_overrides=TINY[model_type], init_device=init_device, ops_backend="torch")
     config = model.config
     model = build_parallelize_model(
-        model, init_device=init_device, seed=0, enable_gradient_checkpointing=opts.get("ckpt") == "1"
+        model, init_device=init_device, seed=0, enable_gradient_checkpointing=opts.get("ckpt") == "1",
+        global_load_balancing=opts.get("glb") == "1",
     )
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1)
     scheduler = build_lr_scheduler(optimizer, train_steps=10, lr_decay_style="constant")
@@ -75,6 +76,8 @@ def main():
     share = ps.dp_rank  # sequence-parallel ranks share their data-parallel rank's micro-batches
     for step in range(int(opts.get("steps", 3))):
         micro_batches = global_batch(step, config.vocab_size, align=int(opts.get("align", 1)))[share::ps.dp_size]
+        group = int(opts.get("merge", 1))  # one rank playing `group` ranks: micro-batch i of each in one
+        micro_batches = [merge(micro_batches[i:i + group]) for i in range(0, len(micro_batches), group)]
         result = train_step(model, micro_batches, optimizer, scheduler, config=config, ps=ps, max_grad_norm=1.0)
         results.append({"loss": result.loss, "aux_loss": result.aux_loss, "grad_norm": result.grad_norm,
                         "label_tokens": result.label_tokens})
@@ -83,6 +86,21 @@ def main():
     if ps.global_rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+
+
+def merge(micro_batches: list[dict]) -> dict:
+    """Packed micro-batches concatenated into one (their documents side by side)."""
+    if len(micro_batches) == 1:
+        return micro_batches[0]
+    lengths = [n for mb in micro_batches for n in torch.diff(mb["cu_seqlens"]).tolist()]
+    return {
+        "input_ids": torch.cat([mb["input_ids"] for mb in micro_batches], dim=1),
+        "labels": torch.cat([mb["labels"] for mb in micro_batches], dim=1),
+        "position_ids": torch.cat([mb["position_ids"] for mb in micro_batches], dim=1),
+        "cu_seqlens": torch.tensor([0, *lengths]).cumsum(0).to(torch.int32),
+        "max_seqlen": max(lengths),
+        "num_label_tokens": sum(mb["num_label_tokens"] for mb in micro_batches),
+    }
 
 
 def gathered_after_forward(model, micro_batch: dict) -> dict:

@@ -1,0 +1,46 @@
+"""The MoE load-balancing loss over the global batch instead of each rank's micro-batch.
+
+Every rank sums its router statistics (per-expert assignment counts and router probabilities, see
+``veofast.models.moe``) with those of the other data-parallel ranks before the loss is formed, so all ranks
+compute the same loss value: the one a single rank would get on the concatenated micro-batches. Gradients
+flow only into the local probabilities; the training step scales the loss by the group size, so that after
+the group's gradient averaging each rank's contribution counts once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .parallel_state import ParallelState
+
+
+class GlobalRouterStats:
+    """``(stats (2, E), num_tokens) -> (global stats, global num_tokens)`` summed over ``group``.
+
+    The returned stats have the global value and the gradient of the local ones (the other ranks' share is a
+    constant here: their own backward accounts for it).
+    """
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def __call__(self, stats: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        totals = torch.cat([stats.detach().reshape(-1), stats.new_tensor([float(num_tokens)])])
+        dist.all_reduce(totals, group=self.group)
+        global_stats = totals[:-1].view_as(stats)
+        return stats + (global_stats - stats.detach()), totals[-1]
+
+
+def apply_global_load_balancing(model: nn.Module, ps: ParallelState) -> bool:
+    """Make ``model``'s load-balancing loss global over the data-parallel ranks; True if it was applied.
+
+    Not applied to dense models, to a single data-parallel rank, or under sequence parallelism (there the
+    statistics are already combined over the sequence-parallel group, and the loss stays per group).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not config.is_moe or ps.dp_size == 1 or ps.sp_enabled:
+        return False
+    model.router_stats_reducer = GlobalRouterStats(ps.dp_group)
+    return True
