@@ -34,6 +34,10 @@ if [ $(( $(date +%s) - T0 )) -lt 430 ]; then
   (
     echo "=== 4-GPU FSDP dense"; timeout 120 torchrun --nproc_per_node=4 bench/train.py --fsdp --models dense --steps 8
     echo "rc=$?"
+    echo "=== 4-GPU ZeRO-3 training of the embedded default"
+    timeout 90 torchrun --nproc_per_node=4 tasks/train.py configs/moe.yaml --train.max_steps 10 --train.save_steps 0 \
+      --train.enable_full_shard true --train.output_dir /tmp/zero3 > /dev/null 2>&1
+    echo "rc=$?"; tail -1 /tmp/zero3/metrics.jsonl
     echo "=== 4-GPU kill and resume"
     common=(tasks/train.py configs/moe.yaml --train.max_steps 12 --train.save_steps 6)
     timeout 60 torchrun --nproc_per_node=4 "${common[@]}" --train.output_dir /tmp/kr_full > /dev/null 2>&1
