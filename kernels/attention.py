@@ -1,89 +1,162 @@
 """Host launchers of the packed varlen attention kernels (``attention_fwd.py``, ``attention_bwd.py``).
 
-``varlen_attention_fwd`` returns the output and the fp32 log-sum-exp; ``varlen_attention_bwd`` returns dq, dk, dv.
-Neither synchronizes with the device: the grids come from ``max_seqlen_*`` and the number of documents, and
-programs past a document's end exit at once. Every output element is written by exactly one program (no atomics),
-so the autotuner can re-run a kernel freely. Configs are tuned per head dim, dtype, window flags and a power-of-two
-bucket of the longest document, among a few candidates per head-dim class. Under ``TRITON_INTERPRET=1`` each
+``varlen_attention_fwd`` returns the output and the fp32 log-sum-exp; ``varlen_attention_bwd`` returns dq, dk, dv
+(``attention_bwd_dq`` then ``attention_bwd_dkdv``, also callable alone for benchmarks). Nothing synchronizes with
+the device: a small kernel writes each launch's tile table from ``cu_seqlens`` (sized from the token and document
+counts and ``max_seqlen``), and every output element is written by exactly one program (no atomics).
+
+Tile sizes, warps, stages and the load path are fixed per (kernel, head-dim class, 16-bit or fp32) in ``CONFIGS``
+(no autotuning, so nothing is compiled twice); each launcher takes ``config=`` to override it (the GPU sweep in
+``bench/attention.py`` does). TMA loads need sm_90+ and tensors whose (tokens, heads * head_dim) view has 16-byte
+aligned data and token stride; otherwise the pointer path runs (logged once). Under ``TRITON_INTERPRET=1`` each
 kernel runs one small config.
 
 Supported: fp16/bf16 (tensor-core dots, fp32 accumulation) and fp32 (exact ``ieee`` dots: correct but slow on a
-GPU); head dims 16, 32, 64, 128, 256; at most 65535 documents and 65535 * 32 tokens per document (grid
-limits; every config's grid block is at least 32). The caller (``veofast.ops.attention``) validates the inputs.
+GPU); head dims 16, 32, 64, 128, 256. The caller (``veofast.ops.attention``) validates the inputs.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
-from .attention_fwd import _attn_fwd_kernel
+from .attention_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from .attention_fwd import TILE_FIELDS, _attn_fwd_kernel, _schedule_kernel
 
+logger = logging.getLogger("veofast.kernels")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "seqlen_bucket"]
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class (16 and 32 use the 64 list), picked from sm_90
-# compiles of these kernels: no register spills and shared memory within the H200's 227 KB per block (head dim
-# 256 needs small tiles). fp32 inputs (CUDA-core dots) keep only tiles of at most 64 x 32.
-_FWD_SHAPES = {
-    64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
-    256: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+
+@dataclass(frozen=True)
+class Config:
+    """Launch choices of one kernel. ``block_m``: query rows per tile or step, ``block_n``: keys per tile or step;
+    ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
+    query blocks."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+    split_mask: bool = True
+
+    def __str__(self) -> str:
+        flags = ("-tma" if self.tma else "-ptr") + ("" if self.split_mask else "-onemask")
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
+
+
+# (kernel, head-dim class, bits of the input dtype) -> config. Head dims 16 and 32 use the 64 class. The 16-bit
+# entries of head dims 64 and 128 are the winners of bench/attention.py --sweep on an H200 (triton 3.6); rerun it
+# when the compiler or the kernels change. fp32 (CUDA-core dots) keeps small tiles; head dim 256 keeps tiles that
+# fit its registers and shared memory.
+CONFIGS: dict[tuple[str, int, int], Config] = {
+    # head dim 128: timed at the packed anchor shape; head dim 64: at one 8192-token document (32/8 heads)
+    ("fwd", 64, 16): Config(64, 64, 4, 4, tma=True),
+    ("fwd", 128, 16): Config(128, 64, 8, 3, tma=False),
+    ("fwd", 256, 16): Config(128, 32, 8, 3),
+    ("dq", 64, 16): Config(128, 64, 8, 3, tma=True),
+    ("dq", 128, 16): Config(128, 64, 8, 3, tma=True),
+    ("dq", 256, 16): Config(64, 32, 4, 3),
+    ("dkdv", 64, 16): Config(64, 64, 4, 3, tma=True),
+    ("dkdv", 128, 16): Config(64, 128, 8, 2, tma=True),
+    ("dkdv", 256, 16): Config(32, 32, 8, 2, split_mask=False),
+    **{(kernel, d, 32): Config(64, 32, 4, 2) for kernel in ("fwd", "dq") for d in (64, 128)},
+    **{(kernel, 256, 32): Config(32, 32, 4, 2) for kernel in ("fwd", "dq")},
+    **{("dkdv", d, 32): Config(32, 64, 4, 2, split_mask=False) for d in (64, 128)},
+    ("dkdv", 256, 32): Config(32, 32, 4, 2, split_mask=False),
 }
-_DKDV_SHAPES = {  # BLOCK_M: queries per step, BLOCK_N: keys per program
-    64: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
-    128: [(32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2), (16, 64, 4, 3), (32, 32, 4, 2)],
-    256: [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)],
-}
-_DQ_SHAPES = {
-    64: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
-    128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2)],
-    256: [(64, 32, 4, 3), (64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
-}
+_INTERPRET_CONFIGS = {"fwd": Config(32, 32, 4, 1), "dq": Config(32, 32, 4, 1), "dkdv": Config(32, 32, 4, 1)}
 
 
-def _head_dim_class(head_dim: int) -> int:
-    return max(head_dim, 64)
-
-
-def _autotuned(kernel, shapes: dict[int, list[tuple[int, int, int, int]]], interpret_shape: tuple[int, int]):
-    """``kernel`` autotuned over the shapes of its head-dim class, or with one small config under the interpreter."""
+def default_config(kernel: str, head_dim: int, dtype: torch.dtype) -> Config:
+    """The table's config of ``kernel`` ("fwd", "dq" or "dkdv") for this head dim and dtype."""
     if _INTERPRET:
-        bm, bn = interpret_shape
-        return triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)], _KEY)(kernel)
-    union = sorted({shape for group in shapes.values() for shape in group})
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
-
-    def prune(configs, named_args, **kwargs):
-        allowed = set(shapes[_head_dim_class(kwargs["HEAD_DIM"])])
-        fp32 = named_args["Q"].element_size() == 4
-        kept = [
-            c
-            for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed
-            and not (fp32 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 32)
-        ]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-    return triton.autotune(configs, _KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+        return _INTERPRET_CONFIGS[kernel]
+    return CONFIGS[(kernel, max(head_dim, 64), 32 if dtype == torch.float32 else 16)]
 
 
-_fwd = _autotuned(_attn_fwd_kernel, _FWD_SHAPES, (32, 16))
-_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_SHAPES, (16, 32))
-_dq = _autotuned(_attn_bwd_dq_kernel, _DQ_SHAPES, (16, 32))
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.warning("veofast.kernels.attention: %s", message)
 
 
-def _flags(window_left: int, window_right: int, dtype: torch.dtype, max_seqlen: int) -> dict:
+@functools.cache
+def _device_has_tma(device: torch.device) -> bool:
+    return _INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _tma_blocker(*tensors: torch.Tensor) -> str | None:
+    """None if TMA descriptors of the (tokens, heads * head_dim) views of ``tensors`` are valid, else why not."""
+    if not _device_has_tma(tensors[0].device):
+        return "TMA needs sm_90 or newer"
+    for t in tensors:
+        tokens, heads, dim = t.shape
+        if tokens == 0 or t.stride(2) != 1 or (heads > 1 and t.stride(1) != dim):
+            return f"a (tokens, heads, head_dim) tensor with strides {t.stride()} has no 2-D (tokens, heads*dim) view"
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(0) < heads * dim:
+            return f"data or token stride of a {t.dtype} tensor with strides {t.stride()} is not 16-byte aligned"
+    return None
+
+
+def _operands(config: Config, block_rows: list[int], *tensors: torch.Tensor) -> tuple[list, bool]:
+    """The kernel's load operands and whether they are TMA descriptors (tensor ``i`` tiled by ``block_rows[i]``
+    tokens): descriptors when the config asks for TMA and the tensors allow it, else the tensors (pointers)."""
+    if not config.tma:
+        return list(tensors), False
+    blocker = _tma_blocker(*tensors)
+    if blocker is not None:
+        _log_once(f"loading through pointers instead of TMA: {blocker}")
+        return list(tensors), False
+    return [
+        TensorDescriptor(t, [t.shape[0], t.shape[1] * t.shape[2]], [t.stride(0), 1], [rows, t.shape[2]])
+        for t, rows in zip(tensors, block_rows, strict=True)
+    ], True
+
+
+def _tile_table(cu_tiled, cu_q, cu_k, total: int, max_seqlen: int, block: int, reverse: bool):
+    """Tile table (TILE_FIELDS, num_slots) int32 of the documents of ``cu_tiled`` cut into ``block`` rows, heaviest
+    first (``attention_fwd._schedule_kernel``), and num_slots, an upper bound on the number of tiles."""
+    num_docs = cu_tiled.numel() - 1
+    num_slots = triton.cdiv(total, block) + num_docs
+    tiles = torch.empty((TILE_FIELDS, num_slots), dtype=torch.int32, device=cu_tiled.device)
+    tiles[0].fill_(-1)
+    num_levels = triton.cdiv(max_seqlen, block)
+    if num_levels > 0 and num_docs > 0:
+        _schedule_kernel[(num_levels,)](
+            cu_tiled, cu_q, cu_k, tiles, num_docs, num_slots, num_levels, BLOCK=block, REVERSE=reverse, DOC_CHUNK=128
+        )
+    return tiles, num_slots
+
+
+def _mask_flags(window_left: int, window_right: int, dtype: torch.dtype) -> dict:
     return {
         "HAS_LEFT": window_left >= 0,
         "HAS_RIGHT": window_right >= 0,
         "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-        "seqlen_bucket": min(triton.next_power_of_2(max(max_seqlen, 1)), 1 << 16),
     }
+
+
+def _heavy_last(window_left: int, window_right: int) -> bool:
+    """Whether late query blocks see more keys than early ones (a causal-like mask): the schedule's order."""
+    return window_right >= 0 and window_left < 0
+
+
+def _launch(kernel, grid: int, config: Config, *args, **constexprs) -> None:
+    kernel[(grid,)](
+        *args,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **constexprs,
+    )
 
 
 def varlen_attention_fwd(
@@ -98,24 +171,35 @@ def varlen_attention_fwd(
     softmax_scale: float,
     window_left: int,
     window_right: int,
+    config: Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass. q: (total_q, Hq, D), k/v: (total_k, Hk, D) with unit last-dim stride; window sides -1 =
     unlimited (causal = ``window_right=0``). Returns out (total_q, Hq, D) in q's dtype and lse (Hq, total_q) fp32."""
     total_q, num_heads, head_dim = q.shape
-    num_docs = cu_seqlens_q.numel() - 1
+    config = config or default_config("fwd", head_dim, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((num_heads, total_q), device=q.device, dtype=torch.float32)
-    if total_q == 0 or num_docs == 0 or max_seqlen_q == 0:
+    if total_q == 0 or cu_seqlens_q.numel() < 2 or max_seqlen_q == 0:
         return out, lse.fill_(float("inf"))
-    grid = lambda meta: (num_heads, num_docs, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))
-    _fwd[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
+    tiles, num_slots = _tile_table(
+        cu_seqlens_q,
         cu_seqlens_q,
         cu_seqlens_k,
+        total_q,
+        max_seqlen_q,
+        config.block_m,
+        not _heavy_last(window_left, window_right),
+    )
+    bm, bn = config.block_m, config.block_n
+    loads, use_tma = _operands(config, [bm, bn, bn], q, k, v)
+    _launch(
+        _attn_fwd_kernel,
+        num_slots * num_heads,
+        config,
+        *loads,
+        out,
+        lse,
+        tiles,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -124,15 +208,160 @@ def varlen_attention_fwd(
         v.stride(1),
         out.stride(0),
         out.stride(1),
+        num_heads,
+        num_slots,
         total_q,
         softmax_scale * math.log2(math.e),
         max(window_left, 0),
         max(window_right, 0),
         num_heads // k.shape[1],
         HEAD_DIM=head_dim,
-        **_flags(window_left, window_right, q.dtype, max_seqlen_q),
+        NEG_SCALE=softmax_scale < 0,
+        USE_TMA=use_tma,
+        **_mask_flags(window_left, window_right, q.dtype),
     )
     return out, lse
+
+
+def attention_bwd_dq(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    *,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dq (total_q, Hq, D) in q's dtype and delta = rowsum(dout * out) (Hq, total_q) fp32, which the dK/dV kernel
+    reads. Needs at least one query and one document."""
+    total_q, num_heads, head_dim = q.shape
+    config = config or default_config("dq", head_dim, q.dtype)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    delta = torch.empty_like(lse)
+    tiles, num_slots = _tile_table(
+        cu_seqlens_q,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        total_q,
+        max_seqlen_q,
+        config.block_m,
+        not _heavy_last(window_left, window_right),
+    )
+    bm, bn = config.block_m, config.block_n
+    loads, use_tma = _operands(config, [bm, bn, bn, bm, bm], q, k, v, out, dout)
+    _launch(
+        _attn_bwd_dq_kernel,
+        num_slots * num_heads,
+        config,
+        *loads,
+        lse,
+        delta,
+        dq,
+        tiles,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        dq.stride(0),
+        dq.stride(1),
+        num_heads,
+        num_slots,
+        total_q,
+        softmax_scale,
+        softmax_scale * math.log2(math.e),
+        max(window_left, 0),
+        max(window_right, 0),
+        num_heads // k.shape[1],
+        HEAD_DIM=head_dim,
+        USE_TMA=use_tma,
+        **_mask_flags(window_left, window_right, q.dtype),
+    )
+    return dq, delta
+
+
+def attention_bwd_dkdv(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv (total_k, Hk, D) in k's dtype, from ``delta`` of ``attention_bwd_dq``. Needs at least one key and
+    one document."""
+    total_q, num_heads, head_dim = q.shape
+    total_k, num_kv_heads, _ = k.shape
+    config = config or default_config("dkdv", head_dim, q.dtype)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    tiles, num_slots = _tile_table(
+        cu_seqlens_k,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        total_k,
+        max_seqlen_k,
+        config.block_n,
+        _heavy_last(window_left, window_right),
+    )
+    bm, bn = config.block_m, config.block_n
+    loads, use_tma = _operands(config, [bm, bn, bn, bm], q, k, v, dout)
+    _launch(
+        _attn_bwd_dkdv_kernel,
+        num_slots * num_kv_heads,
+        config,
+        *loads,
+        lse,
+        delta,
+        dk,
+        dv,
+        tiles,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        num_kv_heads,
+        num_slots,
+        total_q,
+        softmax_scale,
+        softmax_scale * math.log2(math.e),
+        max(window_left, 0),
+        max(window_right, 0),
+        num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        SPLIT_MASK=config.split_mask,
+        USE_TMA=use_tma,
+        **_mask_flags(window_left, window_right, q.dtype),
+    )
+    return dk, dv
 
 
 def varlen_attention_bwd(
@@ -150,82 +379,18 @@ def varlen_attention_bwd(
     softmax_scale: float,
     window_left: int,
     window_right: int,
+    dq_config: Config | None = None,
+    dkdv_config: Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass from the forward's ``out`` and ``lse``. dout: (total_q, Hq, D) with unit last-dim stride.
     Returns dq (total_q, Hq, D), dk, dv (total_k, Hk, D), in the inputs' dtype."""
-    total_q, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    num_docs = cu_seqlens_q.numel() - 1
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if num_docs == 0 or total_q == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    block_t = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), num_heads)](
-        out,
-        dout,
-        delta,
-        out.stride(0),
-        out.stride(1),
-        dout.stride(0),
-        dout.stride(1),
-        total_q,
-        HEAD_DIM=head_dim,
-        BLOCK_T=block_t,
+    if cu_seqlens_q.numel() < 2 or q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    window = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right)
+    dq, delta = attention_bwd_dq(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, config=dq_config, **window
     )
-    common = dict(
-        total_q=total_q,
-        sm_scale=softmax_scale,
-        qk_scale=softmax_scale * math.log2(math.e),
-        window_left=max(window_left, 0),
-        window_right=max(window_right, 0),
-        group_size=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim,
-        **_flags(window_left, window_right, q.dtype, max(max_seqlen_q, max_seqlen_k)),
-    )
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        dout.stride(0),
-        dout.stride(1),
-    )
-    _dkdv[lambda meta: (num_kv_heads, num_docs, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]))](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        *strides,
-        dk.stride(0),
-        dk.stride(1),
-        dv.stride(0),
-        dv.stride(1),
-        **common,
-    )
-    _dq[lambda meta: (num_heads, num_docs, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        *strides,
-        dq.stride(0),
-        dq.stride(1),
-        **common,
+    dk, dv = attention_bwd_dkdv(
+        dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, config=dkdv_config, **window
     )
     return dq, dk, dv

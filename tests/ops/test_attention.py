@@ -69,12 +69,32 @@ def _assert_bound(name, fast, low, ref, dtype, factor=2.0):
     assert err_fast <= bound, f"{name}: error {err_fast:.3g} > {bound:.3g} (torch {dtype} error {err_low:.3g})"
 
 
-def _check_against_reference(lens_q, lens_k, hq, hk, d, dtype, *, causal, window_size=(-1, -1), device=DEVICE):
+def _launchers(q, k, v, dout, cu_q, cu_k, max_q, max_k, *, causal, window_size, softmax_scale, configs):
+    """out, dq, dk, dv from the kernel launchers with explicit (fwd, dq, dkdv) configs."""
+    from veofast.kernels import attention as ka
+
+    window = dict(softmax_scale=softmax_scale or q.shape[-1] ** -0.5, window_left=window_size[0])
+    window["window_right"] = 0 if causal else window_size[1]
+    fwd, dq, dkdv = (ka.Config(*c) for c in configs)
+    out, lse = ka.varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, config=fwd, **window)
+    grads = ka.varlen_attention_bwd(
+        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dq_config=dq, dkdv_config=dkdv, **window
+    )
+    return (out, *grads)
+
+
+def _check_against_reference(
+    lens_q, lens_k, hq, hk, d, dtype, *, causal, window_size=(-1, -1), softmax_scale=None, configs=None, device=DEVICE
+):
+    """Triton (the public op, or the launchers with ``configs``) against the float64 reference, fwd and bwd."""
     q, k, v, dout = _inputs(lens_q, lens_k, hq, hk, d, dtype, device)
     cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
     args = (cu_q, cu_k, max(lens_q), max(lens_k))
-    kw = dict(causal=causal, window_size=window_size)
-    fast = _fwd_bwd(varlen_attention, q, k, v, dout, *args, backend="triton", **kw)
+    kw = dict(causal=causal, window_size=window_size, softmax_scale=softmax_scale)
+    if configs is None:
+        fast = _fwd_bwd(varlen_attention, q, k, v, dout, *args, backend="triton", **kw)
+    else:
+        fast = _launchers(q, k, v, dout, *args, configs=configs, **kw)
     low = _fwd_bwd(varlen_attention_reference, q, k, v, dout, *args, **kw)
     ref = _fwd_bwd(varlen_attention_reference, *(t.double() for t in (q, k, v, dout)), *args, **kw)
     for name, f, lo, r in zip(("out", "dq", "dk", "dv"), fast, low, ref, strict=True):
@@ -116,6 +136,50 @@ def test_reference_matches_dense_definition(lens_q, lens_k, causal, window_size)
 )
 def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, window_size):
     _check_against_reference(lens_q, lens_k or lens_q, hq, hk, d, dtype, causal=causal, window_size=window_size)
+
+
+# (block_m, block_n, num_warps, num_stages, tma, split_mask) of the fwd, dq and dkdv kernels: every load path and
+# loop structure, block shapes that do not divide the documents.
+@pytest.mark.parametrize(
+    "configs, causal, window_size",
+    [
+        pytest.param([(16, 32, 4, 1, True), (32, 16, 4, 1, True), (16, 32, 4, 1, True)], True, (-1, -1), id="tma"),
+        pytest.param(
+            [(32, 16, 4, 1, True), (16, 16, 4, 1), (32, 16, 4, 1, True, False)], False, (6, 3), id="tma-window"
+        ),
+        pytest.param([(16, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1, False, False)], False, (9, -1), id="onemask-left"),
+    ],
+)
+def test_kernel_configs_match_reference(configs, causal, window_size):
+    lens = [1, 17, 0, 45]
+    _check_against_reference(
+        lens, lens, 4, 2, 16, torch.float32, causal=causal, window_size=window_size, configs=configs
+    )
+
+
+def test_negative_softmax_scale():
+    _check_against_reference([7, 30], [7, 30], 2, 1, 16, torch.float32, causal=True, softmax_scale=-0.3)
+
+
+@pytest.mark.parametrize("block, reverse", [(16, False), (32, True)])
+def test_tile_table_lists_every_tile_once_heaviest_first(block, reverse):
+    """The schedule kernel's table: each (document, block) once, ranks non-increasing, the rest of the slots empty."""
+    from veofast.kernels.attention import _tile_table
+
+    lens_q, lens_k = [5, 0, 70, 16, 1, 33], [6, 2, 70, 15, 0, 40]
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    tiles, num_slots = _tile_table(cu_k, cu_q, cu_k, sum(lens_k), max(lens_k), block, reverse)
+    blocks, q_starts, q_lens, k_starts, k_lens = tiles.tolist()
+    want = {
+        (b, cu_q[d].item(), lens_q[d], cu_k[d].item(), lens_k[d])
+        for d in range(len(lens_k))
+        for b in range(-(-lens_k[d] // block))
+    }
+    listed = [t for t in zip(blocks, q_starts, q_lens, k_starts, k_lens, strict=True) if t[0] >= 0]
+    assert sorted(listed) == sorted(want) and len(listed) == len(want)
+    assert all(b == -1 for b in blocks[len(listed) :])
+    ranks = [b if not reverse else -(-n // block) - 1 - b for b, _, _, _, n in listed]
+    assert ranks == sorted(ranks, reverse=True)
 
 
 def test_auto_backend_on_cpu_is_the_reference():
@@ -206,19 +270,39 @@ def test_unknown_backend_raises():
 
 
 # ----------------------------------------------------------------------------------------------------------- GPU
+# The GPU tests use the pinned configs (kernels/attention.py CONFIGS): each (dtype, head dim class, mask flags)
+# below is one compile of each kernel, so the set stays small; fp16 shares the bf16 code and configs.
 GPU_LENS = [1, 17, 97, 128, 0, 129, 1025, 300]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("hq, hk", [(8, 8), (8, 2), (8, 1)])
-def test_gpu_causal(dtype, d, hq, hk):
-    _check_against_reference(GPU_LENS, GPU_LENS, hq, hk, d, dtype, causal=True)
+def test_gpu_causal(d, hq, hk):
+    _check_against_reference(GPU_LENS, GPU_LENS, hq, hk, d, torch.bfloat16, causal=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fp16():
+    _check_against_reference(GPU_LENS, GPU_LENS, 8, 2, 128, torch.float16, causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_pointer_loads():
+    """Heads that are not contiguous within a token (a slice of a wider buffer) rule out TMA: the pointer path."""
+    lens = [1, 200, 129, 700]
+    q, k, v, dout = (
+        torch.cat([t, t], dim=-1)[..., :128] for t in _inputs(lens, lens, 8, 2, 128, torch.bfloat16, "cuda")
+    )
+    cu = _cu(lens, "cuda")
+    fast = _fwd_bwd(varlen_attention, q, k, v, dout, cu, cu, 700, 700, backend="triton")
+    ref = _fwd_bwd(varlen_attention_reference, *(t.double() for t in (q, k, v, dout)), cu, cu, 700, 700)
+    low = _fwd_bwd(varlen_attention_reference, q, k, v, dout, cu, cu, 700, 700)
+    for name, f, lo, r in zip(("out", "dq", "dk", "dv"), fast, low, ref, strict=True):
+        _assert_bound(name, f, lo, r, torch.bfloat16)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "lens_k, causal, window_size",
     [
@@ -230,8 +314,9 @@ def test_gpu_causal(dtype, d, hq, hk):
     ],
     ids=["full", "causal-window200", "window-64-32", "bottom-right-causal", "bottom-right-full"],
 )
-def test_gpu_masks(dtype, lens_k, causal, window_size):
-    _check_against_reference(GPU_LENS, lens_k or GPU_LENS, 8, 2, 128, dtype, causal=causal, window_size=window_size)
+def test_gpu_masks(lens_k, causal, window_size):
+    lens_q, lens_k = GPU_LENS, lens_k or GPU_LENS
+    _check_against_reference(lens_q, lens_k, 8, 2, 128, torch.bfloat16, causal=causal, window_size=window_size)
 
 
 @pytest.mark.gpu

@@ -174,23 +174,17 @@ def _kernels() -> ModuleType:
     return importlib.import_module("veofast.kernels.attention")
 
 
-# What the Triton kernels take (kernels/attention.py); the grid limits 65535 documents and 65535 blocks of 32.
+# What the Triton kernels take (kernels/attention.py).
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
-_TRITON_MAX_DOCS = 65535
-_TRITON_MAX_SEQLEN = 65535 * 32
 
 
-def _triton_unsupported(q: torch.Tensor, num_docs: int, max_seqlen_q: int, max_seqlen_k: int) -> str | None:
+def _triton_unsupported(q: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None."""
     if q.dtype not in _TRITON_DTYPES:
         return f"q.dtype {q.dtype} is not one of {_TRITON_DTYPES}"
     if q.shape[2] not in _TRITON_HEAD_DIMS:
         return f"head_dim {q.shape[2]} is not one of {_TRITON_HEAD_DIMS}"
-    if num_docs > _TRITON_MAX_DOCS:
-        return f"cu_seqlens_q holds {num_docs} documents, more than {_TRITON_MAX_DOCS}"
-    if max(max_seqlen_q, max_seqlen_k) > _TRITON_MAX_SEQLEN:
-        return f"max_seqlen ({max(max_seqlen_q, max_seqlen_k)}) is above {_TRITON_MAX_SEQLEN}"
     return None
 
 
@@ -340,9 +334,8 @@ def varlen_attention(
     """
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size)
     chosen = resolve_backend(_OP, backend, q.device)
-    num_docs = cu_seqlens_q.numel() - 1
     if chosen == "triton":
-        reason = _triton_unsupported(q, num_docs, max_seqlen_q, max_seqlen_k)
+        reason = _triton_unsupported(q)
         if reason is not None:
             if backend == "triton":
                 raise ValueError(f"{_OP}: backend='triton' cannot run: {reason}")

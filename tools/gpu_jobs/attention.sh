@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU job of packed varlen attention (issue 6): <= 300 s on one H200 from the repo root, veofast installed.
+#   1. bench/attention.py --sweep: every candidate config of the forward, dQ and dK/dV kernels (head dims 64 and
+#      128; the kernels/attention.py CONFIGS entry first, marked *) is checked in bf16 against float64 (out, dq, dk,
+#      dv on odd varlen documents with an empty one, GQA 4) by parallel worker processes, which also compile
+#      FlexAttention; then, in one process, veofast (public op, pinned configs), FlexAttention (compiled,
+#      document-causal block mask) and torch varlen_attn (window (-1, 0)) are timed fwd and fwd+bwd at the anchor
+#      mix (32768 tokens, 19 documents, 32/8 heads, d128) and at one 8192-token document (32/8 heads, d64), with
+#      every config that passed its check, and the best config of each kernel together. The summary ends with the
+#      CONFIGS lines to pin.
+#   2. pytest -m gpu tests/ops -k attention (pinned configs, no autotuning), timed.
+# $OUT gets attention.jsonl (every measurement and check) and attention_job.log (everything printed).
+# ATTENTION_SMOKE=1 runs the same steps on CPU (Triton interpreter, tiny shapes) to check the script itself.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export VEOFAST_BENCH_RESULTS="$OUT" PYTHONUNBUFFERED=1
+LOG="$OUT/attention_job.log"
+T0=$(date +%s)
+if [ "${ATTENTION_SMOKE:-0}" = 1 ]; then
+  export TRITON_INTERPRET=1
+  SWEEP=(--smoke --workers 2 --budget-s 500)
+  SWEEP_CAP=600
+else
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv,noheader | tee -a "$LOG"
+  SWEEP=(--budget-s 165 --workers 12)
+  SWEEP_CAP=185
+fi
+
+timeout "$SWEEP_CAP" python3 bench/attention.py --sweep "${SWEEP[@]}" > /tmp/attention_sweep.out 2>&1
+rc=$?
+cat /tmp/attention_sweep.out >> "$LOG"
+echo "sweep rc=$rc after $(( $(date +%s) - T0 )) s"
+if grep -q "^=== attention sweep summary" /tmp/attention_sweep.out; then
+  sed -n '/^=== attention sweep summary/,$p' /tmp/attention_sweep.out | cut -c1-300 | head -45
+else
+  tail -15 /tmp/attention_sweep.out | cut -c1-300
+fi
+
+left=$(( 295 - ($(date +%s) - T0) ))
+if (( left < 20 )); then
+  echo "gpu tests skipped: ${left} s left"
+else
+  t1=$(date +%s)
+  timeout "$left" python3 -m pytest -q -m gpu tests/ops -k attention -p no:cacheprovider > /tmp/attention_tests.out 2>&1
+  rc=$?
+  cat /tmp/attention_tests.out >> "$LOG"
+  echo "gpu tests rc=$rc in $(( $(date +%s) - t1 )) s (limit ${left} s):"
+  tail -2 /tmp/attention_tests.out | cut -c1-200
+  grep -E "^(FAILED|ERROR)" /tmp/attention_tests.out | head -6 | cut -c1-200
+fi
+echo "attention job: $(( $(date +%s) - T0 )) s"
