@@ -63,6 +63,43 @@ def test_triton_interpreter_weight_dtype_promotes():
     check_against_reference((5, 48), torch.float16, True, "cpu", "triton", weight_dtype=torch.float32)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"rows": 4, "warps": 4, "stages": 1, "per_sm": 0},  # one block per program, the last one partial
+        {"rows": 2, "warps": 4, "stages": 2, "per_sm": 1},  # persistent: several blocks per program, pipelined
+        {"rows": 1, "warps": 2, "stages": 3, "per_sm": 8},  # more programs than blocks
+    ],
+)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_triton_interpreter_kernel_configs(config, with_residual):
+    """The launchers at configs other than the pinned ones (the GPU sweep times these) against float64."""
+    from veofast.kernels.norm import rms_norm_bwd, rms_norm_fwd
+
+    gen = torch.Generator().manual_seed(7)
+    x, residual, dy, dh_out = (torch.randn(11, 40, generator=gen) for _ in range(4))
+    weight = 1 + 0.5 * torch.randn(40, generator=gen)
+    r = residual if with_residual else None
+    y, h = rms_norm_fwd(x, weight, r, EPS, torch.float32, config=config)
+    h_ref = x + residual if with_residual else x
+    h64, w64 = h_ref.double().requires_grad_(), weight.double().requires_grad_()
+    y64 = rms_norm_reference(h64, w64, EPS)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    if with_residual:
+        torch.testing.assert_close(h, h_ref)
+    dh64, dw64 = torch.autograd.grad(y64, [h64, w64], dy.double())
+    dx, dw = rms_norm_bwd(dy, h_ref, weight, dh_out if with_residual else None, EPS, config=config | {"per_sm": 1})
+    torch.testing.assert_close(dx.double(), dh64 + dh_out.double() if with_residual else dh64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_config_needs_a_persistent_grid():
+    from veofast.kernels.norm import config_for
+
+    with pytest.raises(ValueError, match="per_sm >= 1"):
+        config_for("bwd", 64, {"per_sm": 0})
+
+
 def test_torch_backend_is_reference():
     x, w, r = torch.randn(4, 33), torch.randn(33), torch.randn(4, 33)
     y, h = rms_norm(x, w, EPS, residual=r, backend="torch")

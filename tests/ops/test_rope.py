@@ -86,6 +86,30 @@ def test_triton_interpreter_strided_inputs():
     check_against_reference(11, 4, 2, 32, torch.float32, 1.0, "cpu", "triton", fused_qkv=True)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"tokens": 4, "heads": 2, "warps": 2, "stages": 2},  # partial token block, head count not a multiple
+        {"tokens": 1, "heads": 8, "warps": 4, "stages": 1},  # one token per program, more head slots than heads
+    ],
+)
+def test_triton_interpreter_kernel_configs(config):
+    """The launcher at configs other than the pinned ones (the GPU sweep times these), both directions, vs float64."""
+    from veofast.kernels.rope import rotary
+
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(13, 5, 32, generator=gen), torch.randn(13, 3, 32, generator=gen)
+    pos, inv_freq = packed_positions(13, gen, "cpu"), inv_freq_for(32, "cpu")
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    outs64 = apply_rotary_reference(q64, k64, pos, inv_freq, scaling=0.75)
+    for got, want in zip(rotary(q, k, pos, inv_freq, 0.75, False, config=config), outs64, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    grads64 = torch.autograd.grad(outs64, [q64, k64], [dq.double(), dk.double()])
+    for got, want in zip(rotary(dq, dk, pos, inv_freq, 0.75, True, config=config), grads64, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_rotation_by_position_is_relative():
     """<rope(q, m), rope(k, n)> depends only on m - n: the property RoPE exists for."""
     q, k = torch.randn(1, 1, 32, dtype=torch.float64), torch.randn(1, 1, 32, dtype=torch.float64)

@@ -54,6 +54,23 @@ def test_triton_interpreter_contiguous_inputs():
     torch.testing.assert_close(swiglu(gate, up, backend="triton"), swiglu_reference(gate, up))
 
 
+@pytest.mark.parametrize("config", [{"tile": 256, "warps": 2}, {"tile": 64, "warps": 1}])
+def test_triton_interpreter_kernel_configs(config):
+    """The launchers at tiles other than the pinned ones (the GPU sweep times these): partial row blocks (256: two
+    rows of 128 columns) and partial column blocks (64), against float64."""
+    from veofast.kernels.swiglu import swiglu_bwd, swiglu_fwd
+
+    gen = torch.Generator().manual_seed(3)
+    gate_up, dy = torch.randn(13, 160, generator=gen), torch.randn(13, 80, generator=gen)
+    gate, up = gate_up.chunk(2, dim=-1)
+    g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
+    y64 = swiglu_reference(g64, u64)
+    torch.testing.assert_close(swiglu_fwd(gate, up, config=config).double(), y64, rtol=1e-5, atol=1e-5)
+    grads64 = torch.autograd.grad(y64, [g64, u64], dy.double())
+    for got, want in zip(swiglu_bwd(dy, gate, up, config=config), grads64, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_backend_is_reference():
     gate, up = torch.randn(4, 33, dtype=torch.float16), torch.randn(4, 33, dtype=torch.float16)
     assert torch.equal(swiglu(gate, up, backend="torch"), swiglu_reference(gate, up))
