@@ -1,20 +1,31 @@
-"""Triton kernels that move MoE tokens between token order and expert order, with no host sync.
+"""Triton kernels that move MoE tokens between token order and expert order, with no host sync and no atomics.
 
 Permute (token order -> rows grouped by expert), deterministic: within an expert, rows keep the order of the
-flattened ``(token, slot)`` index, as a stable argsort of ``topk_ids`` would give.
+flattened ``(token, slot)`` index, as a stable argsort of ``topk_ids`` would give. Three launches:
 
-1. ``_moe_block_count_kernel``: for each block of ``BLOCK_N`` flattened ids, how many go to each expert.
-2. torch on the (blocks, experts) counts: per-expert totals, cumulative end offsets, and for each block the
-   first row of each expert that the block writes (a tiny, asynchronous scan).
-3. ``_moe_slot_kernel``: a row for every ``(token, slot)``: its block's base for its expert plus the number of
-   earlier entries of the same block with the same expert.
-4. ``_moe_gather_kernel``: each program takes a tile of tokens x columns, reads it once and writes its K rows.
+1. ``_moe_count_kernel``: for each block of ``BLOCK_T`` tokens (``BLOCK_T*K`` slots), how many slots go to each
+   expert, stored expert-major: ``counts[e, b]``.
+2. ``torch.cumsum`` of the flattened ``counts``: because the layout is expert-major, ``cum[e, b] - counts[e, b]``
+   is the first row that block ``b`` writes for expert ``e`` (the rows of all earlier experts, then those of
+   expert ``e`` in earlier blocks).
+3. ``_moe_permute_kernel``: each program takes one block: a slot's row is its block's base for its expert plus
+   the number of earlier slots of the block with the same expert; it stores ``row_index``, then reads each of its
+   tokens once and writes its ``K`` rows. Program 0 also writes the expert ends and sizes read off the scan.
 
-Unpermute: ``_moe_unpermute_kernel`` gathers a token's K rows, weights them (or not: the permute backward) and
-sums in fp32; ``_moe_unpermute_bwd_kernel`` gives the rows' and the weights' gradients in one pass.
+Unpermute is a gather: ``_moe_unpermute_kernel`` has each program load its tokens' ``K`` rows at once, weight
+them (or not: the permute backward) and sum in fp32. ``_moe_unpermute_bwd_kernel`` reads a token's output
+gradient once and writes its ``K`` row gradients (each row once: no atomics) and the weights' gradients.
 
 Ids outside ``[0, num_experts)`` are masked: they are counted nowhere, get ``row_index = -1``, write no row and
-add nothing when unpermuting. Row indices outside ``[0, num_rows)`` are skipped the same way.
+add nothing when unpermuting. Row indices outside ``[0, num_rows)`` are skipped the same way. Flattened slot
+indices are int32 (``T*K < 2**31``); only row offsets (row x stride) are int64.
+
+Tunables live in ``CONFIGS`` (each launcher also takes ``config=`` to override them, which ``bench/moe.py
+--sections sweep`` uses):
+
+- ``rows``: routed rows (token slots) per permute program, the block of the count and scan;
+- ``tile``: elements (slots x columns) that one step of a program loads or stores;
+- ``warps``: warps per program.
 """
 
 from __future__ import annotations
@@ -23,68 +34,116 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_N = 128  # flattened (token, slot) entries per block of the histogram and slot kernels
+# Defaults for H=2048, top-8, from the H200 sweep of bench/moe.py (permute: every config within 5% of this one,
+# 2.9-3.0 TB/s at 16384 tokens; unpermute and unpermute_bwd: the fastest at 16384 tokens): a step covers whole rows, and for unpermute every thread holds all K slots of its columns,
+# so the sum over slots stays in registers (no shared-memory reduction, no barrier).
+CONFIGS: dict[str, dict[str, int]] = {
+    "permute": {"rows": 128, "tile": 16384, "warps": 8},
+    "unpermute": {"tile": 8192, "warps": 4},  # also the permute backward
+    "unpermute_bwd": {"tile": 8192, "warps": 4},
+}
+_BLOCK_E = 128  # experts per step when program 0 writes the expert ends
 
 
-def _row_tile(width: int) -> tuple[int, int, int]:
-    """Tokens and columns per program (a tile of about 4096 elements) and warps, for the row-moving kernels."""
-    block_h = min(max(triton.next_power_of_2(width), 16), 2048)
-    return 4096 // block_h, block_h, 8
+def _config(op: str, config: dict | None) -> dict[str, int]:
+    return {**CONFIGS[op], **(config or {})}
+
+
+def _tile(topk: int, width: int, tile: int) -> tuple[int, int, int]:
+    """``(K_PAD, BLOCK_H, SUB_T)`` for a step of about ``tile`` elements over ``SUB_T`` tokens x ``K_PAD`` slots x
+    ``BLOCK_H`` columns (``BLOCK_H`` covers the whole row when it fits, else a program loops over columns)."""
+    k_pad = triton.next_power_of_2(topk)
+    block_h = min(max(triton.next_power_of_2(width), 16), max(tile // k_pad, 16))
+    return k_pad, block_h, max(1, tile // (k_pad * block_h))
 
 
 @triton.jit
-def _moe_block_count_kernel(ids_ptr, counts_ptr, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """counts[b, e] = number of ids[b*BLOCK_N : (b+1)*BLOCK_N] equal to e."""
+def _valid_ids(ids, E):
+    """ids as int32, -1 where outside ``[0, E)`` (compared in their own dtype, before any narrowing)."""
+    return tl.where((ids >= 0) & (ids < E), ids, -1).to(tl.int32)
+
+
+@triton.jit
+def _moe_count_kernel(
+    ids_ptr, counts_ptr, N, E, NB, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    """counts[e, b] = number of slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T) routed to expert e (N = T*K slots)."""
     pid = tl.program_id(0)
-    idx = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    ids = tl.load(ids_ptr + idx, mask=idx < N, other=-1).to(tl.int32)
+    pos = tl.arange(0, BLOCK_T * K_PAD)
+    idx = pid * BLOCK_T * K + pos
+    ids = _valid_ids(tl.load(ids_ptr + idx, mask=(pos < BLOCK_T * K) & (idx < N), other=-1), E)
     for e0 in range(0, E, BLOCK_E):
         experts = e0 + tl.arange(0, BLOCK_E)
-        hits = (ids[:, None] == experts[None, :]).to(tl.int32)
-        tl.store(counts_ptr + pid * E + experts, tl.sum(hits, axis=0), mask=experts < E)
+        hits = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        tl.store(counts_ptr + experts * NB + pid, hits, mask=experts < E)
 
 
 @triton.jit
-def _moe_slot_kernel(ids_ptr, block_base_ptr, row_index_ptr, N, E, BLOCK_N: tl.constexpr):
-    """row_index[i] = block_base[b, ids[i]] + #{j in block b, j < i, ids[j] == ids[i]} (-1 for an invalid id)."""
-    pid = tl.program_id(0)
-    local = tl.arange(0, BLOCK_N)
-    idx = pid * BLOCK_N + local
-    in_range = idx < N
-    ids = tl.load(ids_ptr + idx, mask=in_range, other=-1).to(tl.int32)
-    valid = in_range & (ids >= 0) & (ids < E)
-    earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
-    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
-    base = tl.load(block_base_ptr + pid * E + ids, mask=valid, other=0)
-    tl.store(row_index_ptr + idx, tl.where(valid, base + rank, -1), mask=in_range)
-
-
-@triton.jit
-def _moe_gather_kernel(
+def _moe_permute_kernel(
     hidden_ptr,
-    row_index_ptr,
+    ids_ptr,
+    counts_ptr,
+    cum_ptr,
     rows_ptr,
+    row_index_ptr,
+    ends_ptr,
+    sizes_ptr,
     T,
     H,
-    K,
+    E,
+    NB,
     stride_hidden,
     stride_rows,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    SUB_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
-    """rows[row_index[t*K + k]] = hidden[t] for every slot k of token t (hidden[t] is read once)."""
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_ok = tokens < T
-    tokens = tokens.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    x = tl.load(
-        hidden_ptr + tokens[:, None] * stride_hidden + cols[None, :],
-        mask=token_ok[:, None] & (cols < H)[None, :],
-    )
-    for k in range(K):
-        row = tl.load(row_index_ptr + tokens * K + k, mask=token_ok, other=-1).to(tl.int64)
-        mask = (cols < H)[None, :] & (row >= 0)[:, None]  # an invalid row is not written
-        tl.store(rows_ptr + row[:, None] * stride_rows + cols[None, :], x, mask=mask)
+    """row_index[t*K + k] = row of slot (t, k); rows[row_index[t*K + k]] = hidden[t]; ends/sizes per expert."""
+    pid = tl.program_id(0)
+    if pid == 0:  # expert e ends at cum[e, NB-1]; it starts where expert e-1 ends
+        for e0 in range(0, E, BLOCK_E):
+            experts = e0 + tl.arange(0, BLOCK_E)
+            in_e = experts < E
+            end = tl.load(cum_ptr + experts * NB + NB - 1, mask=in_e, other=0)
+            start = tl.load(cum_ptr + experts * NB - 1, mask=in_e & (experts > 0), other=0)
+            tl.store(ends_ptr + experts, end, mask=in_e)
+            tl.store(sizes_ptr + experts, (end - start).to(tl.int64), mask=in_e)
+
+    t0 = pid * BLOCK_T
+    pos = tl.arange(0, BLOCK_T * K_PAD)  # the block's slots in flattened (t, k) order
+    in_block = (pos < BLOCK_T * K) & (pos < (T - t0) * K)
+    block_ids = _valid_ids(tl.load(ids_ptr + t0 * K + pos, mask=in_block, other=-1), E)
+    slots = tl.arange(0, K_PAD)
+    for s in range(0, BLOCK_T, SUB_T):
+        local = s + tl.arange(0, SUB_T)
+        tokens = t0 + local
+        token_ok = tokens < T
+        slot_ok = token_ok[:, None] & (slots < K)[None, :]
+        flat = tokens[:, None] * K + slots[None, :]  # (SUB_T, K_PAD)
+        ids = _valid_ids(tl.load(ids_ptr + flat, mask=slot_ok, other=-1), E)
+        me = (local[:, None] * K + slots[None, :])[:, :, None]
+        same_before = (block_ids[None, None, :] == ids[:, :, None]) & (pos[None, None, :] < me)
+        rank = tl.sum(same_before.to(tl.int32), axis=2)
+        valid = ids >= 0
+        cell = ids * NB + pid
+        base = tl.load(cum_ptr + cell, mask=valid, other=0) - tl.load(counts_ptr + cell, mask=valid, other=0)
+        row = tl.where(valid, base + rank, -1)
+        tl.store(row_index_ptr + flat, row, mask=slot_ok)
+
+        dst = rows_ptr + row.to(tl.int64) * stride_rows  # (SUB_T, K_PAD) row starts
+        src = hidden_ptr + tokens.to(tl.int64) * stride_hidden  # (SUB_T,)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            x = tl.load(src[:, None] + cols[None, :], mask=token_ok[:, None] & col_ok[None, :])
+            tl.store(
+                dst[:, :, None] + cols[None, None, :],
+                tl.broadcast_to(x[:, None, :], (SUB_T, K_PAD, BLOCK_H)),
+                mask=valid[:, :, None] & col_ok[None, None, :],
+            )
 
 
 @triton.jit
@@ -95,29 +154,36 @@ def _moe_unpermute_kernel(
     out_ptr,
     T,
     H,
-    K,
     num_rows,
     stride_rows,
     stride_out,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """out[t] = sum_k weights[t, k] * rows[row_index[t*K + k]] (weights 1 without HAS_WEIGHTS), in fp32."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slots = tl.arange(0, K_PAD)
     token_ok = tokens < T
-    tokens = tokens.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for k in range(K):
-        row = tl.load(row_index_ptr + tokens * K + k, mask=token_ok, other=-1).to(tl.int64)
-        mask = (cols < H)[None, :] & ((row >= 0) & (row < num_rows))[:, None]  # an invalid row adds nothing
-        x = tl.load(rows_ptr + row[:, None] * stride_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    slot_ok = token_ok[:, None] & (slots < K)[None, :]
+    flat = tokens[:, None] * K + slots[None, :]  # (BLOCK_T, K_PAD)
+    row = tl.load(row_index_ptr + flat, mask=slot_ok, other=-1)
+    valid = (row >= 0) & (row < num_rows)  # an invalid row adds nothing
+    src = rows_ptr + row.to(tl.int64) * stride_rows
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    dst = out_ptr + tokens.to(tl.int64) * stride_out
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        col_ok = cols < H
+        x = tl.load(src[:, :, None] + cols[None, None, :], mask=valid[:, :, None] & col_ok[None, None, :], other=0.0)
+        x = x.to(tl.float32)
         if HAS_WEIGHTS:
-            x = x * tl.load(weights_ptr + tokens * K + k, mask=token_ok, other=0.0).to(tl.float32)[:, None]
-        acc += x
-    out_mask = token_ok[:, None] & (cols < H)[None, :]
-    tl.store(out_ptr + tokens[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            x = x * w[:, :, None]
+        out = tl.sum(x, axis=1).to(out_ptr.dtype.element_ty)
+        tl.store(dst[:, None] + cols[None, :], out, mask=token_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -130,11 +196,12 @@ def _moe_unpermute_bwd_kernel(
     grad_weights_ptr,
     T,
     H,
-    K,
     num_rows,
     stride_grad_out,
     stride_rows,
     stride_grad_rows,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
     ROWS_GRAD: tl.constexpr,
     WEIGHTS_GRAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -142,39 +209,39 @@ def _moe_unpermute_bwd_kernel(
 ):
     """grad_rows[r] = w[t, k] * grad_out[t] and grad_weights[t, k] = <rows[r], grad_out[t]>, r = row_index[t*K + k]."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slots = tl.arange(0, K_PAD)
     token_ok = tokens < T
-    tokens = tokens.to(tl.int64)
-    for k in range(K):
-        row = tl.load(row_index_ptr + tokens * K + k, mask=token_ok, other=-1).to(tl.int64)
-        valid = (row >= 0) & (row < num_rows)  # an invalid row gets and gives nothing
-        w = tl.load(weights_ptr + tokens * K + k, mask=token_ok, other=0.0).to(tl.float32)
-        dot = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            mask = (cols < H)[None, :] & valid[:, None]
-            g = tl.load(grad_out_ptr + tokens[:, None] * stride_grad_out + cols[None, :], mask=mask, other=0.0)
-            g = g.to(tl.float32)
-            if ROWS_GRAD:
-                tl.store(
-                    grad_rows_ptr + row[:, None] * stride_grad_rows + cols[None, :],
-                    (w[:, None] * g).to(grad_rows_ptr.dtype.element_ty),
-                    mask=mask,
-                )
-            if WEIGHTS_GRAD:
-                x = tl.load(rows_ptr + row[:, None] * stride_rows + cols[None, :], mask=mask, other=0.0)
-                dot += x.to(tl.float32) * g
+    slot_ok = token_ok[:, None] & (slots < K)[None, :]
+    flat = tokens[:, None] * K + slots[None, :]  # (BLOCK_T, K_PAD)
+    row = tl.load(row_index_ptr + flat, mask=slot_ok, other=-1).to(tl.int64)
+    valid = (row >= 0) & (row < num_rows)  # an invalid row gets and gives nothing
+    w = tl.load(weights_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    src = grad_out_ptr + tokens.to(tl.int64) * stride_grad_out
+    dot = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        col_ok = cols < H
+        g = tl.load(src[:, None] + cols[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)
+        g = g.to(tl.float32)[:, None, :]
+        mask = valid[:, :, None] & col_ok[None, None, :]
+        if ROWS_GRAD:
+            dst = grad_rows_ptr + (row * stride_grad_rows)[:, :, None] + cols[None, None, :]
+            tl.store(dst, (w[:, :, None] * g).to(grad_rows_ptr.dtype.element_ty), mask=mask)
         if WEIGHTS_GRAD:
-            grad_w = tl.sum(dot, axis=1).to(grad_weights_ptr.dtype.element_ty)
-            tl.store(grad_weights_ptr + tokens * K + k, grad_w, mask=token_ok)
+            x = tl.load(rows_ptr + (row * stride_rows)[:, :, None] + cols[None, None, :], mask=mask, other=0.0)
+            dot += tl.sum(x.to(tl.float32) * g, axis=2)
+    if WEIGHTS_GRAD:
+        tl.store(grad_weights_ptr + flat, dot.to(grad_weights_ptr.dtype.element_ty), mask=slot_ok)
 
 
 def permute(
-    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *, config: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows grouped by expert: returns ``rows (T*K, H)``, ``expert_offsets (E,) int32`` (cumulative ends),
     ``row_index (T*K,) int32`` and ``tokens_per_expert (E,) int64``.
 
     hidden: (T, H); topk_ids: (T, K) int32/int64. Inputs are assumed validated; ids outside ``[0, E)`` are masked.
+    config: overrides of ``CONFIGS["permute"]``.
     """
     num_tokens, width = hidden.shape
     topk = topk_ids.shape[1]
@@ -182,68 +249,86 @@ def permute(
     hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     device = hidden.device
-    num_blocks = triton.cdiv(n, _BLOCK_N)
-    counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
     row_index = torch.empty(n, dtype=torch.int32, device=device)
     rows = torch.empty((n, width), dtype=hidden.dtype, device=device)
+    ends = torch.empty(num_experts, dtype=torch.int32, device=device)
+    sizes = torch.empty(num_experts, dtype=torch.int64, device=device)
     if n == 0:
-        tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)
-        return rows, tokens_per_expert.to(torch.int32), row_index, tokens_per_expert
-    block_e = min(max(triton.next_power_of_2(num_experts), 16), 128)
-    _moe_block_count_kernel[(num_blocks,)](ids, counts, n, num_experts, BLOCK_N=_BLOCK_N, BLOCK_E=block_e)
-    tokens_per_expert = counts.sum(0)
-    ends = tokens_per_expert.cumsum(0)
-    block_base = counts.cumsum(0, dtype=torch.int32) - counts + (ends - tokens_per_expert).to(torch.int32)
-    _moe_slot_kernel[(num_blocks,)](ids, block_base, row_index, n, num_experts, BLOCK_N=_BLOCK_N)
-    block_t, block_h, warps = _row_tile(width)
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(width, block_h))
-    _moe_gather_kernel[grid](
+        return rows, ends.zero_(), row_index, sizes.zero_()
+    cfg = _config("permute", config)
+    k_pad, block_h, sub_t = _tile(topk, width, cfg["tile"])
+    sub_t = min(sub_t, max(1, 64 // k_pad))  # the rank test compares (SUB_T*K_PAD) x (BLOCK_T*K_PAD) slots
+    block_t = max(sub_t, cfg["rows"] // k_pad)
+    num_blocks = triton.cdiv(num_tokens, block_t)
+    counts = torch.empty(num_experts * num_blocks, dtype=torch.int32, device=device)
+    block_e = min(max(triton.next_power_of_2(num_experts), 16), max(16384 // (block_t * k_pad), 16))
+    _moe_count_kernel[(num_blocks,)](
+        ids, counts, n, num_experts, num_blocks, K=topk, K_PAD=k_pad, BLOCK_T=block_t, BLOCK_E=block_e
+    )
+    cum = counts.cumsum(0, dtype=torch.int32)
+    _moe_permute_kernel[(num_blocks,)](
         hidden,
-        row_index,
+        ids,
+        counts,
+        cum,
         rows,
+        row_index,
+        ends,
+        sizes,
         num_tokens,
         width,
-        topk,
+        num_experts,
+        num_blocks,
         hidden.stride(0),
         rows.stride(0),
+        K=topk,
+        K_PAD=k_pad,
         BLOCK_T=block_t,
+        SUB_T=sub_t,
         BLOCK_H=block_h,
-        num_warps=warps,
+        BLOCK_E=_BLOCK_E,
+        num_warps=cfg["warps"],
     )
-    return rows, ends.to(torch.int32), row_index, tokens_per_expert
+    return rows, ends, row_index, sizes
 
 
 def unpermute(
-    rows: torch.Tensor, row_index: torch.Tensor, weights: torch.Tensor | None, num_tokens: int, topk: int
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
+    weights: torch.Tensor | None,
+    num_tokens: int,
+    topk: int,
+    *,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """``out (num_tokens, H)``: out[t] = sum_k weights[t, k] * rows[row_index[t*K + k]] (no weights: plain sum).
 
     rows: (R, H); row_index: (num_tokens*topk,) int contiguous; weights: (num_tokens, topk) or None. The output has
-    rows' dtype; the sum is taken in fp32.
+    rows' dtype; the sum is taken in fp32. config: overrides of ``CONFIGS["unpermute"]``.
     """
     width = rows.shape[1]
     rows = rows if rows.stride(1) == 1 else rows.contiguous()
     out = torch.empty((num_tokens, width), dtype=rows.dtype, device=rows.device)
     if num_tokens == 0:
         return out
-    weights_arg = rows if weights is None else weights.contiguous()
-    block_t, block_h, warps = _row_tile(width)
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(width, block_h))
-    _moe_unpermute_kernel[grid](
+    cfg = _config("unpermute", config)
+    k_pad, block_h, block_t = _tile(topk, width, cfg["tile"])
+    _moe_unpermute_kernel[(triton.cdiv(num_tokens, block_t),)](
         rows,
         row_index,
-        weights_arg,
+        rows if weights is None else weights.contiguous(),
         out,
         num_tokens,
         width,
-        topk,
         rows.shape[0],
         rows.stride(0),
         out.stride(0),
+        K=topk,
+        K_PAD=k_pad,
         HAS_WEIGHTS=weights is not None,
         BLOCK_T=block_t,
         BLOCK_H=block_h,
-        num_warps=warps,
+        num_warps=cfg["warps"],
     )
     return out
 
@@ -256,11 +341,13 @@ def unpermute_backward(
     *,
     rows_grad: bool,
     weights_grad: bool,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``unpermute`` with respect to ``rows (R, H)`` and ``weights (T, K)`` (None where not asked).
 
     A row that no ``(token, slot)`` refers to gets a zero gradient, except when ``R == T*K`` (every row is
-    referred to once when all ids are valid): then such rows are left unwritten.
+    referred to once when all ids are valid): then such rows are left unwritten. config: overrides of
+    ``CONFIGS["unpermute_bwd"]``.
     """
     num_tokens, topk = weights.shape
     num_rows, width = rows.shape
@@ -272,7 +359,8 @@ def unpermute_backward(
     grad_weights = torch.empty_like(weights) if weights_grad else None
     if num_tokens == 0 or not (rows_grad or weights_grad):
         return grad_rows, grad_weights
-    block_t, block_h, warps = _row_tile(width)
+    cfg = _config("unpermute_bwd", config)
+    k_pad, block_h, block_t = _tile(topk, width, cfg["tile"])
     _moe_unpermute_bwd_kernel[(triton.cdiv(num_tokens, block_t),)](
         grad_out,
         rows,
@@ -282,15 +370,16 @@ def unpermute_backward(
         grad_weights if weights_grad else weights,
         num_tokens,
         width,
-        topk,
         num_rows,
         grad_out.stride(0),
         rows.stride(0),
         grad_rows.stride(0) if rows_grad else 0,
+        K=topk,
+        K_PAD=k_pad,
         ROWS_GRAD=rows_grad,
         WEIGHTS_GRAD=weights_grad,
         BLOCK_T=block_t,
         BLOCK_H=block_h,
-        num_warps=warps,
+        num_warps=cfg["warps"],
     )
     return grad_rows, grad_weights

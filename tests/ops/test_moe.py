@@ -144,6 +144,44 @@ def test_unpermute_matches_reference(num_tokens, num_experts, topk, dtype):
     _check_op(fast, ref, [rows, weights], dtype)
 
 
+# Kernel tunables (veofast.kernels.moe_permute.CONFIGS) that make the programs loop: several column chunks per row,
+# one token per step, small count blocks (rows=16 and top-8: two tokens per block).
+KERNEL_CONFIGS = [{"rows": 16, "tile": 128}, {"rows": 64, "tile": 512}]
+
+
+@pytest.mark.parametrize("config", KERNEL_CONFIGS)
+@pytest.mark.parametrize("topk", [3, 8])
+def test_kernel_configs_match_reference(config, topk):
+    """The launchers with other tunables than the defaults: permute exact, the rest against float64."""
+    from veofast.kernels import moe_permute as kernels
+
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    num_tokens, num_experts, width = 13, 10, 40
+    ids, weights = _routing(num_tokens, num_experts, topk, gen)
+    hidden = torch.randn(num_tokens, width, generator=gen, device=DEVICE)
+    grad = torch.randn(num_tokens, width, generator=gen, device=DEVICE)
+    grad_rows = torch.randn(num_tokens * topk, width, generator=gen, device=DEVICE)
+    fast = kernels.permute(hidden, ids, num_experts, config=config)
+    for name, f, r in zip(MoEPermutation._fields, fast, moe_permute_reference(hidden, ids, num_experts), strict=True):
+        assert torch.equal(f, r), name
+    rows, row_index = fast[0], fast[2]
+    tile = {"tile": config["tile"]}
+
+    def close(out, ref64):
+        torch.testing.assert_close(out, ref64.float(), rtol=1e-5, atol=1e-5)
+
+    out = kernels.unpermute(rows, row_index, weights, num_tokens, topk, config=tile)
+    close(out, moe_unpermute_reference(rows.double(), row_index, weights.double()))
+    summed = kernels.unpermute(grad_rows, row_index, None, num_tokens, topk, config=tile)  # the permute backward
+    close(summed, moe_unpermute_reference(grad_rows.double(), row_index, torch.ones_like(weights).double()))
+    rows64, weights64 = rows.double().requires_grad_(), weights.double().requires_grad_()
+    ref = moe_unpermute_reference(rows64, row_index, weights64)
+    ref_grads = torch.autograd.grad(ref, (rows64, weights64), grad.double())
+    grads = kernels.unpermute_backward(grad, rows, row_index, weights, rows_grad=True, weights_grad=True, config=tile)
+    for g, r in zip(grads, ref_grads, strict=True):
+        close(g, r)
+
+
 def test_unpermute_weights_keep_their_dtype():
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     ids, weights = _routing(7, 4, 2, gen)
@@ -354,6 +392,31 @@ def test_gpu_triton_grouped_gemm_kernels(dtype):
     dw = grouped_gemm.grouped_mm_wgrad(x.to(dtype), dy.to(dtype), offsets)
     _assert_close(dw, base_dw, ref_dw, name="wgrad")
     assert torch.count_nonzero(dw[1]) == 0 and torch.count_nonzero(dw[4]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,topk,hidden_size", [(1025, 128, 8, 2000), (97, 16, 1, 4096), (33, 7, 3, 136)]
+)
+def test_gpu_permute_unpermute_bf16(num_tokens, num_experts, topk, hidden_size):
+    """bf16 permute and unpermute, forward and backward, with the default tunables, against float64."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids, weights = _routing(num_tokens, num_experts, topk, gen)
+    hidden = torch.randn(num_tokens, hidden_size, generator=gen, device=DEVICE)
+    _check_op(
+        lambda h: moe_permute(h, ids, num_experts).rows,
+        lambda h: moe_permute_reference(h, ids, num_experts).rows,
+        [hidden],
+        torch.bfloat16,
+    )
+    row_index = moe_permute_reference(hidden, ids, num_experts).row_index
+    rows = torch.randn(num_tokens * topk, hidden_size, generator=gen, device=DEVICE)
+    _check_op(
+        lambda r, w: moe_unpermute(r, row_index, w),
+        lambda r, w: moe_unpermute_reference(r, row_index, w),
+        [rows, weights],
+        torch.bfloat16,
+    )
 
 
 @pytest.mark.gpu

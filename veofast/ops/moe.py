@@ -144,15 +144,17 @@ def moe_permute_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, num_expe
 
 
 def moe_unpermute_reference(rows: torch.Tensor, row_index: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_k topk_weights[t, k] * rows[row_index[t*K + k]], summed in fp32, in rows' dtype.
+    """out[t] = sum_k topk_weights[t, k] * rows[row_index[t*K + k]], summed in fp32 (float64 for float64 rows), in
+    rows' dtype.
 
     rows: (R, H); row_index: (T*K,); topk_weights: (T, K). Returns (T, H).
     """
     num_tokens, topk = topk_weights.shape
     if row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= rows.shape[0]):
         raise ValueError(f"row_index must lie in [0, rows.shape[0]={rows.shape[0]})")
-    gathered = rows[row_index.long()].view(num_tokens, topk, rows.shape[1]).float()
-    return (gathered * topk_weights.float().unsqueeze(-1)).sum(1).to(rows.dtype)
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    gathered = rows[row_index.long()].view(num_tokens, topk, rows.shape[1]).to(acc)
+    return (gathered * topk_weights.to(acc).unsqueeze(-1)).sum(1).to(rows.dtype)
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
@@ -183,17 +185,19 @@ def moe_ffn_reference(
     """The routed expert FFN, the definition: a loop over experts, each on the tokens routed to it.
 
     hidden: (T, H); topk_ids: (T, K) int; topk_weights: (T, K); gate_up_proj: (E, 2I, H); down_proj: (E, H, I).
-    Expert matmuls run in hidden's dtype; the weighted combine is summed in fp32. Returns (T, H), hidden's dtype.
+    Expert matmuls run in hidden's dtype; the weighted combine is summed in fp32 (float64 for float64 inputs).
+    Returns (T, H), hidden's dtype.
     """
     num_experts = gate_up_proj.shape[0]
     _check_ids_in_range(topk_ids, num_experts)
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     for e in range(num_experts):
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
         x = hidden[token]
         gate, up = (x @ gate_up_proj[e].T).chunk(2, dim=-1)
         y = (F.silu(gate) * up) @ down_proj[e].T
-        out = out.index_add(0, token, y.float() * topk_weights[token, slot].float().unsqueeze(-1))
+        out = out.index_add(0, token, y.to(acc) * topk_weights[token, slot].to(acc).unsqueeze(-1))
     return out.to(hidden.dtype)
 
 
