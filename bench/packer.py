@@ -1,9 +1,14 @@
 """Dynamic-batching packer: speed of the C++ and Python best-fit-decreasing packers, and packing efficiency.
 
-Lengths are log-normal (median 600 tokens, sigma 1.0), clipped to [1, 8192]; the budget is 8192 tokens.
+Lengths are log-normal (median 600 tokens, sigma 1.0), clipped to [1, 8192]; the budget is 8192 tokens (a few
+speed cases use other budgets, with the median scaled in proportion).
 
 - speed: sequences packed per second by one call over n sequences (n = the buffer sizes 200 and 2000, and a
-  large 100k), C++ (``veofast._C``) vs the pure-Python fallback, on one core.
+  large 100k; n = 200 also at budgets 2048, 32768 and 131072), C++ (``veofast._C``) vs the pure-Python
+  fallback, on one core. Both are called the way the dynamic batcher calls them: ``pack_sequences(int64 array,
+  int budget, backend=...)``, results as returned (``indices``, ``offsets`` arrays). ``cpp_fixed_us`` is the
+  cost of a C++ call over one sequence: the part of a call that does not scale with n (argument parsing, the
+  two result arrays), which bounds the speed-up at small n.
 - efficiency: a stream of sequences through ``DynamicBatcher`` with buffers of 200 and 2000: real tokens /
   (budget * micro-batches), beside the lower bound ``ceil(sum(len) / budget)`` micro-batches and a sequential
   next-fit baseline.
@@ -30,9 +35,11 @@ from veofast.data.packing import cpp_available, pack_sequences
 BUDGET = 8192
 
 
-def lognormal_lengths(n: int, seed: int) -> np.ndarray:
+def lognormal_lengths(n: int, seed: int, budget: int = BUDGET) -> np.ndarray:
+    """(n,) int64 log-normal lengths, median 600 * budget / 8192, sigma 1.0, clipped to [1, budget]."""
     rng = np.random.default_rng(seed)
-    return np.clip(np.round(rng.lognormal(math.log(600), 1.0, n)), 1, BUDGET).astype(np.int64)
+    median = 600 * budget / BUDGET
+    return np.clip(np.round(rng.lognormal(math.log(median), 1.0, n)), 1, budget).astype(np.int64)
 
 
 def seconds_per_call(fn, *, min_seconds: float = 0.5, repeats: int = 5) -> float:
@@ -51,17 +58,33 @@ def seconds_per_call(fn, *, min_seconds: float = 0.5, repeats: int = 5) -> float
     return float(np.median(rounds))
 
 
+SPEED_CASES = [(200, BUDGET), (2000, BUDGET), (100_000, BUDGET), (200, 2048), (200, 32768), (200, 131072)]
+
+
 def bench_speed() -> list[dict]:
+    """C++ vs Python over ``SPEED_CASES`` (n sequences, budget): the buffer sizes at our budget, a large n, and
+    the default buffer at other budgets (the C++ queries scan more bitset words as the budget grows)."""
     rows = []
-    for n in (200, 2000, 100_000):
-        lengths = lognormal_lengths(n, seed=n)
-        row = {"bench": "speed", "n": n, "budget": BUDGET}
-        py_s = seconds_per_call(lambda lengths=lengths: pack_sequences(lengths, BUDGET, backend="python"))
+    fixed_us = None
+    if cpp_available():
+        one = np.ones(1, dtype=np.int64)
+        fixed_us = 1e6 * seconds_per_call(lambda: pack_sequences(one, BUDGET, backend="cpp"))
+    for n, budget in SPEED_CASES:
+        lengths = lognormal_lengths(n, seed=n, budget=budget)
+        row = {"bench": "speed", "n": n, "budget": budget}
+        py_s = seconds_per_call(
+            lambda lengths=lengths, budget=budget: pack_sequences(lengths, budget, backend="python")
+        )
         row["python_seq_per_s"] = n / py_s
         if cpp_available():
-            cpp_s = seconds_per_call(lambda lengths=lengths: pack_sequences(lengths, BUDGET, backend="cpp"))
+            cpp_s = seconds_per_call(
+                lambda lengths=lengths, budget=budget: pack_sequences(lengths, budget, backend="cpp")
+            )
             row["cpp_seq_per_s"] = n / cpp_s
             row["speedup"] = py_s / cpp_s
+            row["cpp_us_per_call"] = 1e6 * cpp_s
+            row["cpp_fixed_us"] = fixed_us
+        row["python_us_per_call"] = 1e6 * py_s
         rows.append(record("packer", row))
     return rows
 
@@ -114,7 +137,10 @@ def main() -> None:
         args.sequences = 5_000
     speed = bench_speed()
     print("packer speed (sequences/s, one call over n sequences, one core)")
-    print_table(speed, ["n", "cpp_seq_per_s", "python_seq_per_s", "speedup"])
+    columns = ["n", "budget", "cpp_seq_per_s", "python_seq_per_s", "speedup", "cpp_us_per_call", "python_us_per_call"]
+    print_table(speed, columns)
+    if cpp_available():
+        print(f"fixed cost of a C++ call (n=1, through pack_sequences): {speed[0]['cpp_fixed_us']:.2f} us")
     print()
     efficiency = bench_efficiency(args.sequences)
     print(f"packing efficiency, log-normal lengths (median 600, max {BUDGET}), budget {BUDGET}")

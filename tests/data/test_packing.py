@@ -1,19 +1,25 @@
-"""The packer: C++ == Python on random inputs, the packing invariants, and input errors."""
+"""The packer: C++ == Python on random inputs, the packing invariants, the inputs C++ reads in place, input
+errors, and how the dynamic batcher turns the packer's bins into micro-batches."""
 
 from __future__ import annotations
 
+import array
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
+import torch
 
-from veofast.data.packing import cpp_available, pack_sequences, pack_sequences_python
+from veofast.data.dynamic_batching import DynamicBatcher
+from veofast.data.packing import MAX_BUDGET, cpp_available, pack_sequences, pack_sequences_python
 
 needs_cpp = pytest.mark.skipif(not cpp_available(), reason="veofast._C is not built (no C++ compiler at install)")
 
 
 def random_case(seed: int) -> tuple[np.ndarray, int]:
     rng = np.random.default_rng(seed)
-    budget = int(rng.choice([1, 7, 64, 1000, 8192, 70_000]))
-    n = int(rng.integers(0, 400))
+    budget = int(rng.choice([1, 7, 64, 1000, 8192, 70_000, 300_000, MAX_BUDGET]))
+    n = int(rng.integers(0, 400)) if seed % 20 else int(rng.integers(9000, 12000))  # > 8192: wider radix digits
     kind = seed % 4
     if kind == 0:
         lengths = rng.integers(0, budget + 1, n)
@@ -30,14 +36,15 @@ def check_packing(lengths: np.ndarray, budget: int, indices: np.ndarray, offsets
     assert indices.dtype == np.int64 and offsets.dtype == np.int64
     assert sorted(indices.tolist()) == list(range(len(lengths)))  # every sequence exactly once
     assert offsets[0] == 0 and offsets[-1] == len(lengths) and np.all(np.diff(offsets) >= 1)
-    for b in range(len(offsets) - 1):
-        members = indices[offsets[b] : offsets[b + 1]]
-        assert np.all(np.diff(members) > 0)  # increasing index within a bin
-        assert lengths[members].sum() <= budget
+    starts = np.zeros(len(indices), dtype=bool)
+    starts[offsets[:-1]] = True
+    assert np.all((np.diff(indices) > 0) | starts[1:])  # increasing index within a bin
+    if len(lengths):
+        assert np.all(np.add.reduceat(lengths[indices], offsets[:-1]) <= budget)
 
 
 @needs_cpp
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_cpp_equals_python(seed):
     lengths, budget = random_case(seed)
     cpp = pack_sequences(lengths, budget, backend="cpp")
@@ -88,6 +95,57 @@ def test_bad_inputs(backend):
         pack_sequences([1.5], 10, backend=backend)
     indices, offsets = pack_sequences(np.zeros(0, dtype=np.int64), 10, backend=backend)
     assert indices.size == 0 and offsets.tolist() == [0]
+
+
+@needs_cpp
+def test_cpp_reads_buffers_in_place():
+    from veofast import _C
+
+    assert _C.MAX_BUDGET == MAX_BUDGET
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 50, (97, 3)).astype(np.int64)
+    expected = pack_sequences_python(np.ascontiguousarray(wide[:, 1]), 60)
+    for lengths in (wide[:, 1], array.array("q", wide[:, 1].tolist()), memoryview(np.ascontiguousarray(wide[:, 1]))):
+        got = _C.pack_bfd(lengths, 60)  # a strided column, array.array, memoryview: no conversion
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+    for lengths in (torch.from_numpy(wide[:, 1].copy()), wide[:, 1].astype(np.int32), wide[:, 1].tolist()):
+        got = pack_sequences(lengths, 60, backend="cpp")  # converted once by the wrapper
+        np.testing.assert_array_equal(got[0], expected[0])
+    with pytest.raises(ValueError, match="int64"):
+        _C.pack_bfd(wide[:, 1].astype(np.int32), 60)
+    with pytest.raises(TypeError, match="buffer"):
+        _C.pack_bfd([1, 2], 60)
+    with pytest.raises(ValueError, match="budget"):
+        _C.pack_bfd(wide[:, 1], MAX_BUDGET + 1)
+
+
+@needs_cpp
+def test_cpp_threads():
+    # from 4096 sequences the C++ packer releases the GIL; each thread has its own scratch space
+    cases = [random_case(20 * k) for k in range(4)] * 2
+    expected = [pack_sequences(lengths, budget, backend="cpp") for lengths, budget in cases]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda case: pack_sequences(*case, backend="cpp"), cases))
+    for (indices, offsets), (want_indices, want_offsets) in zip(got, expected):
+        np.testing.assert_array_equal(indices, want_indices)
+        np.testing.assert_array_equal(offsets, want_offsets)
+
+
+@pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_cpp)])
+def test_dynamic_batcher_ships_all_bins_but_the_emptiest(backend):
+    lengths = [3, 6, 1, 5, 2, 4, 9, 9, 9, 9, 9]
+    samples = [
+        {"id": i, "input_ids": np.zeros(n, np.int64), "labels": np.zeros(n, np.int64)} for i, n in enumerate(lengths)
+    ]
+    stream = iter(samples)
+    batcher = DynamicBatcher(stream, budget_at=lambda _: 10, max_tokens=10, buffer_size=6, backend=backend)
+    got = [[s["id"] for s in batcher.next_micro_batch()] for _ in range(6)]
+    # buffer 0..5 packs as [1, 5] [0, 3, 4] [2] (the hand example): [2] holds 1 token and waits. Buffer 2, 6..10:
+    # the 9s open bins 6..10, the 1 (2) joins the most recent room-1 bin (10); the emptiest, last opened on a
+    # tie, is [9], which waits.
+    assert got == [[1, 5], [0, 3, 4], [6], [7], [8], [2, 10]]
+    assert [s["id"] for s in batcher.buffer] == [9]
 
 
 def test_unknown_backend():

@@ -111,16 +111,17 @@ class DynamicBatcher:
             self.buffer.append(self.truncate(next(self.stream)))
         lengths = np.fromiter((min(len(s["input_ids"]), budget) for s in self.buffer), np.int64, len(self.buffer))
         indices, offsets = pack_sequences(lengths, budget, backend=self.backend)
-        bins = [indices[offsets[b] : offsets[b + 1]] for b in range(len(offsets) - 1)]
+        grouped = [self.buffer[i] for i in indices.tolist()]  # bin by bin, stream order within a bin
+        bounds = offsets.tolist()
+        bins = [grouped[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
         if len(bins) > 1:
             fills = np.add.reduceat(lengths[indices], offsets[:-1])
             emptiest = len(bins) - 1 - int(np.argmin(fills[::-1]))  # the last opened on a tie
-            keep = bins.pop(emptiest)
+            self.buffer = bins.pop(emptiest)
         else:
-            keep = indices[:0]
-        self.ready = [[self.buffer[i] for i in bin_] for bin_ in bins]
+            self.buffer = []
+        self.ready = bins
         self.ready_budget = budget
-        self.buffer = [self.buffer[i] for i in keep.tolist()]
 
     def state_dict(self) -> dict:
         return {

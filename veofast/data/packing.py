@@ -14,8 +14,10 @@ The algorithm, with every tie broken deterministically:
 3. Report the bins in that order, each bin's indices in increasing order.
 
 Every length must lie in ``[0, budget]``: a longer sequence can never fit, and the caller decides what happens
-to it (the dynamic batcher gives it a micro-batch of its own; see ``dynamic_batching.py``).
-Cost: O(n log n) for the sort; the C++ placement is O(1) per sequence for budgets up to ~2**18 tokens.
+to it (the dynamic batcher gives it a micro-batch of its own; see ``dynamic_batching.py``). The budget is at most
+``MAX_BUDGET`` = 2**24 tokens. Cost: O(n log n) for the sort; the C++ placement is O(1) per sequence for budgets
+up to ~2**18 tokens. The C++ call reads an int64 NumPy array in place and returns two fresh arrays; its fixed
+cost (~1 us) is about a fifth of a call over the default buffer of 200 sequences.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpp", "python")
+MAX_BUDGET = 2**24  # tokens; the C++ packer keeps O(budget) scratch (veofast._C.MAX_BUDGET)
 
 try:
     from veofast import _C
@@ -37,6 +40,7 @@ except ImportError as exc:  # extension not built (no compiler at install time)
     _C = None
     _CPP_ERROR = str(exc)
 _warned_fallback = False
+_INT64 = np.dtype(np.int64)
 
 
 def cpp_available() -> bool:
@@ -48,28 +52,33 @@ def pack_sequences(lengths, budget: int, *, backend: str = "auto") -> tuple[np.n
     """Pack sequences into bins of at most ``budget`` tokens by best-fit-decreasing (rules in the module doc).
 
     Args:
-        lengths: (n,) integer array-like, each in ``[0, budget]``.
-        budget: tokens per bin, >= 1.
+        lengths: (n,) integers, each in ``[0, budget]``: best an int64 NumPy array, which the C++ packer reads in
+            place (no conversion, no copy); any other array-like (list, torch CPU tensor, ...) is converted first.
+        budget: tokens per bin, in ``[1, MAX_BUDGET]``.
         backend: ``"auto"`` (C++ if built, else Python), ``"cpp"`` (raises if not built) or ``"python"``.
 
     Returns:
         ``(indices, offsets)``: int64 arrays of shapes (n,) and (bins + 1,); bin ``b`` holds the sequences
         ``indices[offsets[b]:offsets[b + 1]]``.
     """
-    global _warned_fallback
+    if _C is not None and (backend == "auto" or backend == "cpp"):
+        # The dataloader's call: an int64 array and an int go straight to C++, which checks shape and range.
+        if type(lengths) is not np.ndarray or lengths.dtype is not _INT64:
+            lengths = _lengths_array(lengths)
+        if type(budget) is not int or not 1 <= budget <= MAX_BUDGET:
+            _check_budget(budget)
+            budget = int(budget)
+        return _C.pack_bfd(lengths, budget)
     if backend not in BACKENDS:
         raise ValueError(f"pack_sequences: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "python" or (backend == "auto" and _C is None):
-        if backend == "auto" and not _warned_fallback:
+    if backend == "cpp":
+        raise ValueError(f"pack_sequences: backend='cpp' asked for but veofast._C is not built ({_CPP_ERROR})")
+    if backend == "auto":
+        global _warned_fallback
+        if not _warned_fallback:
             _warned_fallback = True
             logger.warning("veofast._C is not built (%s); packing with the pure-Python fallback.", _CPP_ERROR)
-        return pack_sequences_python(lengths, budget)
-    if _C is None:
-        raise ValueError(f"pack_sequences: backend='cpp' asked for but veofast._C is not built ({_CPP_ERROR})")
-    _check_budget(budget)
-    if not (type(lengths) is np.ndarray and lengths.dtype == np.int64):
-        lengths = _as_int64(lengths)
-    return _C.pack_bfd(lengths, int(budget))  # the extension checks shape and range itself
+    return pack_sequences_python(lengths, budget)
 
 
 def pack_sequences_python(lengths: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,10 +87,8 @@ def pack_sequences_python(lengths: np.ndarray, budget: int) -> tuple[np.ndarray,
     Open bins live in a sorted list of ``(room, -stamp, bin)``; ``stamp`` counts placements, so the first
     entry with ``room >= length`` is the least sufficient room, most recently reached.
     """
-    array = _as_int64(lengths)
+    array = _lengths_array(lengths)
     _check_budget(budget)
-    if array.ndim != 1:
-        raise ValueError(f"pack_sequences: lengths must be 1-D, got shape {array.shape}")
     if array.size and (array.min() < 0 or array.max() > budget):
         bad = int(np.flatnonzero((array < 0) | (array > budget))[0])
         raise ValueError(f"pack_sequences: lengths[{bad}] = {int(array[bad])} is outside [0, budget={budget}]")
@@ -110,12 +117,15 @@ def pack_sequences_python(lengths: np.ndarray, budget: int) -> tuple[np.ndarray,
 
 
 def _check_budget(budget: int) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 1 <= budget < 2**31:
-        raise ValueError(f"pack_sequences: budget must be an int in [1, 2**31 - 1], got {budget!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 1 <= budget <= MAX_BUDGET:
+        raise ValueError(f"pack_sequences: budget must be an int in [1, 2**24], got {budget!r}")
 
 
-def _as_int64(lengths) -> np.ndarray:
+def _lengths_array(lengths) -> np.ndarray:
+    """lengths as a 1-D int64 NumPy array (no copy when it already is one)."""
     array = np.asarray(lengths)
     if array.size and array.dtype.kind not in "iu":
         raise TypeError(f"pack_sequences: lengths must be integers, got dtype {array.dtype}")
-    return np.ascontiguousarray(array, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"pack_sequences: lengths must be 1-D, got shape {array.shape}")
+    return array.astype(np.int64, copy=False)
