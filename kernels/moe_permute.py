@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 
 # Defaults for H=2048, top-8, from the H200 sweep of bench/moe.py (permute: every config within 5% of this one,
-# 2.9-3.0 TB/s at 16384 tokens; unpermute and unpermute_bwd: the fastest at 16384 tokens): a step covers whole rows, and for unpermute every thread holds all K slots of its columns,
-# so the sum over slots stays in registers (no shared-memory reduction, no barrier).
+# 2.9-3.0 TB/s at 16384 tokens; unpermute and unpermute_bwd: the fastest at 16384 tokens). A step covers whole
+# rows, and for unpermute every thread holds all K slots of its columns, so the sum over slots stays in registers
+# (no shared-memory reduction, no barrier).
 CONFIGS: dict[str, dict[str, int]] = {
     "permute": {"rows": 128, "tile": 16384, "warps": 8},
     "unpermute": {"tile": 8192, "warps": 4},  # also the permute backward
