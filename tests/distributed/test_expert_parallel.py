@@ -10,6 +10,7 @@ run over other groups). The dispatcher comparison runs in float64 (abs 1e-12).
 import json
 
 import pytest
+import torch
 from dist_launch import torchrun
 
 TRAIN_WORKER = "tests/distributed/workers/train_steps_worker.py"
@@ -89,3 +90,17 @@ def test_ep2_times_ep_fsdp2_on_four_ranks(tmp_path, one_rank):
     check_errors(report)
     check_dispatch(report)
     check_hf(report, {"e4": ["_S(0, 2)", "S(0)"], "e2_top1": ["S(1)", "S(0)"]})
+
+
+def test_gather_rows_matches_index_select_and_its_gradient():
+    from veofast.distributed.expert_parallel import gather_rows
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    index = torch.randperm(37, generator=gen).to(torch.int32)
+    grad = torch.randn(37, 5, dtype=torch.float64, generator=gen)
+    out = gather_rows(x, index)
+    (got,) = torch.autograd.grad(out, x, grad)
+    want_out = x.index_select(0, index.long())
+    (want,) = torch.autograd.grad(want_out, x, grad)
+    assert torch.equal(out, want_out) and torch.equal(got, want)

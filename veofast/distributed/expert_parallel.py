@@ -134,6 +134,28 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index``; the backward gathers with the inverse permutation (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        index = index.long()
+        inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.shape[0], device=index.device))
+        return grad.index_select(0, inverse), None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x (R, ...)`` reordered by the permutation ``index (R,)`` of ``[0, R)``: row i of the result is
+    ``x[index[i]]``. Differentiable wrt ``x``."""
+    return _GatherRows.apply(x, index)
+
+
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
     """Rows per expert ``(E,)`` -> cumulative end rows ``(E,)`` int32."""
     return counts.cumsum(0).to(torch.int32)
@@ -209,15 +231,17 @@ class ExpertParallelDispatcher:
         send_splits, recv_splits, rows_a = sizes[:ep], sizes[ep : 2 * ep], sizes[2 * ep]
         own_start, own_rows = sum(send_splits[:rank]), send_splits[rank]
         send_splits[rank] = 0
-        rows = permuted.rows
-        own = rows[own_start : own_start + own_rows]
+        # Pieces of the permuted rows by ``split`` (its backward writes all their gradients into one tensor),
+        # not by slicing (each slice's backward would add a full-size zero-padded gradient).
+        before, own_a, own_b, after = permuted.rows.split(
+            [own_start, rows_a, own_rows - rows_a, permuted.rows.shape[0] - own_start - own_rows]
+        )
 
         # 4. Dispatch the other ranks' rows; meanwhile the first half of the local experts on this rank's rows.
-        remote = torch.cat([rows[:own_start], rows[own_start + own_rows :]])
-        received, dispatch = all_to_all_start(remote, recv_splits, send_splits, self.group)
-        out_a = own[:0]  # with a single local expert there is no first half
+        received, dispatch = all_to_all_start(torch.cat([before, after]), recv_splits, send_splits, self.group)
+        out_a = own_a  # with a single local expert there is no first half (own_a is empty)
         if half:
-            out_a = expert_ffn(own[:rows_a], _offsets(own_counts[:half]), gate_up[:half], down[:half], backend=backend)
+            out_a = expert_ffn(own_a, _offsets(own_counts[:half]), gate_up[:half], down[:half], backend=backend)
         received = all_to_all_wait(received, dispatch)
         # 5. Received rows are ordered (source rank, local expert): regroup by local expert, run, order back.
         local_ids = torch.repeat_interleave(
@@ -229,12 +253,13 @@ class ExpertParallelDispatcher:
         out_rows = expert_ffn(grouped.rows, grouped.expert_offsets, gate_up, down, backend=backend)
         # 6. Combine: results back to their token's rank; meanwhile the second half of the local experts.
         returned, combine = all_to_all_start(
-            out_rows.index_select(0, grouped.row_index), send_splits, recv_splits, self.group
+            gather_rows(out_rows, grouped.row_index), send_splits, recv_splits, self.group
         )
-        out_b = expert_ffn(own[rows_a:], _offsets(own_counts[half:]), gate_up[half:], down[half:], backend=backend)
+        out_b = expert_ffn(own_b, _offsets(own_counts[half:]), gate_up[half:], down[half:], backend=backend)
         returned = all_to_all_wait(returned, combine)
         # 7. Rows back in permuted order, then each token's K rows weighted by its router probabilities and summed.
-        out = torch.cat([returned[:own_start], out_a, out_b, returned[own_start:]])
+        returned_before, returned_after = returned.split([own_start, returned.shape[0] - own_start])
+        out = torch.cat([returned_before, out_a, out_b, returned_after])
         return moe_unpermute(out, permuted.row_index, topk_weights, backend=backend)
 
 

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from veofast.models.auto import materialize_model
 
+from .fsdp_copy_in import install_reduce_scatter_copy_in
 from .load_balancing import apply_global_load_balancing
 from .parallel_state import get_parallel_state
 
@@ -95,6 +96,7 @@ def build_parallelize_model(
 
     device = ps.device
     if ps.dp_mode == "fsdp2":
+        install_reduce_scatter_copy_in()  # torch's copy-in costs CPU time that grows with the gradients' size
         mixed = enable_mixed_precision and ps.device_type == "cuda"
         if enable_mixed_precision and not mixed:
             _log_once("mixed precision is off on CPU: bf16 compute is only used on CUDA")
