@@ -123,6 +123,7 @@ TABLE_COLUMNS = [
     "model",
     "provider",
     "world_size",
+    "ep_size",
     "step_ms",
     "tokens_per_s_per_gpu",
     "mfu_pct",
@@ -470,6 +471,7 @@ def benchmark_provider(
         "layers": config.num_hidden_layers,
         "seq_len": seq_len,
         "world_size": world,
+        "ep_size": get_parallel_state().ep_size,
         "warmup": warmup,
         "steps": steps,
         "matmul_params": matmul_params(config),
@@ -594,7 +596,7 @@ def _init_distributed(args) -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=timedelta(seconds=args.nccl_timeout))
-    init_parallel_state(dp_mode="fsdp2")
+    init_parallel_state(dp_mode="fsdp2", ep_size=args.ep)
     return get_parallel_state().device
 
 
@@ -620,11 +622,14 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=1, help="profiled steps for the time split (0: off)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; later providers are skipped")
     parser.add_argument("--nccl-timeout", type=int, default=300, help="seconds (--fsdp)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (--fsdp, MoE models only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/train.py needs a CUDA GPU (tests/engine/test_bench_train.py runs its core on CPU)")
     if args.providers is None:
         args.providers = "veofast" if args.fsdp else ",".join(PROVIDERS)
+    if args.ep > 1 and (not args.fsdp or args.models != "moe"):
+        raise SystemExit("--ep > 1 needs --fsdp and --models moe (expert parallelism of the veofast MoE model)")
     if args.moe_layers is None:
         args.moe_layers = "4" if args.quick or args.fsdp else "4,8"
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One batched session on a 4-GPU node: the per-area GPU jobs in tools/gpu_jobs/ side by side on separate GPUs,
+# then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
+# Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
+# summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs diag confirm multi (each takes 4-6 minutes)
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/install.log" 2>&1 || { tail "$WORK/install.log"; exit 1; }
+LOG="$OUT/round.log"
+phases=("$@")
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
+
+# job NAME GPUS TIMEOUT COMMAND...: runs with its own $OUT and results folder, output in $WORK/NAME/stdout.log
+job() {
+  local name=$1 gpus=$2 limit=$3; shift 3
+  mkdir -p "$WORK/$name"
+  ( export CUDA_VISIBLE_DEVICES=$gpus OUT="$WORK/$name" VEOFAST_BENCH_RESULTS="$WORK/$name"
+    timeout "$limit" "$@" > "$WORK/$name/stdout.log" 2>&1; echo "rc=$?" >> "$WORK/$name/stdout.log" )
+}
+
+summary() {  # the tail of each named job's output into the round log
+  for name in "$@"; do
+    { echo "################ $name"; grep -v -E "UserWarning|warn_once|^W[0-9]{4}|\*{5}" "$WORK/$name/stdout.log" \
+        | tail -c 6000; } >> "$LOG" 2>/dev/null
+  done
+}
+
+for phase in "${phases[@]}"; do
+  case "$phase" in
+    jobs)  # per-area jobs on GPUs 0-3 (the packer on the CPU beside them), then the diagnostics on the freed GPUs
+      stamp "phase jobs"
+      job packer "" 150 bash tools/gpu_jobs/packer.sh &
+      job attention 0 330 bash tools/gpu_jobs/attention.sh &
+      job small_ops 1 330 bash tools/gpu_jobs/small_ops.sh &
+      job cross_entropy 2 330 bash tools/gpu_jobs/cross_entropy.sh &
+      job moe 3 330 bash tools/gpu_jobs/moe.sh &
+      wait
+      summary attention small_ops packer cross_entropy moe ;;
+    diag)
+      stamp "phase diag"
+      job ep_diag 0,1 150 torchrun --nproc_per_node=2 --master_port=29631 tools/gpu_jobs/ep_diag.py &
+      job step_diag 2 200 python3 tools/gpu_jobs/step_diag.py moe:veofast moe:transformers+veofast &
+      wait
+      summary ep_diag step_diag ;;
+    confirm)  # the suites with the pinned configs: 1-GPU training steps, GPU tests, op and 2-GPU suites
+      stamp "phase confirm"
+      job train 0 300 python3 bench/train.py --quick --time-budget 250 &
+      ( job gpu_tests 1 200 python3 -m pytest -q -m gpu tests/ops -p no:cacheprovider -k "not triton-grad-weight-load"
+        job attention_bench 1 90 python3 bench/attention.py --quick ) &
+      ( job moe_ep 2,3 100 torchrun --nproc_per_node=2 --master_port=29651 bench/moe_ep.py --repeats 10
+        job fsdp2 2,3 120 torchrun --nproc_per_node=2 --master_port=29652 bench/train.py --fsdp --models dense,moe \
+          --steps 8 ) &
+      wait
+      summary train gpu_tests attention_bench moe_ep fsdp2 ;;
+    multi)
+      stamp "phase multi"
+      common=(tasks/train.py configs/moe.yaml --train.save_steps 0)
+      job zero3 0,1,2,3 120 torchrun --nproc_per_node=4 "${common[@]}" --train.max_steps 10 \
+        --train.enable_full_shard true --train.output_dir "$WORK/zero3/run"
+      tail -2 "$WORK/zero3/run/metrics.jsonl" >> "$WORK/zero3/stdout.log" 2>&1
+      kr=(tasks/train.py configs/moe.yaml --train.max_steps 12 --train.save_steps 6)
+      job kr_full 0,1,2,3 90 torchrun --nproc_per_node=4 "${kr[@]}" --train.output_dir "$WORK/kr_full/run"
+      job kr_killed 0,1,2,3 90 torchrun --nproc_per_node=4 "${kr[@]}" --train.output_dir "$WORK/kr/run" &
+      while [ ! -f "$WORK/kr/run/checkpoints/global_step_6/COMPLETE" ] && [ $(( $(date +%s) - T0 )) -lt 3000 ] \
+        && pgrep -f -- "--train.output_dir $WORK/kr/run" > /dev/null; do sleep 0.2; done
+      pkill -9 -f -- "--train.output_dir $WORK/kr/run"; wait
+      ls "$WORK/kr/run/checkpoints" >> "$WORK/kr_killed/stdout.log" 2>&1
+      job kr_resume 0,1,2,3 90 torchrun --nproc_per_node=4 "${kr[@]}" --train.output_dir "$WORK/kr/run" \
+        --train.load_path auto
+      python3 tools/compare_loss_curves.py "$WORK/kr_full/run/metrics.jsonl" "$WORK/kr/run/metrics.jsonl" \
+        --label "kill at step 6 and resume, 4 GPUs" >> "$WORK/kr_resume/stdout.log" 2>&1
+      job ep4 0,1,2,3 120 torchrun --nproc_per_node=4 --master_port=29641 bench/train.py --fsdp --models moe \
+        --ep 4 --steps 8
+      job fsdp4 0,1,2,3 90 torchrun --nproc_per_node=4 --master_port=29642 bench/train.py --fsdp --models dense \
+        --steps 8
+      summary zero3 kr_full kr_killed kr_resume ep4 fsdp4 ;;
+    *) stamp "unknown phase $phase" ;;
+  esac
+done
+stamp "done"
+tar -C "$WORK" -czf "$OUT/results.tar.gz" --exclude='*/run/checkpoints' . 2>/dev/null
+grep -E "^#####|rc=" "$LOG"
