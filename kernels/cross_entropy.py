@@ -1,16 +1,27 @@
-"""Triton kernel and host launcher of the fused linear cross-entropy.
+"""Row kernel and host launcher of the fused linear cross-entropy.
 
 Design: tokens are processed in chunks of ``chunk_rows(...)`` rows. For each chunk
 1. ``logits = hidden_chunk @ weight.T (+ bias)`` with cuBLAS, into a reused buffer in the input dtype;
-2. ``_ce_rows_kernel`` (one program per token) makes two passes over that token's logits: an online logsumexp
-   (plus the sum of logits for label smoothing), then, when gradients are wanted, it overwrites the logits in place
-   with ``dloss/dlogits`` scaled by the token's weight;
+2. ``_ce_rows_kernel`` makes two passes over each token's logits: an online logsumexp (plus the sum of logits for
+   label smoothing), then, when gradients are wanted, it overwrites the logits in place with ``dloss/dlogits``
+   scaled by the token's weight;
 3. ``grad_hidden_chunk = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden_chunk`` with cuBLAS (fp32
    accumulation inside the GEMM; ``grad_weight`` itself is kept in the weight's dtype, so it costs no memory beyond
    the gradient that has to exist anyway).
 
 The full ``(N, V)`` logits never exist: the extra memory is one ``(chunk_rows, V)`` buffer. Nothing here reads a
 device value on the host, so there is no host-device synchronisation.
+
+Measured on an H200 (bf16, forward + backward of the public op, 10% of labels ignored; "floor" = 6NHV FLOP at the
+784 TFLOP/s of ANCHORS.md): at N=16384, H=4096, V=151936 (floor 78.0 ms) the three GEMMs alone, unchunked on cuBLAS,
+take 90.6 ms (logits / grad_hidden / grad_weight at 709 / 656 / 664 TFLOP/s; an 8192^3 matmul ran at 698 TFLOP/s
+in the same run), so 84 ms (93% of the floor's rate) is out of reach with cuBLAS GEMMs. This pass takes 98.7 ms
+with 256 MiB chunks (0.22 GiB extra memory), liger-kernel 103.3 ms (0.15 GiB), torch.compile of the eager loss
+91.5 ms (4.64 GiB). Triton GEMMs in place of cuBLAS, a logits GEMM whose epilogue wrote per-block softmax
+statistics (740 TFLOP/s; the row kernel then read the logits once) or a grad_weight GEMM accumulating with TMA
+reduce-adds, changed the total by under 1%, within noise, so they are not kept. At N=8192, H=2048, V=128256:
+21.2 ms (floor 16.5) against torch.compile 22.1 and liger 28.5; at N=4096, H=4096, V=151936 with 512 MiB chunks:
+24.6 ms (floor 19.5) against 24.0 and 54.6.
 """
 
 from __future__ import annotations
@@ -21,8 +32,9 @@ import triton.language as tl
 
 # Bytes of the reused (chunk_rows, V) logits buffer, the only extra memory besides the gradients themselves. The
 # grad_weight GEMM has K = chunk_rows and re-reads and re-writes all of grad_weight once per chunk, so bigger chunks
-# are faster and cost memory (bench/cross_entropy.py sweeps this; 512 MiB = 1664 rows at V=151936 in bf16).
-DEFAULT_CHUNK_BYTES = 512 * 2**20
+# are faster and cost memory (256 MiB = 832 rows at V=151936 in bf16). On an H200 at N=16384, H=4096, V=151936,
+# 256 MiB took 98.7 ms against 101.0 ms for 512 MiB, with 0.22 instead of 0.47 GiB extra (bench/cross_entropy.py).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Chunk row counts are multiples of this, so the GEMMs see well-shaped tiles.
 CHUNK_ROW_MULTIPLE = 128
 MAX_BLOCK_V = 4096
@@ -52,35 +64,8 @@ def _softcap(x, softcap):
 
 
 @triton.jit
-def _ce_rows_kernel(
-    logits_ptr,
-    stride_row,
-    labels_ptr,
-    scale_ptr,
-    scale_stride,
-    loss_ptr,
-    z_ptr,
-    V,
-    ignore_index,
-    label_smoothing,
-    lse_square_scale,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """One token (row) per program.
-
-    logits: (rows, V) in the input dtype, overwritten with scale * dloss/dlogits when COMPUTE_GRAD;
-    labels: (rows,); scale: token weights, read at ``row * scale_stride`` (stride 0 for one shared scalar);
-    loss, z: (rows,) fp32, the cross-entropy and the z-loss term of each token (0 where ignored).
-    """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = (label != ignore_index) & (label >= 0) & (label < V)
-
+def _row_lse(row_ptr, V, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over a row of logits: (logsumexp, sum) of the (soft-capped) logits; sum is 0 without smoothing."""
     offs = tl.arange(0, BLOCK_V)
     m_vec = tl.full([BLOCK_V], _NEG_BIG, tl.float32)
     s_vec = tl.zeros([BLOCK_V], tl.float32)
@@ -98,40 +83,73 @@ def _ce_rows_kernel(
         s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
         m_vec = m_new
     m = tl.max(m_vec, axis=0)
-    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0))
+    return m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0)), tl.sum(sum_vec, axis=0)
 
-    safe_label = tl.where(valid, label, 0)
-    x_label = tl.load(row_ptr + safe_label).to(tl.float32)
-    if HAS_SOFTCAP:
-        x_label = _softcap(x_label, softcap)
-    if HAS_SMOOTHING:
-        ce = lse - (1.0 - label_smoothing) * x_label - label_smoothing / V * tl.sum(sum_vec, axis=0)
-    else:
-        ce = lse - x_label
-    z = lse_square_scale * lse * lse
-    tl.store(loss_ptr + row, tl.where(valid, ce, 0.0))
-    tl.store(z_ptr + row, tl.where(valid, z, 0.0))
 
-    if COMPUTE_GRAD:
-        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
-        scale = tl.where(valid, scale, 0.0)
-        p_coef = 1.0 + 2.0 * lse_square_scale * lse
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            mask = cols < V
-            raw = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            x = raw
-            if HAS_SOFTCAP:
-                x = _softcap(raw, softcap)
-            grad = tl.exp(x - lse) * p_coef
-            if HAS_SMOOTHING:
-                grad = grad - label_smoothing / V - (1.0 - label_smoothing) * (cols == label).to(tl.float32)
-            else:
-                grad = grad - (cols == label).to(tl.float32)
-            if HAS_SOFTCAP:
-                t = x / softcap
-                grad = grad * (1.0 - t * t)
-            tl.store(row_ptr + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr,
+    stride_row,
+    labels_ptr,
+    scale_ptr,
+    scale_stride,
+    loss_ptr,
+    z_ptr,
+    rows,
+    V,
+    ignore_index,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Each program loops over rows pid, pid + programs, ... (one row each when there are ``rows`` programs).
+
+    logits: (rows, V) in the input dtype, overwritten with scale * dloss/dlogits when COMPUTE_GRAD;
+    labels: (rows,); scale: token weights, read at ``row * scale_stride`` (stride 0 for one shared scalar);
+    loss, z: (rows,) fp32, the cross-entropy and the z-loss term of each token (0 where ignored).
+    """
+    for r in range(tl.program_id(0), rows, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        row_ptr = logits_ptr + row * stride_row
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        valid = (label != ignore_index) & (label >= 0) & (label < V)
+        lse, total = _row_lse(row_ptr, V, softcap, HAS_SOFTCAP, HAS_SMOOTHING, BLOCK_V)
+
+        safe_label = tl.where(valid, label, 0)
+        x_label = tl.load(row_ptr + safe_label).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_label = _softcap(x_label, softcap)
+        if HAS_SMOOTHING:
+            ce = lse - (1.0 - label_smoothing) * x_label - label_smoothing / V * total
+        else:
+            ce = lse - x_label
+        tl.store(loss_ptr + row, tl.where(valid, ce, 0.0))
+        tl.store(z_ptr + row, tl.where(valid, lse_square_scale * lse * lse, 0.0))
+
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+            scale = tl.where(valid, scale, 0.0)
+            p_coef = 1.0 + 2.0 * lse_square_scale * lse
+            offs = tl.arange(0, BLOCK_V)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                mask = cols < V
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    x = _softcap(x, softcap)
+                grad = tl.exp(x - lse) * p_coef
+                if HAS_SMOOTHING:
+                    grad = grad - label_smoothing / V - (1.0 - label_smoothing) * (cols == label).to(tl.float32)
+                else:
+                    grad = grad - (cols == label).to(tl.float32)
+                if HAS_SOFTCAP:
+                    t = x / softcap
+                    grad = grad * (1.0 - t * t)
+                tl.store(row_ptr + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def ce_rows(
@@ -146,17 +164,24 @@ def ce_rows(
     lse_square_scale: float,
     softcap: float | None,
     compute_grad: bool,
-    block_v: int | None = None,
+    block_v: int = MAX_BLOCK_V,
+    programs: int = 0,
 ) -> None:
     """Launch ``_ce_rows_kernel`` on one chunk.
 
     logits: (rows, V), rows contiguous (overwritten with dlogits when ``compute_grad``); labels: (rows,);
-    token_scale: 0-dim or (rows,) fp32; loss, z: (rows,) fp32 outputs.
+    token_scale: 0-dim or (rows,) fp32; loss, z: (rows,) fp32 outputs;
+    programs: 0 for one program per row, else that many programs looping over the rows. On an H200 the kernel alone
+    moved 2466 GB/s with one program per row and 2721 GB/s with 528 programs (4 per SM), about 0.6 ms of the 98.7 ms
+    pass at N=16384, V=151936; one program per row stays the default.
     """
     rows, vocab = logits.shape
     assert logits.stride(1) == 1 and labels.is_contiguous() and loss.is_contiguous() and z.is_contiguous()
-    block = min(block_v or MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    _ce_rows_kernel[(rows,)](
+    assert programs >= 0 and block_v >= 1
+    if rows == 0:
+        return
+    block = min(block_v, triton.next_power_of_2(vocab))
+    _ce_rows_kernel[(min(programs, rows) if programs else rows,)](
         logits,
         logits.stride(0),
         labels,
@@ -164,6 +189,7 @@ def ce_rows(
         token_scale.stride(0) if token_scale.dim() else 0,
         loss,
         z,
+        rows,
         vocab,
         ignore_index,
         float(label_smoothing),
@@ -175,6 +201,26 @@ def ce_rows(
         BLOCK_V=block,
         num_warps=8 if block >= 2048 else 4,
     )
+
+
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """x[block] *= scale, unless scale == 1: then nothing is read or written."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_unless_one_(t: torch.Tensor, scale: torch.Tensor) -> None:
+    """``t *= scale`` in place (t contiguous, scale a 1-element tensor on t's device) without a host sync; when scale
+    is 1, as for the loss of a training step, it costs one launch instead of a pass over t."""
+    assert t.is_contiguous() and scale.numel() == 1
+    if t.numel():
+        block = 4096
+        _scale_unless_one_kernel[(triton.cdiv(t.numel(), block),)](t, scale, t.numel(), BLOCK=block, num_warps=8)
 
 
 def linear_cross_entropy_pass(
@@ -191,14 +237,17 @@ def linear_cross_entropy_pass(
     grad_hidden: bool,
     grad_weight: bool,
     grad_bias: bool,
-    chunk_budget_bytes: int | None = None,
-    block_v: int | None = None,
+    chunk_bytes: int | None = None,
+    row_programs: int = 0,
+    block_v: int = MAX_BLOCK_V,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Per-token cross-entropy of ``hidden @ weight.T + bias`` and, if asked, the gradients of
     ``sum_n token_scale[n] * (ce[n] + z[n])``.
 
     hidden: (N, H); weight: (V, H) same dtype; bias: (V,) or None; labels: (N,) int; token_scale: 0-dim or (N,) fp32.
     Labels equal to ``ignore_index`` or outside [0, V) count as ignored (loss 0, no gradient).
+    chunk_bytes: budget of the logits buffer (default ``DEFAULT_CHUNK_BYTES``, read at call time);
+    row_programs, block_v: the row kernel's grid and vocab block (see ``ce_rows``).
     Returns ce (N,) fp32, z (N,) fp32 (``lse_square_scale * lse**2``), grad_hidden (N, H), grad_weight (V, H),
     grad_bias (V,), each grad in its input's dtype or None when not asked for.
     """
@@ -210,7 +259,7 @@ def linear_cross_entropy_pass(
     g_hidden = hidden.new_empty(hidden.shape) if grad_hidden else None  # contiguous, so chunk rows are too
     g_weight = (weight.new_empty(weight.shape) if n_tokens else weight.new_zeros(weight.shape)) if grad_weight else None
     g_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if grad_bias else None
-    rows = chunk_rows(n_tokens, vocab, hidden.element_size(), budget_bytes=chunk_budget_bytes)
+    rows = chunk_rows(n_tokens, vocab, hidden.element_size(), budget_bytes=chunk_bytes)
     buffer = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
     weight_t = weight.t()
     for start in range(0, n_tokens, rows):
@@ -234,6 +283,7 @@ def linear_cross_entropy_pass(
             softcap=softcap,
             compute_grad=compute_grad,
             block_v=block_v,
+            programs=row_programs,
         )
         if g_hidden is not None:
             torch.mm(logits, weight, out=g_hidden[start:end])

@@ -127,6 +127,17 @@ def test_features_match_float64(backend, feature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("factor", [1.0, 0.37])
+def test_incoming_gradient_scales_grads(backend, reduction, factor):
+    """Gradients made in the forward pass are scaled by the loss's incoming gradient (skipped work when it is 1)."""
+    inputs = make_inputs(24, 16, 101, bias=True)
+    grad_out = torch.tensor(factor)
+    got = run(call(backend), *inputs, grad_out=grad_out, reduction=reduction)
+    assert_close64(got, oracle_run(*inputs, grad_out=grad_out, reduction=reduction), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_gives_zero_loss_and_grads(backend, reduction):
     hidden, weight, labels, bias = make_inputs(8, 16, 101, bias=True)
@@ -153,8 +164,21 @@ def test_fp16_error_bound(backend):
         assert max_err(got[i], want[i]) <= 2 * max_err(eager[i], want[i]) + floor, name
 
 
-def test_kernel_chunks_and_vocab_blocks(monkeypatch):
-    """The launcher on several token chunks and vocab blocks (ragged last ones) matches the reference pass."""
+PASS_OPTIONS = dict(
+    ignore_index=-100,
+    label_smoothing=0.1,
+    lse_square_scale=1e-2,
+    softcap=4.0,
+    grad_hidden=True,
+    grad_weight=True,
+    grad_bias=True,
+)
+
+
+@pytest.mark.parametrize("row_programs", [0, 3])
+def test_kernel_chunks_and_vocab_blocks(row_programs, monkeypatch):
+    """The launcher on several token chunks and vocab blocks (ragged last ones), with one row-kernel program per
+    token or a few looping over them, matches the reference pass."""
     import veofast.kernels.cross_entropy as kernels
 
     from veofast.ops.cross_entropy import _reference_pass
@@ -162,19 +186,10 @@ def test_kernel_chunks_and_vocab_blocks(monkeypatch):
     monkeypatch.setattr(kernels, "CHUNK_ROW_MULTIPLE", 16)
     hidden, weight, labels, bias = make_inputs(40, 16, 300, bias=True)
     scale = torch.rand(40) + 0.5
-    opts = dict(
-        ignore_index=-100,
-        label_smoothing=0.1,
-        lse_square_scale=1e-2,
-        softcap=4.0,
-        grad_hidden=True,
-        grad_weight=True,
-        grad_bias=True,
-    )
     got = kernels.linear_cross_entropy_pass(
-        hidden, weight, bias, labels, scale, chunk_budget_bytes=1, block_v=128, **opts
+        hidden, weight, bias, labels, scale, chunk_bytes=1, block_v=128, row_programs=row_programs, **PASS_OPTIONS
     )
-    want = _reference_pass(hidden, weight, bias, labels, scale, **opts)
+    want = _reference_pass(hidden, weight, bias, labels, scale, **PASS_OPTIONS)
     for g, w in zip(got, want, strict=True):
         assert max_err(g, w) <= 1e-5 * w.abs().max().item()
 
@@ -300,6 +315,38 @@ def test_gpu_error_bound(dtype, chunk_bytes, monkeypatch):
     for i, name, k in [(0, "loss", 2), (2, "grad_hidden", 2), (3, "grad_weight", 2 * chunks**0.5)]:
         floor = 1e-3 * want[i].abs().max().item()
         assert max_err(got[i], want[i]) <= k * max_err(eager[i], want[i]) + floor, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("row_programs", [0, 132])
+@pytest.mark.parametrize("features", [{}, dict(label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0, bias=True)])
+def test_gpu_pass_bf16(row_programs, features):
+    """The pass in bf16, N=1031, H=512, V=32003 in 9 chunks of 128 tokens, one row-kernel program per token or 132
+    looping over them: |pass - ref64| <= 2 |torch bf16 - ref64| + floor (grad_weight, accumulated over chunks:
+    2 sqrt(chunks))."""
+    import veofast.kernels.cross_entropy as kernels
+
+    from veofast.ops.cross_entropy import _reference_pass
+
+    kwargs = dict(features)
+    n, h, v = 1031, 512, 32003
+    hidden, weight, labels, bias = make_inputs(n, h, v, dtype=torch.bfloat16, device="cuda", bias=kwargs.pop("bias", 0))
+    scale = torch.full((), 1.0 / n, device="cuda")
+    options = dict(PASS_OPTIONS, label_smoothing=0.0, lse_square_scale=0.0, softcap=None, grad_bias=bias is not None)
+    options.update(kwargs)
+    chunk_bytes = 8 * 2**20
+    chunks = -(-n // kernels.chunk_rows(n, v, 2, budget_bytes=chunk_bytes))
+    got = kernels.linear_cross_entropy_pass(
+        hidden, weight, bias, labels, scale, chunk_bytes=chunk_bytes, row_programs=row_programs, **options
+    )
+    torch16 = _reference_pass(hidden, weight, bias, labels, scale, **options)
+    b64 = None if bias is None else bias.double()
+    want = _reference_pass(hidden.double(), weight.double(), b64, labels, scale.double(), **options)
+    for name, g, t, w in zip(["ce", "z", "grad_hidden", "grad_weight", "grad_bias"], got, torch16, want, strict=True):
+        if w is None:
+            continue
+        k = 2 * chunks**0.5 if name == "grad_weight" else 2
+        assert max_err(g, w) <= k * max_err(t, w) + 1e-3 * w.abs().max().item(), name
 
 
 @pytest.mark.gpu

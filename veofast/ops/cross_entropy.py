@@ -156,6 +156,19 @@ def _(
     )
 
 
+@torch.library.custom_op("veofast::scale_unless_one_", mutates_args=("t",), schema="(Tensor(a!) t, Tensor scale) -> ()")
+def _scale_unless_one_op(t: torch.Tensor, scale: torch.Tensor) -> None:
+    """``t *= scale`` that reads and writes nothing when scale == 1 (the incoming gradient of a training loss)."""
+    from veofast.kernels.cross_entropy import scale_unless_one_
+
+    scale_unless_one_(t, scale)
+
+
+@_scale_unless_one_op.register_fake
+def _(t, scale):
+    return None
+
+
 def _run_pass(backend: str, hidden, weight, bias, labels, token_scale, options: tuple, needs: tuple[bool, bool, bool]):
     """Dispatch one pass to the Triton op or the torch reference; returns ce, z, grad_hidden, grad_weight, grad_bias.
 
@@ -208,9 +221,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             )
         else:
             grads = ctx.saved_tensors
-            for g in grads:
-                if g is not None:
-                    g.mul_(grad_loss)  # in place: the saved gradient is not needed again
+            for g in grads:  # scaled in place: the saved gradient is not needed again
+                if g is None:
+                    continue
+                if ctx.backend == "torch":
+                    g.mul_(grad_loss)
+                else:
+                    _scale_unless_one_op(g, grad_loss.float())
         return (*grads, None, None, None, None, None, None)
 
 
