@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs diag confirm multi (each takes 4-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs diag confirm multi curves (each takes 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -38,16 +38,29 @@ for phase in "${phases[@]}"; do
       job packer "" 150 bash tools/gpu_jobs/packer.sh &
       job attention 0 330 bash tools/gpu_jobs/attention.sh &
       job small_ops 1 330 bash tools/gpu_jobs/small_ops.sh &
-      job cross_entropy 2 330 bash tools/gpu_jobs/cross_entropy.sh &
       job moe 3 330 bash tools/gpu_jobs/moe.sh &
       wait
-      summary attention small_ops packer cross_entropy moe ;;
+      summary attention small_ops packer moe ;;
     diag)
       stamp "phase diag"
       job ep_diag 0,1 150 torchrun --nproc_per_node=2 --master_port=29631 tools/gpu_jobs/ep_diag.py &
       job step_diag 2 200 python3 tools/gpu_jobs/step_diag.py moe:veofast moe:transformers+veofast &
       wait
       summary ep_diag step_diag ;;
+    curves)  # fast paths vs torch references over 200 steps (GPU 0), the loss's GPU tests (GPU 1), Ulysses (GPUs 2,3)
+      stamp "phase curves"
+      ( for backend in auto torch; do
+          job "lc_$backend" 0 200 torchrun --nproc_per_node=1 --master_port=29661 tasks/train.py configs/moe.yaml \
+            --train.max_steps 200 --train.save_steps 0 --train.eval_steps 100 --model.ops_backend $backend \
+            --train.output_dir "$WORK/lc_$backend/run"
+        done
+        VEOFAST_BENCH_RESULTS="$WORK/lc_auto" python3 tools/compare_loss_curves.py "$WORK/lc_auto/run/metrics.jsonl" \
+          "$WORK/lc_torch/run/metrics.jsonl" --label "configs/moe.yaml, 1 H200, 200 steps: fast paths vs torch" \
+          >> "$WORK/lc_auto/stdout.log" 2>&1 ) &
+      job ulysses 2,3 200 torchrun --nproc_per_node=2 --master_port=29662 bench/ulysses.py --quick &
+      job ce_tests 1 150 python3 -m pytest -q -m gpu tests/ops/test_cross_entropy.py -p no:cacheprovider &
+      wait
+      summary lc_auto ulysses ce_tests ;;
     confirm)  # the suites with the pinned configs: 1-GPU training steps, GPU tests, op and 2-GPU suites
       stamp "phase confirm"
       job train 0 300 python3 bench/train.py --quick --time-budget 250 &
@@ -73,7 +86,8 @@ for phase in "${phases[@]}"; do
       ls "$WORK/kr/run/checkpoints" >> "$WORK/kr_killed/stdout.log" 2>&1
       job kr_resume 0,1,2,3 90 torchrun --nproc_per_node=4 "${kr[@]}" --train.output_dir "$WORK/kr/run" \
         --train.load_path auto
-      python3 tools/compare_loss_curves.py "$WORK/kr_full/run/metrics.jsonl" "$WORK/kr/run/metrics.jsonl" \
+      VEOFAST_BENCH_RESULTS="$WORK/kr_resume" python3 tools/compare_loss_curves.py "$WORK/kr_full/run/metrics.jsonl" \
+        "$WORK/kr/run/metrics.jsonl" \
         --label "kill at step 6 and resume, 4 GPUs" >> "$WORK/kr_resume/stdout.log" 2>&1
       job ep4 0,1,2,3 120 torchrun --nproc_per_node=4 --master_port=29641 bench/train.py --fsdp --models moe \
         --ep 4 --steps 8
