@@ -414,15 +414,10 @@ def gpu_ms(fn: Callable[[], object], *, warmup: int, repeats: int, inner: int = 
     Each timed batch of ``inner`` calls is queued behind a GPU sleep that lasts longer than the host needs to
     enqueue the batch, so the batch runs back to back, as kernels do inside a training step.
     """
+    if not torch.cuda.is_available():
+        return time_ms(fn, warmup=warmup, repeats=repeats)
     for _ in range(warmup):
         fn()
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(inner):
