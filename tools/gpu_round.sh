@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs diag confirm multi curves (each takes 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs diag confirm multi curves maxlen (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -71,6 +71,12 @@ for phase in "${phases[@]}"; do
           --steps 8 ) &
       wait
       summary train gpu_tests attention_bench moe_ep fsdp2 ;;
+    maxlen)  # the longest sequence a 7B-shaped training step fits, with checkpointing: 1 GPU and 2 GPUs (SP=2)
+      stamp "phase maxlen"
+      job maxlen1 0 280 python3 bench/max_seqlen.py &
+      job maxlen2 2,3 280 torchrun --nproc_per_node=2 --master_port=29671 bench/max_seqlen.py &
+      wait
+      summary maxlen1 maxlen2 ;;
     multi)
       stamp "phase multi"
       common=(tasks/train.py configs/moe.yaml --train.save_steps 0)
