@@ -238,7 +238,9 @@ class ExpertParallelDispatcher:
         )
 
         # 4. Dispatch the other ranks' rows; meanwhile the first half of the local experts on this rank's rows.
-        received, dispatch = all_to_all_start(torch.cat([before, after]), recv_splits, send_splits, self.group)
+        # (with one of the two pieces empty, as on both ranks of EP=2, the other is sent as is: no copy)
+        remote = after if before.shape[0] == 0 else before if after.shape[0] == 0 else torch.cat([before, after])
+        received, dispatch = all_to_all_start(remote, recv_splits, send_splits, self.group)
         out_a = own_a  # with a single local expert there is no first half (own_a is empty)
         if half:
             out_a = expert_ffn(own_a, _offsets(own_counts[:half]), gate_up[:half], down[:half], backend=backend)
