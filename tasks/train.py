@@ -118,9 +118,21 @@ def evaluate(model, make_loader, device, group, num_steps: int) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+def check_evaluation_args(args: Arguments) -> None:
+    """Evaluation runs when both data.eval_path and train.eval_steps > 0 are set; one without the other is an error
+    (a validation set that would never be read, or evaluations with no data)."""
+    if bool(args.data.eval_path) != (args.train.eval_steps > 0):
+        raise ArgumentError(
+            f"evaluation needs both data.eval_path and train.eval_steps > 0 (got data.eval_path="
+            f"{args.data.eval_path!r}, train.eval_steps={args.train.eval_steps}): pass --train.eval_steps N to "
+            "evaluate every N steps, or --data.eval_path null to train without evaluation"
+        )
+
+
 def main() -> None:
     args = parse_args(Arguments)
     train = args.train
+    check_evaluation_args(args)
     check_output_dir(args)
     init_parallel_state(
         dp_size=train.data_parallel_size, tp_size=train.tensor_parallel_size, ep_size=train.expert_parallel_size,
@@ -150,11 +162,9 @@ def main() -> None:
         total_steps = min(total_steps, train.max_steps)
     train_loader = build_loader(args, train_dataset, train.train_steps)
     make_eval_loader = None
-    if args.data.eval_path and train.eval_steps > 0:
+    if args.data.eval_path:
         eval_dataset = build_dataset(args, args.data.eval_path, transform)
         make_eval_loader = partial(build_loader, args, eval_dataset, None)
-    elif args.data.eval_path or train.eval_steps > 0:
-        raise ArgumentError("evaluation needs both data.eval_path and train.eval_steps > 0")
 
     # ---- model, parallelism, optimizer
     model = build_foundation_model(

@@ -65,3 +65,17 @@ def test_train_kill_and_resume(tmp_path):
     resumed = losses(killed)
     for step in range(5, 9):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+
+
+@pytest.mark.parametrize(
+    "override", [["--train.eval_steps", "0"], ["--data.eval_path", "null", "--train.eval_steps", "5"]]
+)
+def test_evaluation_needs_both_a_path_and_a_period(tmp_path, override):
+    """Half an evaluation setup fails at once, saying how to complete it or turn it off."""
+    command = [sys.executable, "tasks/train.py", "configs/moe.yaml", "--train.output_dir", str(tmp_path / "out"),
+               *override]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "evaluation needs both data.eval_path and train.eval_steps > 0" in proc.stderr
+    assert "--data.eval_path null" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing was started
