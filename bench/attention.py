@@ -234,10 +234,20 @@ def check_no_host_sync(lengths, hq, hk, d):
 # is always swept first. Shapes: head dim 128 at the anchor mix, head dim 64 as one 8192-token document
 # (the Llama-3.2-1B training shape). Fwd/dQ/dK-dV: the runners-up of the previous H200 sweep. The dK/dV entries with
 # a 7th field True are the fused-dQ backward (dQ by atomics in the dK/dV kernel, no dQ kernel), timed as a whole
-# backward against the dQ + dK/dV pair.
+# backward against the dQ + dK/dV pair. Forward entries with an 8th field True let Triton warp-specialize the
+# unmasked key loop.
 SWEEP_ALTERNATIVES = {
-    ("fwd", 64): [(128, 64, 8, 3, True)],
-    ("fwd", 128): [(128, 32, 8, 3, True)],
+    ("fwd", 64): [
+        (128, 64, 8, 3, True),
+        (64, 64, 4, 4, True, True, False, True),
+        (128, 64, 8, 3, True, True, False, True),
+    ],
+    ("fwd", 128): [
+        (128, 32, 8, 3, True),
+        (128, 64, 8, 3, True, True, False, True),
+        (128, 128, 8, 2, True, True, False, True),
+        (128, 64, 4, 3, True, True, False, True),
+    ],
     ("dq", 64): [(128, 64, 8, 2, True)],
     ("dq", 128): [(64, 64, 4, 2, True)],
     ("dkdv", 64): [
@@ -279,7 +289,7 @@ def sweep_setup(smoke: bool) -> dict:
     from veofast.kernels.attention import CONFIGS, Config
 
     def as_tuple(c):
-        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask, c.fused_dq)
+        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask, c.fused_dq, c.warp_specialize)
 
     def candidates(kernel, d):  # the CONFIGS entry first, no duplicates
         specs = [as_tuple(CONFIGS[(kernel, d, 16)])] + [as_tuple(Config(*s)) for s in SWEEP_ALTERNATIVES[kernel, d]]
@@ -560,6 +570,7 @@ def _time_kernels(setup, data, checks, deadline, lines, rows) -> None:
         c = _config(spec)
         flags = f", tma={c.tma}" + ("" if c.split_mask or kernel != "dkdv" else ", split_mask=False")
         flags += ", fused_dq=True" if c.fused_dq else ""
+        flags += ", warp_specialize=True" if c.warp_specialize else ""
         lines.append(
             f'  pin ("{kernel}", {head_dim}, 16): Config({c.block_m}, {c.block_n}, {c.num_warps}, '
             f"{c.num_stages}{flags}),"

@@ -39,8 +39,16 @@ def environment() -> dict:
     return info
 
 
+# GPU cycles of the sleep queued before each timed call (about 2 ms on an H200, longer than the host takes to queue
+# a batch of calls): the host queues the call's kernels meanwhile, so the time between the events is the GPU's,
+# not the host's launch latency.
+_QUEUE_AHEAD_CYCLES = 4_000_000
+
+
 def time_ms(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 20) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA events on a GPU, perf_counter on CPU)."""
+    """Median time of ``fn()`` in milliseconds: on a GPU between CUDA events around the call, with a sleep kernel
+    queued before the start event so that the launches of ``fn`` do not count (the same for every provider);
+    perf_counter on CPU."""
     for _ in range(warmup):
         fn()
     if torch.cuda.is_available():
@@ -48,6 +56,7 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 20) -> 
         times = []
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(_QUEUE_AHEAD_CYCLES)
             start.record()
             fn()
             end.record()

@@ -41,7 +41,8 @@ class Config:
     """Launch choices of one kernel. ``block_m``: query rows per tile or step, ``block_n``: keys per tile or step;
     ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
     query blocks; ``fused_dq`` (dK/dV only): the backward accumulates dQ in the dK/dV kernel by atomics
-    (``attention_bwd_fused``) instead of running the dQ kernel."""
+    (``attention_bwd_fused``) instead of running the dQ kernel; ``warp_specialize`` (forward only): let Triton
+    split the unmasked key loop into producer and consumer warps (``tl.range(..., warp_specialize=True)``)."""
 
     block_m: int
     block_n: int
@@ -50,12 +51,14 @@ class Config:
     tma: bool = False
     split_mask: bool = True
     fused_dq: bool = False
+    warp_specialize: bool = False
 
     def __str__(self) -> str:
         flags = (
             ("-tma" if self.tma else "-ptr")
             + ("" if self.split_mask else "-onemask")
             + ("-fdq" if self.fused_dq else "")
+            + ("-ws" if self.warp_specialize else "")
         )
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
@@ -226,6 +229,7 @@ def varlen_attention_fwd(
         HEAD_DIM=head_dim,
         NEG_SCALE=softmax_scale < 0,
         USE_TMA=use_tma,
+        WARP_SPECIALIZE=config.warp_specialize,
         **_mask_flags(window_left, window_right, q.dtype),
     )
     return out, lse

@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs diag confirm multi curves maxlen (each 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm multi curves maxlen (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -71,6 +71,13 @@ for phase in "${phases[@]}"; do
           --steps 8 ) &
       wait
       summary train gpu_tests attention_bench moe_ep fsdp2 ;;
+    explore)  # the attention sweep (GPU 0), the MoE job (GPU 1), Ulysses under NCCL CTA caps (GPUs 2,3)
+      stamp "phase explore"
+      job attention 0 330 bash tools/gpu_jobs/attention.sh &
+      job moe 1 330 bash tools/gpu_jobs/moe.sh &
+      job ulysses_ctas 2,3 330 bash tools/gpu_jobs/ulysses_ctas.sh &
+      wait
+      summary attention moe ulysses_ctas ;;
     maxlen)  # the longest sequence a 7B-shaped training step fits, with checkpointing: 1 GPU and 2 GPUs (SP=2)
       stamp "phase maxlen"
       job maxlen1 0 280 python3 bench/max_seqlen.py &
