@@ -17,8 +17,7 @@ host, and the output difference against ``sdpa_loop``. A failing provider is rep
 ``--sweep`` (the GPU job ``tools/gpu_jobs/attention.sh``) decides the kernel configs instead: each candidate of
 ``SWEEP_ALTERNATIVES`` and the pinned ``CONFIGS`` entry is checked against float64 in worker processes, then timed
 kernel by kernel at the anchor mix (head_dim 128) and at one 8192-token document (head_dim 64, the Llama-3.2-1B
-training shape), next to veofast's public op, FlexAttention and torch's varlen_attn. The dQ + dK/dV pair races the
-fused-dQ backward (the dK/dV configs with ``fused_dq``). ``--smoke`` runs it on CPU.
+training shape), next to veofast's public op, FlexAttention and torch's varlen_attn; ``--smoke`` runs it on CPU.
 
     python bench/attention.py [--quick] [--repeats 20]
     python bench/attention.py --sweep [--budget-s 190] [--workers 12] [--smoke]
@@ -232,40 +231,27 @@ def check_no_host_sync(lengths, hq, hk, d):
 # ---------------------------------------------------------------------------------- config sweep (the GPU job)
 # Alternatives to the kernels/attention.py CONFIGS entry of each (kernel, head dim), 16-bit inputs. The entry itself
 # is always swept first. Shapes: head dim 128 at the anchor mix, head dim 64 as one 8192-token document
-# (the Llama-3.2-1B training shape). Fwd/dQ/dK-dV: the runners-up of the previous H200 sweep. The dK/dV entries with
-# a 7th field True are the fused-dQ backward (dQ by atomics in the dK/dV kernel, no dQ kernel), timed as a whole
-# backward against the dQ + dK/dV pair. Forward entries with an 8th field True let Triton warp-specialize the
-# unmasked key loop.
+# (the Llama-3.2-1B training shape).
 SWEEP_ALTERNATIVES = {
-    ("fwd", 64): [
-        (128, 64, 8, 3, True),
-        (64, 64, 4, 4, True, True, False, True),
-        (128, 64, 8, 3, True, True, False, True),
-    ],
-    ("fwd", 128): [
-        (128, 32, 8, 3, True),
-        (128, 64, 8, 3, True, True, False, True),
-        (128, 128, 8, 2, True, True, False, True),
-        (128, 64, 4, 3, True, True, False, True),
-    ],
-    ("dq", 64): [(128, 64, 8, 2, True)],
-    ("dq", 128): [(64, 64, 4, 2, True)],
+    ("fwd", 64): [(128, 128, 8, 3, True), (128, 64, 8, 4, True), (64, 64, 4, 4, True), (128, 64, 8, 3, False)],
+    ("fwd", 128): [(128, 128, 8, 2, True), (64, 64, 4, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 3, False)],
+    ("dq", 64): [(128, 128, 8, 3, True), (64, 64, 4, 4, True), (128, 64, 8, 2, True), (128, 64, 8, 3, False)],
+    ("dq", 128): [(128, 64, 8, 3, True), (64, 64, 4, 2, True), (128, 128, 8, 2, True), (128, 64, 8, 2, False)],
     ("dkdv", 64): [
         (64, 128, 8, 2, True),
-        (64, 64, 4, 3, True, True, True),
-        (64, 128, 8, 2, True, True, True),
-        (32, 64, 4, 3, True, True, True),
+        (64, 64, 4, 3, True),
+        (64, 128, 8, 2, True, False),
+        (64, 128, 8, 2, False, False),
     ],
     ("dkdv", 128): [
+        (64, 64, 8, 3, True),
         (64, 128, 8, 2, True, False),
-        (32, 128, 8, 3, True),
-        (64, 128, 8, 2, True, True, True),
-        (64, 128, 8, 2, True, False, True),
-        (32, 128, 8, 3, True, True, True),
+        (64, 128, 8, 2, True),
+        (32, 64, 8, 3, False, False),
     ],
 }
 KERNELS = ("fwd", "dq", "dkdv")
-RAW_FLOPS = {"fwd": 1.0, "dq": 1.5, "dkdv": 2.0, "fused": 2.5}  # matmul work of each kernel, in forward FLOPs
+RAW_FLOPS = {"fwd": 1.0, "dq": 1.5, "dkdv": 2.0}  # matmul work of each kernel, in forward FLOPs
 
 
 def sweep_setup(smoke: bool) -> dict:
@@ -279,7 +265,6 @@ def sweep_setup(smoke: bool) -> dict:
             "check": ([1, 17, 0, 33, 13], 4, 2),
             "candidates": {
                 (kernel, d): [(16, 16, 4, 1, False), (16, 32, 4, 1, True), (32, 16, 4, 1, True, False)]
-                + ([(16, 32, 4, 1, True, True, True), (32, 16, 4, 1, False, True, True)] if kernel == "dkdv" else [])
                 for kernel in KERNELS
                 for d in (16, 32)
             },
@@ -289,7 +274,7 @@ def sweep_setup(smoke: bool) -> dict:
     from veofast.kernels.attention import CONFIGS, Config
 
     def as_tuple(c):
-        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask, c.fused_dq, c.warp_specialize)
+        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask)
 
     def candidates(kernel, d):  # the CONFIGS entry first, no duplicates
         specs = [as_tuple(CONFIGS[(kernel, d, 16)])] + [as_tuple(Config(*s)) for s in SWEEP_ALTERNATIVES[kernel, d]]
@@ -322,8 +307,7 @@ def _random_inputs(lengths, hq, hk, d, dtype, device, seed=0):
 
 def _kernel_call(kernel: str, config, q, k, v, dout, cu, max_len, prior: dict):
     """A no-argument call of one veofast kernel launcher with ``config``; ``prior`` holds the out/lse/delta that the
-    backward kernels read (from the table's configs). A fused-dQ dK/dV config runs the whole fused backward (delta,
-    dK/dV with dQ atomics, dQ cast), which returns (dq, dk, dv)."""
+    backward kernels read (from the table's configs)."""
     from veofast.kernels import attention as ka
 
     kw = dict(softmax_scale=q.shape[-1] ** -0.5, window_left=-1, window_right=0, config=config)
@@ -331,8 +315,6 @@ def _kernel_call(kernel: str, config, q, k, v, dout, cu, max_len, prior: dict):
         return lambda: ka.varlen_attention_fwd(q, k, v, cu, cu, max_len, max_len, **kw)
     if kernel == "dq":
         return lambda: ka.attention_bwd_dq(dout, q, k, v, prior["out"], prior["lse"], cu, cu, max_len, **kw)
-    if config.fused_dq:
-        return lambda: ka.attention_bwd_fused(dout, q, k, v, prior["out"], prior["lse"], cu, cu, max_len, **kw)
     return lambda: ka.attention_bwd_dkdv(dout, q, k, v, prior["lse"], prior["delta"], cu, cu, max_len, **kw)
 
 
@@ -366,8 +348,6 @@ def check_config(kernel: str, head_dim: int, spec: tuple, smoke: bool) -> dict:
         prior = _prior(q, k, v, dout, cu, max_len)
         got = _kernel_call(kernel, _config(spec), q, k, v, dout, cu, max_len, prior)()
         names = {"fwd": ("out", "lse"), "dq": ("dq", "delta"), "dkdv": ("dk", "dv")}[kernel]
-        if _config(spec).fused_dq:
-            names = ("dq", "dk", "dv")
         floor = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}[dtype]
         errors = {}
         for name, value in zip(names, got, strict=True):
@@ -451,62 +431,53 @@ def _provider_line(row: dict, note: str = "") -> str:
     )
 
 
-def _time_configs(kernel, setup, data, prior, checks, deadline, lines, rows) -> dict:
-    """Time every config of ``kernel`` that passed its check, one summary line per variant ("dkdv" and, for fused-dQ
-    configs, "fused": the whole fused backward); returns {variant: (spec, ms)} of the fastest of each."""
+def _time_configs(kernel, setup, data, prior, checks, deadline, lines, rows) -> tuple | None:
+    """Time every config of ``kernel`` that passed its check; returns (spec, ms) of the fastest."""
     from veofast.kernels.attention import default_config
 
     q, k, v, dout, cu, max_len, flops = (data[key] for key in ("q", "k", "v", "dout", "cu", "max_len", "flops"))
     head_dim = q.shape[-1]
     table = str(default_config(kernel, head_dim, q.dtype))
-    cells, best = {}, {}
+    cells, best = [], None
     for spec in setup["candidates"][(kernel, head_dim)]:
         name = str(_config(spec))
-        variant = "fused" if _config(spec).fused_dq else kernel
-        out = cells.setdefault(variant, [])
         check = next(c for c in checks if c["kernel"] == kernel and c["head_dim"] == head_dim and c["config"] == name)
         label = name + ("*" if name == table else "")
         if not check["ok"]:
-            out.append(f"{label} FAIL")
+            cells.append(f"{label} FAIL")
             continue
         if time.monotonic() > deadline:
-            out.append(f"{label} (no time)")
+            cells.append(f"{label} (no time)")
             continue
-        row = {**data["base"], "provider": "veofast-kernel", "kernel": variant, "config": name}
+        row = {**data["base"], "provider": "veofast-kernel", "kernel": kernel, "config": name}
         try:
             call = _kernel_call(kernel, _config(spec), q, k, v, dout, cu, max_len, prior)
             row["ms"] = time_ms(call, warmup=2, repeats=setup["repeats"])
-            row["raw_tflops"] = RAW_FLOPS[variant] * flops / row["ms"] / 1e9
-            out.append(f"{label} {row['ms']:.3f}ms {row['raw_tflops']:.0f}")
-            if variant not in best or row["ms"] < best[variant][1]:
-                best[variant] = (spec, row["ms"])
+            row["raw_tflops"] = RAW_FLOPS[kernel] * flops / row["ms"] / 1e9
+            cells.append(f"{label} {row['ms']:.3f}ms {row['raw_tflops']:.0f}")
+            if best is None or row["ms"] < best[1]:
+                best = (spec, row["ms"])
         except Exception as exc:
             row["error"] = _error_text(exc)
-            out.append(f"{label} error {row['error'][:60]}")
+            cells.append(f"{label} error {row['error'][:60]}")
         rows.append(record(SUITE, row))
-    lines.extend(f"  {variant:<6}" + " | ".join(variant_cells) for variant, variant_cells in cells.items())
+    lines.append(f"  {kernel:<5}" + " | ".join(cells))
     return best
 
 
-def _time_best(specs: dict, setup, data, rows) -> dict:
-    """fwd+bwd through the launchers with the configs ``specs`` ({"fwd", "dq", "dkdv"}, or {"fwd", "dkdv"} with a
-    fused-dQ dK/dV config): what pinning them would give."""
+def _time_best(best: dict, setup, data, rows) -> dict:
+    """fwd+bwd through the launchers with the fastest config of each kernel (what pinning them would give)."""
     q, k, v, dout, cu, max_len, flops = (data[key] for key in ("q", "k", "v", "dout", "cu", "max_len", "flops"))
-    configs = {kernel: _config(spec) for kernel, spec in specs.items()}
-
-    fwd = _kernel_call("fwd", configs["fwd"], q, k, v, dout, cu, max_len, {})
+    configs = {kernel: _config(spec) for kernel, (spec, _) in best.items()}
 
     def fwd_bwd():
-        out, lse = fwd()
+        out, lse = _kernel_call("fwd", configs["fwd"], q, k, v, dout, cu, max_len, {})()
         prior = {"out": out, "lse": lse}
-        if "dq" in configs:
-            _, prior["delta"] = _kernel_call("dq", configs["dq"], q, k, v, dout, cu, max_len, prior)()
+        _, prior["delta"] = _kernel_call("dq", configs["dq"], q, k, v, dout, cu, max_len, prior)()
         return _kernel_call("dkdv", configs["dkdv"], q, k, v, dout, cu, max_len, prior)()
 
-    fused = configs["dkdv"].fused_dq
-    row = {**data["base"], "provider": "veofast-best-fdq" if fused else "veofast-best"}
-    row["configs"] = {kernel: str(c) for kernel, c in configs.items()}
-    row["fwd_ms"] = time_ms(fwd, warmup=2, repeats=setup["repeats"])
+    row = {**data["base"], "provider": "veofast-best", "configs": {kernel: str(c) for kernel, c in configs.items()}}
+    row["fwd_ms"] = best["fwd"][1]
     row["fwdbwd_ms"] = time_ms(fwd_bwd, warmup=2, repeats=setup["repeats"])
     row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
     row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
@@ -543,34 +514,16 @@ def _time_providers(setup, data, providers, deadline, lines, rows) -> None:
 
 
 def _time_kernels(setup, data, checks, deadline, lines, rows) -> None:
-    """Every checked config of each kernel, then the fastest ones together (the dQ + dK/dV pair and the fused-dQ
-    backward), and the CONFIGS lines to pin the faster backward."""
+    """Every checked config of each kernel, then the fastest ones together, and the CONFIGS lines to pin them."""
     head_dim = data["q"].shape[-1]
     prior = _prior(*(data[key] for key in ("q", "k", "v", "dout", "cu", "max_len")))
-    best = {}
-    for kernel in KERNELS:
-        best.update(_time_configs(kernel, setup, data, prior, checks, deadline, lines, rows))
-    if "fwd" not in best:
+    best = {kernel: _time_configs(kernel, setup, data, prior, checks, deadline, lines, rows) for kernel in KERNELS}
+    if not all(best.values()) or time.monotonic() > deadline:
         return
-    combos = []
-    if "dq" in best and "dkdv" in best:
-        combos.append({"fwd": best["fwd"][0], "dq": best["dq"][0], "dkdv": best["dkdv"][0]})
-    if "fused" in best:
-        combos.append({"fwd": best["fwd"][0], "dkdv": best["fused"][0]})
-    timed = []
-    for specs in combos:
-        if time.monotonic() > deadline:
-            break
-        row = _time_best(specs, setup, data, rows)
-        timed.append((row["fwdbwd_ms"], specs))
-        lines.append(_provider_line(row, "  (launchers, best configs)"))
-    if not timed:
-        return
-    for kernel, spec in min(timed, key=lambda t: t[0])[1].items():
+    lines.append(_provider_line(_time_best(best, setup, data, rows), "  (launchers, best configs)"))
+    for kernel, (spec, _) in best.items():
         c = _config(spec)
         flags = f", tma={c.tma}" + ("" if c.split_mask or kernel != "dkdv" else ", split_mask=False")
-        flags += ", fused_dq=True" if c.fused_dq else ""
-        flags += ", warp_specialize=True" if c.warp_specialize else ""
         lines.append(
             f'  pin ("{kernel}", {head_dim}, 16): Config({c.block_m}, {c.block_n}, {c.num_warps}, '
             f"{c.num_stages}{flags}),"
@@ -613,8 +566,7 @@ def sweep(smoke: bool, budget_s: float, workers: int) -> None:
     ]
     print(
         f"\n=== attention sweep summary ({time.monotonic() - start:.0f} s; * = CONFIGS entry; kernel cells: "
-        "ms and raw TFLOP/s of the matmuls each kernel runs: fwd 1x, dq 1.5x, dkdv 2x, fused (whole fused-dQ "
-        "backward) 2.5x the forward's)"
+        "ms and raw TFLOP/s of the matmuls each kernel runs: fwd 1x, dq 1.5x, dkdv 2x the forward's)"
     )
     print("\n".join(line for lines in blocks.values() for line in lines))
     print(f"failed checks: {len(failed)}" + "".join(f"\n  {f[:140]}" for f in failed[:6]))

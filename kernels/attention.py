@@ -1,11 +1,9 @@
 """Host launchers of the packed varlen attention kernels (``attention_fwd.py``, ``attention_bwd.py``).
 
 ``varlen_attention_fwd`` returns the output and the fp32 log-sum-exp; ``varlen_attention_bwd`` returns dq, dk, dv
-(``attention_bwd_dq`` then ``attention_bwd_dkdv``, also callable alone for benchmarks; or, when the dK/dV config
-has ``fused_dq``, ``attention_bwd_fused``: dQ accumulated by fp32 atomics in the dK/dV kernel, not bitwise
-deterministic). Nothing synchronizes with the device: a small kernel writes each launch's tile table from
-``cu_seqlens`` (sized from the token and document counts and ``max_seqlen``), and in the default path every output
-element is written by exactly one program (no atomics).
+(``attention_bwd_dq`` then ``attention_bwd_dkdv``, also callable alone for benchmarks). Nothing synchronizes with
+the device: a small kernel writes each launch's tile table from ``cu_seqlens`` (sized from the token and document
+counts and ``max_seqlen``), and every output element is written by exactly one program (no atomics).
 
 Tile sizes, warps, stages and the load path are fixed per (kernel, head-dim class, 16-bit or fp32) in ``CONFIGS``
 (no autotuning, so nothing is compiled twice); each launcher takes ``config=`` to override it (the GPU sweep in
@@ -29,7 +27,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention_bwd import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from .attention_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from .attention_fwd import TILE_FIELDS, _attn_fwd_kernel, _schedule_kernel
 
 logger = logging.getLogger("veofast.kernels")
@@ -40,9 +38,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 class Config:
     """Launch choices of one kernel. ``block_m``: query rows per tile or step, ``block_n``: keys per tile or step;
     ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
-    query blocks; ``fused_dq`` (dK/dV only): the backward accumulates dQ in the dK/dV kernel by atomics
-    (``attention_bwd_fused``) instead of running the dQ kernel; ``warp_specialize`` (forward only): let Triton
-    split the unmasked key loop into producer and consumer warps (``tl.range(..., warp_specialize=True)``)."""
+    query blocks."""
 
     block_m: int
     block_n: int
@@ -50,16 +46,9 @@ class Config:
     num_stages: int
     tma: bool = False
     split_mask: bool = True
-    fused_dq: bool = False
-    warp_specialize: bool = False
 
     def __str__(self) -> str:
-        flags = (
-            ("-tma" if self.tma else "-ptr")
-            + ("" if self.split_mask else "-onemask")
-            + ("-fdq" if self.fused_dq else "")
-            + ("-ws" if self.warp_specialize else "")
-        )
+        flags = ("-tma" if self.tma else "-ptr") + ("" if self.split_mask else "-onemask")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
@@ -70,7 +59,7 @@ class Config:
 CONFIGS: dict[tuple[str, int, int], Config] = {
     # head dim 128: timed at the packed anchor shape; head dim 64: at one 8192-token document (32/8 heads)
     ("fwd", 64, 16): Config(64, 64, 4, 4, tma=True),
-    ("fwd", 128, 16): Config(128, 64, 8, 3, tma=False),
+    ("fwd", 128, 16): Config(128, 32, 8, 3, tma=True),
     ("fwd", 256, 16): Config(128, 32, 8, 3),
     ("dq", 64, 16): Config(128, 64, 8, 3, tma=True),
     ("dq", 128, 16): Config(128, 64, 8, 3, tma=True),
@@ -229,7 +218,6 @@ def varlen_attention_fwd(
         HEAD_DIM=head_dim,
         NEG_SCALE=softmax_scale < 0,
         USE_TMA=use_tma,
-        WARP_SPECIALIZE=config.warp_specialize,
         **_mask_flags(window_left, window_right, q.dtype),
     )
     return out, lse
@@ -319,11 +307,9 @@ def attention_bwd_dkdv(
     window_left: int,
     window_right: int,
     config: Config | None = None,
-    dq_accum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dk, dv (total_k, Hk, D) in k's dtype, from ``delta`` of ``attention_bwd_dq``. With ``dq_accum`` (total_q,
-    Hq, D) fp32 contiguous, it also adds ``softmax_scale * dS @ K`` into it by atomics (``config.fused_dq`` is not
-    read here). Needs at least one key and one document."""
+    """dk, dv (total_k, Hk, D) in k's dtype, from ``delta`` of ``attention_bwd_dq``. Needs at least one key and
+    one document."""
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     config = config or default_config("dkdv", head_dim, q.dtype)
@@ -349,7 +335,6 @@ def attention_bwd_dkdv(
         delta,
         dk,
         dv,
-        dk if dq_accum is None else dq_accum,
         tiles,
         q.stride(0),
         q.stride(1),
@@ -363,8 +348,6 @@ def attention_bwd_dkdv(
         dk.stride(1),
         dv.stride(0),
         dv.stride(1),
-        0 if dq_accum is None else dq_accum.stride(0),
-        0 if dq_accum is None else dq_accum.stride(1),
         num_kv_heads,
         num_slots,
         total_q,
@@ -376,55 +359,9 @@ def attention_bwd_dkdv(
         HEAD_DIM=head_dim,
         SPLIT_MASK=config.split_mask,
         USE_TMA=use_tma,
-        FUSED_DQ=dq_accum is not None,
         **_mask_flags(window_left, window_right, q.dtype),
     )
     return dk, dv
-
-
-def attention_bwd_fused(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_k: int,
-    *,
-    softmax_scale: float,
-    window_left: int,
-    window_right: int,
-    config: Config | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused-dQ backward: delta and a zeroed fp32 dQ (``_attn_bwd_delta_kernel``), the dK/dV kernel with dQ
-    atomics (``config``: its dK/dV config), then dQ cast to q's dtype. Returns dq (total_q, Hq, D), dk, dv
-    (total_k, Hk, D). dq's rounding depends on the order of the atomics (not bitwise deterministic). Needs at
-    least one query, one key and one document."""
-    total_q, num_heads, head_dim = q.shape
-    delta = torch.empty_like(lse)
-    dq_accum = torch.empty((total_q, num_heads, head_dim), device=q.device, dtype=torch.float32)
-    block = 64
-    _attn_bwd_delta_kernel[(triton.cdiv(total_q, block), num_heads)](
-        out,
-        dout,
-        delta,
-        dq_accum,
-        out.stride(0),
-        out.stride(1),
-        dout.stride(0),
-        dout.stride(1),
-        total_q,
-        HEAD_DIM=head_dim,
-        BLOCK=block,
-        num_warps=4,
-    )
-    window = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right)
-    dk, dv = attention_bwd_dkdv(
-        dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, config=config, dq_accum=dq_accum, **window
-    )
-    return dq_accum.to(q.dtype), dk, dv
 
 
 def varlen_attention_bwd(
@@ -446,16 +383,10 @@ def varlen_attention_bwd(
     dkdv_config: Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass from the forward's ``out`` and ``lse``. dout: (total_q, Hq, D) with unit last-dim stride.
-    Returns dq (total_q, Hq, D), dk, dv (total_k, Hk, D), in the inputs' dtype. A ``dkdv_config`` with ``fused_dq``
-    runs ``attention_bwd_fused`` (``dq_config`` unused)."""
+    Returns dq (total_q, Hq, D), dk, dv (total_k, Hk, D), in the inputs' dtype."""
     if cu_seqlens_q.numel() < 2 or q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     window = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right)
-    dkdv_config = dkdv_config or default_config("dkdv", q.shape[2], q.dtype)
-    if dkdv_config.fused_dq:
-        return attention_bwd_fused(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, config=dkdv_config, **window
-        )
     dq, delta = attention_bwd_dq(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, config=dq_config, **window
     )

@@ -1,6 +1,4 @@
-"""Triton backward kernels of packed varlen attention, in two variants.
-
-Two-kernel backward (the default; atomics-free, deterministic: every output element has one writer):
+"""Triton backward kernels of packed varlen attention (atomics-free: every output element has one writer).
 
 1. ``_attn_bwd_dq_kernel``: one program per (query tile, query head), scheduled like the forward. It first computes
    ``delta = rowsum(dO * O)`` for its rows (fp32, stored in ``DELTA (num_q_heads, total_q)`` for step 2: this is
@@ -8,11 +6,6 @@ Two-kernel backward (the default; atomics-free, deterministic: every output elem
 2. ``_attn_bwd_dkdv_kernel``: one program per (key tile, KV head), heaviest first; it loops over the query heads
    of its GQA group and over the query blocks that see the key tile, with dK and dV in registers: repeated K/V are
    never materialized and no atomics are needed.
-
-Fused-dQ backward (``FUSED_DQ``): ``_attn_bwd_delta_kernel`` writes delta and zeroes an fp32 dQ accumulator, then
-``_attn_bwd_dkdv_kernel`` also adds ``dS @ K * scale`` of each (query block, query head, key tile) into it with one
-atomic tile add, so QK^T and dO V^T are computed once instead of twice. The order of the fp32 atomic adds varies
-from run to run: dQ is not bitwise deterministic (its rounding differs run to run; dK and dV are unaffected).
 
 Both recompute ``P = exp2(S * qk_scale - LSE * log2(e))`` from the forward's LSE; ``dS = P * (dP - delta)``.
 Queries past the end of a document get LSE = +inf, hence P = 0, so only the window edges (the causal diagonal)
@@ -23,37 +16,6 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2E, _block_range, _load_rows, _tile, _visible
-
-
-@triton.jit(do_not_specialize=["total_q"])
-def _attn_bwd_delta_kernel(
-    OUT,
-    DO,
-    DELTA,
-    DQ,
-    stride_ot,
-    stride_oh,
-    stride_dot,
-    stride_doh,
-    total_q,
-    HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Preprocessing of the fused-dQ backward, grid (cdiv(total_q, BLOCK), num_q_heads): ``DELTA (num_q_heads,
-    total_q)`` fp32 = rowsum(dO * O) of BLOCK tokens of one head, and those rows of the contiguous fp32 dQ
-    accumulator ``DQ (total_q, num_q_heads, HEAD_DIM)`` zeroed."""
-    head = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = (rows < total_q)[:, None]
-    o = tl.load(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=ok, other=0.0)
-    tl.store(
-        DELTA + head.to(tl.int64) * total_q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < total_q
-    )
-    num_heads = tl.num_programs(1)
-    dq_ptrs = DQ + (rows[:, None] * num_heads + head) * HEAD_DIM + offs_d[None, :]
-    tl.store(dq_ptrs, tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32), mask=ok)
 
 
 @triton.jit
@@ -218,10 +180,6 @@ def _dkdv_loop(
     DO,
     LSE,
     DELTA,
-    DQ,
-    stride_dqt,
-    stride_dqh,
-    sm_scale,
     kv_head,
     group_size,
     total_q,
@@ -246,15 +204,11 @@ def _dkdv_loop(
     HAS_RIGHT: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
 ):
     """Accumulate query blocks ``lo .. hi`` of every query head of the GQA group into dk, dv (BLOCK_N, HEAD_DIM)
     fp32, in one flat loop (heads inner; nesting a head loop around the block loops costs registers). Scores are
-    transposed (BLOCK_N, BLOCK_M). k/v: the key tile; ``cols``: (BLOCK_N,) document-local key indices. With
-    ``FUSED_DQ`` each (query block, head) also adds ``sm_scale * dS @ K`` (BLOCK_M, HEAD_DIM) into the fp32 ``DQ``
-    rows of that query head (``k`` must then be zero past the document: TMA tiles there hold the next one's keys)."""
+    transposed (BLOCK_N, BLOCK_M). k/v: the key tile; ``cols``: (BLOCK_N,) document-local key indices."""
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     mb = lo
     g = lo * 0
     for _ in range((hi - lo) * group_size):
@@ -286,10 +240,6 @@ def _dkdv_loop(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        if FUSED_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
-            dq_ptrs = DQ + (q_row + offs_m).to(tl.int64)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
         g += 1
         wrap = g == group_size
         mb += wrap.to(tl.int32)
@@ -307,7 +257,6 @@ def _attn_bwd_dkdv_kernel(
     DELTA,
     DK,
     DV,
-    DQ,
     TILES,
     stride_qt,
     stride_qh,
@@ -321,8 +270,6 @@ def _attn_bwd_dkdv_kernel(
     stride_dkh,
     stride_dvt,
     stride_dvh,
-    stride_dqt,
-    stride_dqh,
     num_kv_heads,
     num_slots,
     total_q,
@@ -339,11 +286,9 @@ def _attn_bwd_dkdv_kernel(
     SPLIT_MASK: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
 ):
     """dK, dV of one BLOCK_N key tile of one KV head, summed over its query-head group. Without ``SPLIT_MASK`` all
-    query blocks go through one masked loop (smaller code, fewer registers). With ``FUSED_DQ`` it also adds this
-    key tile's share of dQ into ``DQ`` (total_q, num_q_heads, HEAD_DIM) fp32 (zeroed beforehand) by atomics."""
+    query blocks go through one masked loop (smaller code, fewer registers)."""
     pid = tl.program_id(0)
     slot = pid // num_kv_heads
     kv_head = pid - slot * num_kv_heads
@@ -356,9 +301,6 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     k = _load_rows(K, k_start + n0, kv_head * stride_kh, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, True, USE_TMA)
     v = _load_rows(V, k_start + n0, kv_head * stride_vh, stride_vt, seqlen_k - n0, BLOCK_N, HEAD_DIM, True, USE_TMA)
-    col_ok = (cols < seqlen_k)[:, None]
-    if FUSED_DQ:  # keys past the document (TMA reads the next one's) must add nothing to dQ
-        k = tl.where(col_ok, k, tl.zeros_like(k))
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -370,34 +312,31 @@ def _attn_bwd_dkdv_kernel(
     # fmt: off
     if not SPLIT_MASK:
         dk, dv = _dkdv_loop(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_dqt, stride_dqh, sm_scale, kv_head, group_size, total_q,
-            q_start, stride_qt, stride_qh, stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left,
-            window_right, qk_scale, b_lo, b_hi,
-            BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION, FUSED_DQ,
+            dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh, stride_dot,
+            stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, b_lo, b_hi,
+            BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
     else:
         if HAS_RIGHT:  # the causal diagonal
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_dqt, stride_dqh, sm_scale, kv_head, group_size, total_q,
-                q_start, stride_qt, stride_qh, stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left,
-                window_right, qk_scale, b_lo, f_lo,
-                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION, FUSED_DQ,
+                dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh,
+                stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, b_lo, f_lo,
+                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
             )
         dk, dv = _dkdv_loop(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_dqt, stride_dqh, sm_scale, kv_head, group_size, total_q,
-            q_start, stride_qt, stride_qh, stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left,
-            window_right, qk_scale, f_lo, f_hi,
-            BLOCK_M, HEAD_DIM, False, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION, FUSED_DQ,
+            dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh, stride_dot,
+            stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, f_lo, f_hi,
+            BLOCK_M, HEAD_DIM, False, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
         if HAS_LEFT or not USE_TMA:  # the left window edge, a partial last query block
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_dqt, stride_dqh, sm_scale, kv_head, group_size, total_q,
-                q_start, stride_qt, stride_qh, stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left,
-                window_right, qk_scale, f_hi, b_hi,
-                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION, FUSED_DQ,
+                dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh,
+                stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, f_hi, b_hi,
+                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
             )
     # fmt: on
 
+    col_ok = (cols < seqlen_k)[:, None]
     k_rows = k_start.to(tl.int64) + cols
     tl.store(
         DK + k_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],

@@ -194,13 +194,12 @@ def _fwd_loop(
     HAS_RIGHT: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Online softmax over key blocks ``lo .. hi`` (document-local, of BLOCK_N keys starting at token ``k_row``).
     acc: (BLOCK_M, HEAD_DIM) fp32, l_i/m_i: (BLOCK_M,) fp32 running sum and max (log2 units). Unmasked blocks fold
     the scale into one multiply-add per score; masked ones keep rows that have seen nothing at p = 0, not NaN."""
     offs_n = tl.arange(0, BLOCK_N)
-    for nb in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
+    for nb in range(lo, hi):
         n0 = nb * BLOCK_N
         k = _load_rows(K, k_row + n0, k_col, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -267,7 +266,6 @@ def _attn_fwd_kernel(
     NEG_SCALE: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     """OUT = softmax(Q K^T * scale) V for one BLOCK_M query tile of one head; LSE (num_q_heads, total_q) fp32,
     natural log, +inf for a query that sees no key (its output row is 0)."""
@@ -297,17 +295,17 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _fwd_loop(
             acc, l_i, m_i, q, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k, off,
             window_left, window_right, qk_scale, b_lo, f_lo,
-            BLOCK_N, HEAD_DIM, True, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION, False,
+            BLOCK_N, HEAD_DIM, True, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
     acc, l_i, m_i = _fwd_loop(
         acc, l_i, m_i, q, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k, off,
         window_left, window_right, qk_scale, f_lo, f_hi,
-        BLOCK_N, HEAD_DIM, False, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION, WARP_SPECIALIZE,
+        BLOCK_N, HEAD_DIM, False, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_loop(
         acc, l_i, m_i, q, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k, off,
         window_left, window_right, qk_scale, f_hi, b_hi,
-        BLOCK_N, HEAD_DIM, True, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION, False,
+        BLOCK_N, HEAD_DIM, True, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
     )
     # fmt: on
 

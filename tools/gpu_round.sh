@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm multi curves maxlen (each 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm multi curves maxlen maxlen4 (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -68,9 +68,10 @@ for phase in "${phases[@]}"; do
         job attention_bench 1 90 python3 bench/attention.py --quick ) &
       ( job moe_ep 2,3 100 torchrun --nproc_per_node=2 --master_port=29651 bench/moe_ep.py --repeats 10
         job fsdp2 2,3 120 torchrun --nproc_per_node=2 --master_port=29652 bench/train.py --fsdp --models dense,moe \
-          --steps 8 ) &
+          --steps 8
+        job cross_entropy 2 150 python3 bench/cross_entropy.py ) &
       wait
-      summary train gpu_tests attention_bench moe_ep fsdp2 ;;
+      summary train gpu_tests attention_bench moe_ep fsdp2 cross_entropy ;;
     explore)  # the attention sweep (GPU 0), the MoE job (GPU 1), Ulysses under NCCL CTA caps (GPUs 2,3)
       stamp "phase explore"
       job attention 0 330 bash tools/gpu_jobs/attention.sh &
@@ -78,12 +79,18 @@ for phase in "${phases[@]}"; do
       job ulysses_ctas 2,3 330 bash tools/gpu_jobs/ulysses_ctas.sh &
       wait
       summary attention moe ulysses_ctas ;;
-    maxlen)  # the longest sequence a 7B-shaped training step fits, with checkpointing: 1 GPU and 2 GPUs (SP=2)
+    maxlen)  # the longest sequence a 7B-shaped training step fits, with checkpointing: 1 GPU and 2 GPUs (SP=2);
+      # the 1-GPU step profiles of bench/train.py's models on the GPU left free
       stamp "phase maxlen"
       job maxlen1 0 280 python3 bench/max_seqlen.py &
       job maxlen2 2,3 280 torchrun --nproc_per_node=2 --master_port=29671 bench/max_seqlen.py &
+      job step_diag 1 250 python3 tools/gpu_jobs/step_diag.py dense:veofast moe:veofast &
       wait
-      summary maxlen1 maxlen2 ;;
+      summary maxlen1 maxlen2 step_diag ;;
+    maxlen4)  # the same on 4 GPUs (SP=4)
+      stamp "phase maxlen4"
+      job maxlen4 0,1,2,3 280 torchrun --nproc_per_node=4 --master_port=29672 bench/max_seqlen.py
+      summary maxlen4 ;;
     multi)
       stamp "phase multi"
       common=(tasks/train.py configs/moe.yaml --train.save_steps 0)

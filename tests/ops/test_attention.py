@@ -70,12 +70,12 @@ def _assert_bound(name, fast, low, ref, dtype, factor=2.0):
 
 
 def _launchers(q, k, v, dout, cu_q, cu_k, max_q, max_k, *, causal, window_size, softmax_scale, configs):
-    """out, dq, dk, dv from the kernel launchers with explicit (fwd, dq, dkdv) configs (None: the table's)."""
+    """out, dq, dk, dv from the kernel launchers with explicit (fwd, dq, dkdv) configs."""
     from veofast.kernels import attention as ka
 
     window = dict(softmax_scale=softmax_scale or q.shape[-1] ** -0.5, window_left=window_size[0])
     window["window_right"] = 0 if causal else window_size[1]
-    fwd, dq, dkdv = (None if c is None else ka.Config(*c) for c in configs)
+    fwd, dq, dkdv = (ka.Config(*c) for c in configs)
     out, lse = ka.varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, config=fwd, **window)
     grads = ka.varlen_attention_bwd(
         dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dq_config=dq, dkdv_config=dkdv, **window
@@ -154,32 +154,6 @@ def test_kernel_configs_match_reference(configs, causal, window_size):
     lens = [1, 17, 0, 45]
     _check_against_reference(
         lens, lens, 4, 2, 16, torch.float32, causal=causal, window_size=window_size, configs=configs
-    )
-
-
-# The fused-dQ backward (dQ by atomics in the dK/dV kernel): both load paths, both loop structures, GQA 4 (every
-# query head of a group adds into its own dQ rows), causal, windows, more keys than queries; fp32 and fp16.
-FWD16, DQ16 = (16, 16, 4, 1), (16, 16, 4, 1)
-
-
-@pytest.mark.parametrize(
-    "lens_q, lens_k, hq, hk, dtype, dkdv, causal, window_size",
-    [
-        pytest.param([1, 17, 0, 45], None, 4, 1, torch.float32, (16, 32, 4, 1, True, True, True), True, (-1, -1),
-                     id="fp32-tma-causal-gqa4"),
-        pytest.param([1, 17, 0, 45], None, 4, 2, torch.float32, (32, 16, 4, 1, False, True, True), False, (6, 3),
-                     id="fp32-ptr-window-6-3"),
-        pytest.param([5, 0, 25], [20, 3, 17], 4, 1, torch.float32, (16, 16, 4, 1, True, False, True), True,
-                     (-1, -1), id="fp32-tma-onemask-bottom-right"),
-        pytest.param([1, 17, 0, 45], None, 4, 1, torch.float16, (16, 32, 4, 1, True, True, True), True, (9, -1),
-                     id="fp16-tma-causal-window9-gqa4"),
-        pytest.param([33, 0, 20], None, 2, 2, torch.float16, (32, 16, 4, 1, False, True, True), False, (-1, -1),
-                     id="fp16-ptr-full"),
-    ],
-)  # fmt: skip
-def test_fused_dq_matches_reference(lens_q, lens_k, hq, hk, dtype, dkdv, causal, window_size):
-    _check_against_reference(
-        lens_q, lens_k or lens_q, hq, hk, 16, dtype, causal=causal, window_size=window_size, configs=[FWD16, DQ16, dkdv]
     )
 
 
@@ -343,23 +317,6 @@ def test_gpu_pointer_loads():
 def test_gpu_masks(lens_k, causal, window_size):
     lens_q, lens_k = GPU_LENS, lens_k or GPU_LENS
     _check_against_reference(lens_q, lens_k, 8, 2, 128, torch.bfloat16, causal=causal, window_size=window_size)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "d, dkdv, causal, window_size",
-    [
-        (64, (64, 64, 4, 3, True, True, True), True, (-1, -1)),
-        (128, (64, 128, 8, 2, True, True, True), True, (-1, -1)),
-        (128, (64, 128, 8, 2, True, True, True), False, (64, 32)),
-    ],
-    ids=["d64-causal", "d128-causal", "d128-window-64-32"],
-)
-def test_gpu_fused_dq(d, dkdv, causal, window_size):
-    """The fused-dQ backward in bf16 (TMA; GQA 4; odd documents, an empty one); the table's forward."""
-    _check_against_reference(
-        GPU_LENS, GPU_LENS, 8, 2, d, torch.bfloat16, causal=causal, window_size=window_size, configs=[None, None, dkdv]
-    )
 
 
 @pytest.mark.gpu

@@ -6,11 +6,9 @@
 #      FlexAttention; then, in one process, veofast (public op, pinned configs), FlexAttention (compiled,
 #      document-causal block mask) and torch varlen_attn (window (-1, 0)) are timed fwd and fwd+bwd at the anchor
 #      mix (32768 tokens, 19 documents, 32/8 heads, d128) and at one 8192-token document (32/8 heads, d64), with
-#      every config that passed its check, and the best config of each kernel together. dK/dV configs ending in
-#      -fdq are the fused-dQ backward (dQ by fp32 atomics inside the dK/dV kernel, no dQ kernel; their "fused" cells
-#      time the whole backward): "veofast-best" (fwd + dq + dkdv) races "veofast-best-fdq" (fwd + fused backward),
-#      and the summary ends with the CONFIGS lines that pin the faster one.
-#   2. pytest -m gpu tests/ops -k attention (pinned configs, no autotuning; the fused-dQ backward too), timed.
+#      every config that passed its check, and the best config of each kernel together. The summary ends with the
+#      CONFIGS lines to pin.
+#   2. pytest -m gpu tests/ops -k attention (pinned configs, no autotuning), timed.
 # $OUT gets attention.jsonl (every measurement and check) and attention_job.log (everything printed).
 # ATTENTION_SMOKE=1 runs the same steps on CPU (Triton interpreter, tiny shapes) to check the script itself.
 set -uo pipefail
