@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm multi curves maxlen maxlen4 (each 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final multi curves maxlen maxlen4 (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -79,6 +79,16 @@ for phase in "${phases[@]}"; do
       job ulysses_ctas 2,3 330 bash tools/gpu_jobs/ulysses_ctas.sh &
       wait
       summary attention moe ulysses_ctas ;;
+    final)  # the headline suites once more with the pinned configs: attention then training steps (GPU 0), every
+      # cross-entropy shape (GPU 1), the attention GPU tests (GPU 2), the packer on the CPU
+      stamp "phase final"
+      ( job attention_bench 0 120 python3 bench/attention.py --quick
+        job train 0 300 python3 bench/train.py --quick --time-budget 240 ) &
+      job cross_entropy 1 300 python3 bench/cross_entropy.py &
+      job attention_tests 2 200 python3 -m pytest -q -m gpu tests/ops -k attention -p no:cacheprovider &
+      job packer "" 150 bash tools/gpu_jobs/packer.sh &
+      wait
+      summary attention_bench train cross_entropy attention_tests packer ;;
     maxlen)  # the longest sequence a 7B-shaped training step fits, with checkpointing: 1 GPU and 2 GPUs (SP=2);
       # the 1-GPU step profiles of bench/train.py's models on the GPU left free
       stamp "phase maxlen"
