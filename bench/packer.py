@@ -63,7 +63,8 @@ SPEED_CASES = [(200, BUDGET), (2000, BUDGET), (100_000, BUDGET), (200, 2048), (2
 
 def bench_speed() -> list[dict]:
     """C++ vs Python over ``SPEED_CASES`` (n sequences, budget): the buffer sizes at our budget, a large n, and
-    the default buffer at other budgets (the C++ queries scan more bitset words as the budget grows)."""
+    the default buffer at other budgets (the C++ bitset of the rooms below the current length has more words to
+    scan as the budget grows)."""
     rows = []
     fixed_us = None
     if cpp_available():

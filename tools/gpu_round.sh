@@ -80,15 +80,16 @@ for phase in "${phases[@]}"; do
       wait
       summary attention moe ulysses_ctas ;;
     final)  # the headline suites once more with the pinned configs: attention then training steps (GPU 0), every
-      # cross-entropy shape (GPU 1), the attention GPU tests (GPU 2), the packer on the CPU
+      # cross-entropy shape (GPU 1), the attention GPU tests (GPU 2), an attention config sweep (GPU 3), the packer
       stamp "phase final"
       ( job attention_bench 0 120 python3 bench/attention.py --quick
         job train 0 300 python3 bench/train.py --quick --time-budget 240 ) &
       job cross_entropy 1 300 python3 bench/cross_entropy.py &
       job attention_tests 2 200 python3 -m pytest -q -m gpu tests/ops -k attention -p no:cacheprovider &
+      job attention_sweep 3 280 python3 bench/attention.py --sweep --budget-s 200 --workers 12 &
       job packer "" 150 bash tools/gpu_jobs/packer.sh &
       wait
-      summary attention_bench train cross_entropy attention_tests packer ;;
+      summary attention_bench train cross_entropy attention_tests attention_sweep packer ;;
     maxlen)  # the longest sequence a 7B-shaped training step fits, with checkpointing: 1 GPU and 2 GPUs (SP=2);
       # the 1-GPU step profiles of bench/train.py's models on the GPU left free
       stamp "phase maxlen"

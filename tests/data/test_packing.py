@@ -4,6 +4,7 @@ errors, and how the dynamic batcher turns the packer's bins into micro-batches."
 from __future__ import annotations
 
 import array
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -52,6 +53,19 @@ def test_cpp_equals_python(seed):
     check_packing(lengths, budget, *py)
     np.testing.assert_array_equal(cpp[0], py[0])
     np.testing.assert_array_equal(cpp[1], py[1])
+
+
+@needs_cpp
+@pytest.mark.parametrize("budget", [1, 2, 4])
+def test_cpp_equals_python_exhaustive_small(budget):
+    # every length vector of up to 6 sequences (5 at budget 4): each order in which rooms open, tie, fall below
+    # the length and come back to fit it, and zero lengths (a bin keeps its room)
+    for n in range(7 if budget < 4 else 6):
+        for lengths in itertools.product(range(budget + 1), repeat=n):
+            lengths = np.array(lengths, dtype=np.int64)
+            cpp = pack_sequences(lengths, budget, backend="cpp")
+            py = pack_sequences_python(lengths, budget)
+            assert cpp[0].tolist() == py[0].tolist() and cpp[1].tolist() == py[1].tolist(), lengths
 
 
 @pytest.mark.parametrize("seed", range(6))

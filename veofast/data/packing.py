@@ -17,7 +17,7 @@ Every length must lie in ``[0, budget]``: a longer sequence can never fit, and t
 to it (the dynamic batcher gives it a micro-batch of its own; see ``dynamic_batching.py``). The budget is at most
 ``MAX_BUDGET`` = 2**24 tokens. Cost: O(n log n) for the sort; the C++ placement is O(1) per sequence for budgets
 up to ~2**18 tokens. The C++ call reads an int64 NumPy array in place and returns two fresh arrays; its fixed
-cost (~1 us) is about a fifth of a call over the default buffer of 200 sequences.
+cost (~1 us) is about a quarter of a call over the default buffer of 200 sequences.
 """
 
 from __future__ import annotations
