@@ -64,7 +64,7 @@ CONFIGS: dict[tuple[str, int, int], Config] = {
     ("dq", 64, 16): Config(128, 64, 8, 3, tma=True),
     ("dq", 128, 16): Config(128, 64, 8, 3, tma=True),
     ("dq", 256, 16): Config(64, 32, 4, 3),
-    ("dkdv", 64, 16): Config(64, 64, 4, 3, tma=True),
+    ("dkdv", 64, 16): Config(32, 64, 4, 3, tma=True),
     ("dkdv", 128, 16): Config(64, 128, 8, 2, tma=True),
     ("dkdv", 256, 16): Config(32, 32, 8, 2, split_mask=False),
     **{(kernel, d, 32): Config(64, 32, 4, 2) for kernel in ("fwd", "dq") for d in (64, 128)},

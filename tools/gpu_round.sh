@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final multi curves maxlen maxlen4 (each 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -90,6 +90,13 @@ for phase in "${phases[@]}"; do
       job packer "" 150 bash tools/gpu_jobs/packer.sh &
       wait
       summary attention_bench train cross_entropy attention_tests attention_sweep packer ;;
+    steps)  # 2 GPUs: one-GPU training steps (dense then MoE, veofast and transformers) on GPU 0 beside the dense
+      # step profile on GPU 1: how far bench/train.py's step time is from the profiled kernel time
+      stamp "phase steps"
+      job train_steps 0 220 python3 bench/train.py --providers veofast,transformers --steps 16 &
+      job step_diag 1 200 python3 tools/gpu_jobs/step_diag.py dense:veofast &
+      wait
+      summary train_steps step_diag ;;
     maxlen)  # the longest sequence a 7B-shaped training step fits, with checkpointing: 1 GPU and 2 GPUs (SP=2);
       # the 1-GPU step profiles of bench/train.py's models on the GPU left free
       stamp "phase maxlen"
