@@ -7,8 +7,8 @@ speed cases use other budgets, with the median scaled in proportion).
   large 100k; n = 200 also at budgets 2048, 32768 and 131072), C++ (``veofast._C``) vs the pure-Python
   fallback, on one core. Both are called the way the dynamic batcher calls them: ``pack_sequences(int64 array,
   int budget, backend=...)``, results as returned (``indices``, ``offsets`` arrays). ``cpp_fixed_us`` is the
-  cost of a C++ call over one sequence: the part of a call that does not scale with n (argument parsing, the
-  two result arrays), which bounds the speed-up at small n.
+  cost of a C++ call over one sequence: the part of a call that does not scale with n (the wrapper, the
+  arguments, the two result arrays, the radix counters), which bounds the speed-up at small n.
 - efficiency: a stream of sequences through ``DynamicBatcher`` with buffers of 200 and 2000: real tokens /
   (budget * micro-batches), beside the lower bound ``ceil(sum(len) / budget)`` micro-batches and a sequential
   next-fit baseline.
@@ -63,8 +63,8 @@ SPEED_CASES = [(200, BUDGET), (2000, BUDGET), (100_000, BUDGET), (200, 2048), (2
 
 def bench_speed() -> list[dict]:
     """C++ vs Python over ``SPEED_CASES`` (n sequences, budget): the buffer sizes at our budget, a large n, and
-    the default buffer at other budgets (the C++ bitset of the rooms below the current length has more words to
-    scan as the budget grows)."""
+    the default buffer at other budgets (the C++ sort takes more radix passes, and its bitset of low rooms more
+    words, as the budget grows)."""
     rows = []
     fixed_us = None
     if cpp_available():

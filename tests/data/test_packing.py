@@ -68,6 +68,24 @@ def test_cpp_equals_python_exhaustive_small(budget):
             assert cpp[0].tolist() == py[0].tolist() and cpp[1].tolist() == py[1].tolist(), lengths
 
 
+@needs_cpp
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 57, 200, 8191, 8192])
+def test_cpp_equals_python_every_radix_layout(n):
+    # budgets of every bit length and both ends of it pick every split of budget - length into radix digits (of
+    # at most 8 bits below n = 8192, 11 from there); the top digit is counted in two halves (n odd and even).
+    # Lengths: ties, 0 and the budget itself among uniform ones.
+    rng = np.random.default_rng(n)
+    for bits in range(1, 26):
+        for budget in sorted({2 ** (bits - 1), min(2**bits - 1, MAX_BUDGET)}):
+            lengths = rng.integers(0, budget + 1, n)
+            lengths[rng.random(n) < 0.2] = budget
+            lengths[rng.random(n) < 0.1] = 0
+            lengths[rng.random(n) < 0.2] = budget // 3
+            cpp = pack_sequences(lengths, budget, backend="cpp")
+            py = pack_sequences_python(lengths, budget)
+            assert cpp[0].tolist() == py[0].tolist() and cpp[1].tolist() == py[1].tolist(), (n, budget)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_python_invariants_and_best_fit(seed):
     lengths, budget = random_case(seed)
@@ -105,6 +123,12 @@ def test_bad_inputs(backend):
         pack_sequences([1], 0, backend=backend)
     with pytest.raises(ValueError, match="1-D"):
         pack_sequences([[1, 2]], 10, backend=backend)
+    with pytest.raises(ValueError, match="1-D"):
+        pack_sequences(np.ones((2, 2), dtype=np.int64), 10, backend=backend)
+    with pytest.raises(ValueError, match="budget"):
+        pack_sequences(np.ones(2, dtype=np.int64), True, backend=backend)
+    with pytest.raises(ValueError, match="budget"):
+        pack_sequences(np.ones(2, dtype=np.int64), 10.0, backend=backend)
     with pytest.raises(TypeError, match="integers"):
         pack_sequences([1.5], 10, backend=backend)
     indices, offsets = pack_sequences(np.zeros(0, dtype=np.int64), 10, backend=backend)
@@ -126,12 +150,38 @@ def test_cpp_reads_buffers_in_place():
     for lengths in (torch.from_numpy(wide[:, 1].copy()), wide[:, 1].astype(np.int32), wide[:, 1].tolist()):
         got = pack_sequences(lengths, 60, backend="cpp")  # converted once by the wrapper
         np.testing.assert_array_equal(got[0], expected[0])
-    with pytest.raises(ValueError, match="int64"):
+    # anything C++ does not read in place is a TypeError, which pack_sequences answers by converting
+    with pytest.raises(TypeError, match="int64"):
         _C.pack_bfd(wide[:, 1].astype(np.int32), 60)
+    with pytest.raises(TypeError, match="int64"):
+        _C.pack_bfd(np.ascontiguousarray(wide[:2]), 60)
     with pytest.raises(TypeError, match="buffer"):
         _C.pack_bfd([1, 2], 60)
-    with pytest.raises(ValueError, match="budget"):
-        _C.pack_bfd(wide[:, 1], MAX_BUDGET + 1)
+    for budget in (np.int64(60), True, 60.0):
+        with pytest.raises(TypeError, match="budget"):
+            _C.pack_bfd(wide[:, 1], budget)
+    for budget in (0, MAX_BUDGET + 1, 2**80):
+        with pytest.raises(ValueError, match="budget"):
+            _C.pack_bfd(wide[:, 1], budget)
+    got = pack_sequences(wide[:, 1], np.int64(60), backend="cpp")
+    np.testing.assert_array_equal(got[0], expected[0])
+
+
+@needs_cpp
+@pytest.mark.parametrize("n", [5, 5000])  # 5000: the GIL is released, the error raised after
+def test_cpp_range_errors_leave_the_scratch_clean(n):
+    # the sort checks the range as it counts: a refused call must leave its reused counters as it found them
+    rng = np.random.default_rng(n)
+    for budget in (1000, 70_000):
+        lengths = rng.integers(0, budget + 1, n)
+        for bad in (-1, budget + 1, -(2**63)):
+            wrong = lengths.copy()
+            wrong[n - 2] = bad
+            with pytest.raises(ValueError, match=rf"lengths\[{n - 2}\] = {bad} is outside"):
+                pack_sequences(wrong, budget, backend="cpp")
+            cpp = pack_sequences(lengths, budget, backend="cpp")
+            py = pack_sequences_python(lengths, budget)
+            assert cpp[0].tolist() == py[0].tolist() and cpp[1].tolist() == py[1].tolist()
 
 
 @needs_cpp

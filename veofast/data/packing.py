@@ -17,7 +17,7 @@ Every length must lie in ``[0, budget]``: a longer sequence can never fit, and t
 to it (the dynamic batcher gives it a micro-batch of its own; see ``dynamic_batching.py``). The budget is at most
 ``MAX_BUDGET`` = 2**24 tokens. Cost: O(n log n) for the sort; the C++ placement is O(1) per sequence for budgets
 up to ~2**18 tokens. The C++ call reads an int64 NumPy array in place and returns two fresh arrays; its fixed
-cost (~1 us) is about a quarter of a call over the default buffer of 200 sequences.
+cost (~0.6 us) is about a quarter of a call over the default buffer of 200 sequences (~2.5 us).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ try:
 except ImportError as exc:  # extension not built (no compiler at install time)
     _C = None
     _CPP_ERROR = str(exc)
+_pack_bfd = _C.pack_bfd if _C is not None else None  # looked up once: ~10 ns a call
 _warned_fallback = False
-_INT64 = np.dtype(np.int64)
 
 
 def cpp_available() -> bool:
@@ -61,14 +61,16 @@ def pack_sequences(lengths, budget: int, *, backend: str = "auto") -> tuple[np.n
         ``(indices, offsets)``: int64 arrays of shapes (n,) and (bins + 1,); bin ``b`` holds the sequences
         ``indices[offsets[b]:offsets[b + 1]]``.
     """
-    if _C is not None and (backend == "auto" or backend == "cpp"):
-        # The dataloader's call: an int64 array and an int go straight to C++, which checks shape and range.
-        if type(lengths) is not np.ndarray or lengths.dtype is not _INT64:
-            lengths = _lengths_array(lengths)
-        if type(budget) is not int or not 1 <= budget <= MAX_BUDGET:
-            _check_budget(budget)
-            budget = int(budget)
-        return _C.pack_bfd(lengths, budget)
+    if _pack_bfd is not None and (backend == "auto" or backend == "cpp"):
+        # The dataloader's call, an int64 array and an int, goes straight to C++, which checks everything: it
+        # raises TypeError for any other type, and then the arguments are converted (or refused) here, once.
+        try:
+            return _pack_bfd(lengths, budget)
+        except TypeError:
+            pass
+        lengths = _lengths_array(lengths)
+        _check_budget(budget)
+        return _pack_bfd(lengths, int(budget))
     if backend not in BACKENDS:
         raise ValueError(f"pack_sequences: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpp":
