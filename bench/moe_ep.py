@@ -9,9 +9,10 @@ Tables (rank 0 prints them and appends JSON lines to ``bench/results/moe_ep.json
   (``ExpertParallelDispatcher``, 64 experts per GPU, each GPU with its own 16384 tokens); time, TFLOP/s per GPU
   (18*T*K*H*I per GPU), ratio EP=2 / EP=1 (target <= 1.25), and the EP=2 output error against ``moe_ffn`` on
   the same tokens;
-- all-to-all: ``all_to_all_single`` bus bandwidth at the layer's message size (all T*K routed rows per GPU,
-  nccl-tests convention: bytes per rank / time * (n-1)/n) against ANCHORS.md (158 GB/s at 16 MB ... 329 at 1 GB,
-  interpolated in log size), and the layer's own exchange (only rows for the other GPU's experts);
+- all-to-all: ``all_to_all_single`` bus bandwidth at the layer's message size (the dispatcher sends each token
+  once to each other GPU holding one of its experts: as many token rows per peer as this routing sends, even
+  splits, nccl-tests convention: bytes per rank / time * (n-1)/n) against ANCHORS.md (158 GB/s at 16 MB ... 329
+  at 1 GB, interpolated in log size), and the layer's own exchange (only the rows for the other GPUs);
 - dispatch/combine: from a profiler pass over EP=2 fwd+bwd, the GPU time of NCCL kernels (count-exchange,
   dispatch, combine and their backward) and its share of the layer time (part of it overlaps expert GEMMs).
 On a CPU (gloo, fp32) it runs as a smoke test with small shapes.
@@ -193,14 +194,24 @@ def bench_layer(args, device, dtype, rank: int, world: int) -> list[dict]:
     return rows
 
 
+def tokens_per_peer(args, device, dtype, world: int) -> int:
+    """Token rows this GPU's routing sends to each other GPU in the layer (their mean over the other GPUs)."""
+    rank = dist.get_rank()
+    ids = tokens(args, device, dtype, seed=1 + rank)["ids"]
+    owner = ids // (args.experts // world)
+    needs = torch.zeros(ids.shape[0], world, dtype=torch.bool, device=device).scatter_(1, owner, True)
+    needs[:, rank] = False
+    return int(needs.sum()) // max(world - 1, 1)
+
+
 def bench_all_to_all(args, device, dtype, world: int) -> list[dict]:
-    """``all_to_all_single`` of all T*K routed rows per GPU (even splits), and of the layer's remote rows only."""
-    rows_per_gpu = args.tokens * args.topk
+    """``all_to_all_single`` at the layer's message size: even splits (its bus bandwidth), and the layer's remote
+    rows only (no block for this GPU itself)."""
+    chunk = max_over_ranks(tokens_per_peer(args, device, dtype, world), device)
     element = torch.tensor([], dtype=dtype).element_size()
     out = []
-    for case, splits_self in (("all routed rows (even splits)", True), ("remote rows only (as in the layer)", False)):
-        chunk = rows_per_gpu // world
-        in_splits = [0 if (r == dist.get_rank() and not splits_self) else chunk for r in range(world)]
+    for case, splits_self in (("token rows, even splits", True), ("remote token rows only (as in the layer)", False)):
+        in_splits = [0 if (r == dist.get_rank() and not splits_self) else int(chunk) for r in range(world)]
         send = torch.randn(sum(in_splits), args.hidden, device=device).to(dtype)
         recv = torch.empty_like(send)
 

@@ -11,10 +11,12 @@ Providers, side by side in one process, on the same random 8192-token sequence (
   Liger also rebinds functions of transformers' modeling module (RoPE), so it always runs last for a model family.
 
 Precision. transformers providers: fp32 master weights, bf16 ``torch.autocast``, fused AdamW (as in ANCHORS.md).
-veofast providers: fp32 master weights and bf16 compute through the engine's own path, FSDP2 ``MixedPrecisionPolicy``
-(bf16 params, fp32 gradient reduction) from ``build_parallelize_model`` -- on a 1-rank mesh on one GPU -- and the
-engine's fused AdamW (``build_optimizer``). veofast's ops are custom autograd functions that autocast does not cast,
-so autocast would run them on fp32 inputs; FSDP2 mixed precision is how ``tasks/train.py`` trains.
+veofast providers: fp32 master weights and bf16 compute through the engine's own path from
+``build_parallelize_model``, as ``tasks/train.py`` trains: on one GPU each decoder layer (and the root) casts its
+fp32 parameters to bf16 for its forward, gradients come back in fp32 (``veofast.distributed.mixed_precision``); on
+several GPUs FSDP2 ``MixedPrecisionPolicy`` (bf16 params, fp32 gradient reduction); and the engine's fused AdamW
+(``build_optimizer``). veofast's ops are custom autograd functions that autocast does not cast, so autocast would
+run them on fp32 inputs.
 
 Every step: forward + loss, backward, optimizer step, zero_grad; steps are timed with a device sync after each one;
 the median of the timed steps after warm-up is reported. Tokens/s per GPU = sequence length / median step time.
@@ -234,7 +236,11 @@ def build_veofast(hf: dict, backend: str, batch: Batch, device: torch.device) ->
         return out.loss
 
     precision = (
-        f"fp32 master + bf16 compute (FSDP2 mixed precision, {ps.world_size}-rank mesh)"
+        (
+            f"fp32 master + bf16 compute (FSDP2 mixed precision, {ps.world_size}-rank mesh)"
+            if ps.world_size > 1
+            else "fp32 master + bf16 compute (per-layer bf16 casts, fp32 gradients; no FSDP on one rank)"
+        )
         if device.type == "cuda"
         else "fp32"
     )
@@ -695,7 +701,7 @@ def main() -> None:
     )
     _print(
         "precision: transformers = fp32 master + bf16 autocast; veofast = fp32 master + bf16 compute through "
-        "FSDP2 mixed precision (1-rank mesh on one GPU); all use fused AdamW"
+        "per-layer bf16 casts on one GPU, FSDP2 mixed precision on several; all use fused AdamW"
     )
     if _is_main():
         print_table(rows, TABLE_COLUMNS)

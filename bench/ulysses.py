@@ -49,6 +49,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # for ``bench``; an i
 from bench.common import H200_BF16_TFLOPS, output_dir, print_table, record  # noqa: E402
 from veofast.distributed.parallel_state import init_parallel_state  # noqa: E402
 from veofast.distributed.sequence_parallel import UlyssesAttention, apply_sequence_parallel  # noqa: E402
+from veofast.distributed.ulysses_comm import TRANSPORTS, InFlight  # noqa: E402
 from veofast.models.config import DecoderConfig  # noqa: E402
 from veofast.models.decoder import DecoderLayer  # noqa: E402
 from veofast.models.rotary import rotary_frequencies  # noqa: E402
@@ -128,25 +129,31 @@ def timed(fn: Callable[[], object], iterations: int, device) -> float:
     return (time.perf_counter() - t0) * 1e3 / iterations
 
 
-def all_to_all_alone(config: DecoderConfig, tokens: int, size: int, device, dtype, group) -> Callable[[], None]:
-    """The layer's eight all-to-alls (q, k, v, output; forward and backward), synchronous, on buffers of their size."""
+def all_to_all_alone(
+    config: DecoderConfig, tokens: int, size: int, device, dtype, group, transport: str
+) -> Callable[[], None]:
+    """The layer's eight all-to-alls (q, k, v, output; forward and backward), one after another, on buffers of their
+    size, over ``transport``."""
     n, d = tokens // size, config.head_dim
     kv = max(config.num_key_value_heads, size)
     widths = [config.num_attention_heads, kv, kv, config.num_attention_heads] * 2
     buffers = [torch.randn(size, n, w // size * d, device=device, dtype=dtype) for w in widths]
-    outputs = [torch.empty_like(b) for b in buffers]
 
     def run() -> None:
-        for send, recv in zip(buffers, outputs, strict=True):
-            dist.all_to_all_single(recv, send, group=group)
+        for send in buffers:
+            flight = InFlight(group, "sync", transport)
+            flight.start(send)
+            flight.finish()
 
     return run
 
 
-def set_mode(layer, mode: str) -> None:
+def set_mode(layer, mode: str, transport: str | None = None) -> None:
     for module in layer.modules():
         if isinstance(module, UlyssesAttention):
             module.comm_mode = mode
+            if transport is not None:
+                module.comm_transport = transport
 
 
 def pick_ops_backend(config: DecoderConfig, device, dtype) -> tuple[DecoderConfig, str | None]:
@@ -248,13 +255,14 @@ def run(args) -> list[dict]:
         "sp": make_step(sp_layer, local_hidden, local_positions, local_grad, inputs, inv_freq, scaling),
         "1gpu": make_step(layer, inputs.hidden, inputs.positions, inputs.grad, inputs, inv_freq, scaling),
         "1gpu_half": make_step(layer, half.hidden, half.positions, half.grad, half, inv_freq, scaling),
-        "comm": all_to_all_alone(config, tokens, size, device, dtype, ps.sp_group),
+        "comm": all_to_all_alone(config, tokens, size, device, dtype, ps.sp_group, args.transport),
     }
     base = {"shape": "tiny" if tiny else "7B-layer", "tokens": tokens, "docs": lengths, "sp": size,
+            "transport": args.transport,
             "ops_backend": config.ops_backend, "dtype": str(dtype).removeprefix("torch."), "fallback": fallback}
 
     # correctness: this rank's slice of the SP output against the whole-sequence layer
-    set_mode(sp_layer, "async")
+    set_mode(sp_layer, "async", args.transport)
     with torch.no_grad():
         n = tokens // size
         whole, _ = layer(inputs.hidden, inputs.positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
@@ -346,6 +354,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per SP group (default 64k)")
     parser.add_argument("--ops-backend", default="auto", choices=("auto", "triton", "torch"),
                         help="backend of the layer's fused ops (falls back to 'torch', logged, if a small run fails)")
+    parser.add_argument("--transport", default="nccl", choices=TRANSPORTS,
+                        help="what carries the all-to-alls: NCCL kernels or the copy engines (symmetric memory)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     code, rank = 0, 0

@@ -17,7 +17,9 @@ them (or not: the permute backward) and sum in fp32. ``_moe_unpermute_bwd_kernel
 gradient once and writes its ``K`` row gradients (each row once: no atomics) and the weights' gradients.
 
 Ids outside ``[0, num_experts)`` are masked: they are counted nowhere, get ``row_index = -1``, write no row and
-add nothing when unpermuting. Row indices outside ``[0, num_rows)`` are skipped the same way. Flattened slot
+add nothing when unpermuting. The permute writes ``num_rows`` rows (``T*K`` unless told fewer); a slot whose row
+would fall past them is dropped the same way, and the expert ends are clamped to ``num_rows``. Row indices outside
+``[0, num_rows)`` are skipped when unpermuting. Flattened slot
 indices are int32 (``T*K < 2**31``); only row offsets (row x stride) are int64.
 
 Tunables live in ``CONFIGS`` (each launcher also takes ``config=`` to override them, which ``bench/moe.py
@@ -93,6 +95,7 @@ def _moe_permute_kernel(
     H,
     E,
     NB,
+    R,
     stride_hidden,
     stride_rows,
     K: tl.constexpr,
@@ -102,14 +105,15 @@ def _moe_permute_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """row_index[t*K + k] = row of slot (t, k); rows[row_index[t*K + k]] = hidden[t]; ends/sizes per expert."""
+    """row_index[t*K + k] = row of slot (t, k); rows[row_index[t*K + k]] = hidden[t]; ends/sizes per expert.
+    Only rows [0, R) exist: a slot whose row would be past them is dropped (row_index -1), ends are clamped."""
     pid = tl.program_id(0)
     if pid == 0:  # expert e ends at cum[e, NB-1]; it starts where expert e-1 ends
         for e0 in range(0, E, BLOCK_E):
             experts = e0 + tl.arange(0, BLOCK_E)
             in_e = experts < E
-            end = tl.load(cum_ptr + experts * NB + NB - 1, mask=in_e, other=0)
-            start = tl.load(cum_ptr + experts * NB - 1, mask=in_e & (experts > 0), other=0)
+            end = tl.minimum(tl.load(cum_ptr + experts * NB + NB - 1, mask=in_e, other=0), R)
+            start = tl.minimum(tl.load(cum_ptr + experts * NB - 1, mask=in_e & (experts > 0), other=0), R)
             tl.store(ends_ptr + experts, end, mask=in_e)
             tl.store(sizes_ptr + experts, (end - start).to(tl.int64), mask=in_e)
 
@@ -128,9 +132,10 @@ def _moe_permute_kernel(
         me = (local[:, None] * K + slots[None, :])[:, :, None]
         same_before = (block_ids[None, None, :] == ids[:, :, None]) & (pos[None, None, :] < me)
         rank = tl.sum(same_before.to(tl.int32), axis=2)
-        valid = ids >= 0
+        routed = ids >= 0
         cell = ids * NB + pid
-        base = tl.load(cum_ptr + cell, mask=valid, other=0) - tl.load(counts_ptr + cell, mask=valid, other=0)
+        base = tl.load(cum_ptr + cell, mask=routed, other=0) - tl.load(counts_ptr + cell, mask=routed, other=0)
+        valid = routed & (base + rank < R)
         row = tl.where(valid, base + rank, -1)
         tl.store(row_index_ptr + flat, row, mask=slot_ok)
 
@@ -236,22 +241,31 @@ def _moe_unpermute_bwd_kernel(
 
 
 def permute(
-    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *, config: dict | None = None
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    *,
+    first_expert: int = 0,
+    num_rows: int | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows grouped by expert: returns ``rows (T*K, H)``, ``expert_offsets (E,) int32`` (cumulative ends),
+    """Rows grouped by expert: returns ``rows (R, H)``, ``expert_offsets (E,) int32`` (cumulative ends),
     ``row_index (T*K,) int32`` and ``tokens_per_expert (E,) int64``.
 
-    hidden: (T, H); topk_ids: (T, K) int32/int64. Inputs are assumed validated; ids outside ``[0, E)`` are masked.
-    config: overrides of ``CONFIGS["permute"]``.
+    hidden: (T, H); topk_ids: (T, K) int32/int64. The experts are ids ``[first_expert, first_expert + E)``; other
+    ids are masked. ``R = num_rows`` (default ``T*K``). Inputs are assumed validated. config: overrides of
+    ``CONFIGS["permute"]``.
     """
     num_tokens, width = hidden.shape
     topk = topk_ids.shape[1]
     n = num_tokens * topk
+    num_rows = n if num_rows is None else num_rows
     hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
-    ids = topk_ids.reshape(-1).contiguous()
+    ids = topk_ids.reshape(-1)
+    ids = (ids - first_expert) if first_expert else ids.contiguous()
     device = hidden.device
     row_index = torch.empty(n, dtype=torch.int32, device=device)
-    rows = torch.empty((n, width), dtype=hidden.dtype, device=device)
+    rows = torch.empty((num_rows, width), dtype=hidden.dtype, device=device)
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
     sizes = torch.empty(num_experts, dtype=torch.int64, device=device)
     if n == 0:
@@ -280,6 +294,7 @@ def permute(
         width,
         num_experts,
         num_blocks,
+        num_rows,
         hidden.stride(0),
         rows.stride(0),
         K=topk,

@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 (each 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 ep2 one curves1 (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -105,6 +105,32 @@ for phase in "${phases[@]}"; do
       job step_diag 1 250 python3 tools/gpu_jobs/step_diag.py dense:veofast moe:veofast &
       wait
       summary maxlen1 maxlen2 step_diag ;;
+    ep2)  # 2 GPUs: the EP=2 layer and its all-to-all, the copy-engine all-to-all probe, the Ulysses layer over both
+      # transports; then the MoE op tests on the GPU
+      stamp "phase ep2"
+      job moe_ep 0,1 120 torchrun --nproc_per_node=2 --master_port=29651 bench/moe_ep.py --repeats 20
+      job ce_a2a 0,1 120 torchrun --nproc_per_node=2 --master_port=29690 tools/gpu_jobs/ce_a2a.py
+      job ulysses_ce 0,1 150 torchrun --nproc_per_node=2 --master_port=29662 bench/ulysses.py --quick \
+        --transport copy_engine
+      job ulysses_nccl 0,1 150 torchrun --nproc_per_node=2 --master_port=29663 bench/ulysses.py --quick
+      job moe_tests 0 60 python3 -m pytest -q tests/ops/test_moe.py -p no:cacheprovider
+      summary moe_ep ce_a2a ulysses_ce ulysses_nccl moe_tests ;;
+    curves1)  # 1 GPU: fast paths vs torch references over 200 steps (one rank: per-layer casts, no FSDP)
+      stamp "phase curves1"
+      for backend in auto torch; do
+        job "lc_$backend" 0 200 torchrun --nproc_per_node=1 --master_port=29661 tasks/train.py configs/moe.yaml \
+          --train.max_steps 200 --train.save_steps 0 --train.eval_steps 100 --model.ops_backend $backend \
+          --train.output_dir "$WORK/lc_$backend/run"
+      done
+      VEOFAST_BENCH_RESULTS="$WORK/lc_auto" python3 tools/compare_loss_curves.py "$WORK/lc_auto/run/metrics.jsonl" \
+        "$WORK/lc_torch/run/metrics.jsonl" --label "configs/moe.yaml, 1 H200, 200 steps: fast paths vs torch" \
+        >> "$WORK/lc_auto/stdout.log" 2>&1
+      summary lc_auto lc_torch ;;
+    one)  # 1 GPU: the MoE op tests on the GPU, then one-GPU training steps of every provider
+      stamp "phase one"
+      job moe_tests 0 120 python3 -m pytest -q tests/ops/test_moe.py -p no:cacheprovider
+      job train_steps 0 330 python3 bench/train.py --providers veofast,transformers,transformers+liger --steps 12
+      summary moe_tests train_steps ;;
     maxlen4)  # the same on 4 GPUs (SP=4)
       stamp "phase maxlen4"
       job maxlen4 0,1,2,3 280 torchrun --nproc_per_node=4 --master_port=29672 bench/max_seqlen.py

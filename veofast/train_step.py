@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from veofast.distributed.grad_norm import clip_grad_norm
 from veofast.distributed.parallel_state import ParallelState
@@ -60,7 +61,7 @@ def train_step(
 ) -> StepResult:
     """Forward, backward, clip and update over ``micro_batches`` (this rank's share of one global batch)."""
     device, group = ps.device, ps.fsdp_group
-    fsdp = ps.dp_mode == "fsdp2"
+    fsdp = isinstance(model, FSDPModule)
     lengths = [n for mb in micro_batches for n in document_lengths(mb)]
     # the ranks of a sequence-parallel group share their micro-batches: each counts its share of tokens and FLOPs
     share = 1.0 / ps.sp_size

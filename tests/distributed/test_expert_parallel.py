@@ -10,7 +10,6 @@ run over other groups). The dispatcher comparison runs in float64 (abs 1e-12).
 import json
 
 import pytest
-import torch
 from dist_launch import torchrun
 
 TRAIN_WORKER = "tests/distributed/workers/train_steps_worker.py"
@@ -56,6 +55,13 @@ def check_dispatch(report):
         assert max(errors.values()) < 1e-12, (case, errors)
 
 
+def check_bad_ids(report, world_size):
+    # every rank raised, also the EP rank-0 ranks whose own ids were fine: no rank went on into the row exchange
+    assert len(report["bad_ids"]) == world_size, report["bad_ids"]
+    for message in report["bad_ids"]:
+        assert "topk_ids outside [0, num_experts=4)" in message and "EP rank(s) [1]" in message, report["bad_ids"]
+
+
 def check_hf(report, placements):
     for tag, hf in report["hf"].items():
         assert hf["same_params"] and hf["same_files"], (tag, hf)
@@ -75,6 +81,10 @@ def test_dispatch_with_experts_and_ranks_without_tokens(two_ranks):
     check_dispatch(two_ranks)
 
 
+def test_out_of_range_expert_ids_fail_on_every_rank(two_ranks):
+    check_bad_ids(two_ranks, 2)
+
+
 def test_hf_checkpoint_round_trip_under_ep(two_ranks):
     # ep_fsdp has size 1 here; FSDP2 still records the (_StridedShard, Shard) layout
     check_hf(two_ranks, {"e4": ["_S(0, 2)", "S(0)"], "e2_top1": ["_S(0, 2)", "S(0)"]})
@@ -89,18 +99,5 @@ def test_ep2_times_ep_fsdp2_on_four_ranks(tmp_path, one_rank):
     assert_same_steps(one_rank, report["train"])
     check_errors(report)
     check_dispatch(report)
+    check_bad_ids(report, 4)
     check_hf(report, {"e4": ["_S(0, 2)", "S(0)"], "e2_top1": ["S(1)", "S(0)"]})
-
-
-def test_gather_rows_matches_index_select_and_its_gradient():
-    from veofast.distributed.expert_parallel import gather_rows
-
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(37, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    index = torch.randperm(37, generator=gen).to(torch.int32)
-    grad = torch.randn(37, 5, dtype=torch.float64, generator=gen)
-    out = gather_rows(x, index)
-    (got,) = torch.autograd.grad(out, x, grad)
-    want_out = x.index_select(0, index.long())
-    (want,) = torch.autograd.grad(want_out, x, grad)
-    assert torch.equal(out, want_out) and torch.equal(got, want)

@@ -298,6 +298,90 @@ def test_triton_path_masks_invalid_ids():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------- local experts (expert parallel ranks)
+
+LOCAL_CASES = [(97, 12, 3, 4, 4), (13, 8, 8, 0, 2), (40, 6, 2, 5, 1), (1, 4, 1, 2, 2)]  # (T, E, K, first, L)
+
+
+def _kept(ids: torch.Tensor, first: int, num_local: int) -> int:
+    return int(((ids >= first) & (ids < first + num_local)).sum())
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,topk,first,num_local", LOCAL_CASES)
+@pytest.mark.parametrize("exact_rows", [False, True])
+def test_permute_local_experts_matches_reference(num_tokens, num_experts, topk, first, num_local, exact_rows):
+    """Slots routed outside [first, first + L) are dropped on both paths; rows sized exactly or at T*K."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids, _ = _routing(num_tokens, num_experts, topk, gen)
+    hidden = torch.randn(num_tokens, 40, generator=gen, device=DEVICE)
+    kept = _kept(ids, first, num_local)
+    num_rows = kept if exact_rows else None
+    kwargs = {"first_expert": first, "num_rows": num_rows}
+    fast = moe_permute(hidden, ids, num_local, backend="triton", **kwargs)
+    ref = moe_permute_reference(hidden, ids, num_local, **kwargs)
+    assert fast.rows.shape == ref.rows.shape == (kept if exact_rows else num_tokens * topk, 40)
+    assert torch.equal(fast.rows[:kept], ref.rows[:kept]) and not ref.rows[kept:].any()
+    for name in ("expert_offsets", "row_index", "tokens_per_expert"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+    local = (ids >= first) & (ids < first + num_local)
+    assert torch.equal(ref.row_index.view_as(ids) >= 0, local) and int(ref.expert_offsets[-1]) == kept
+
+
+def test_permute_with_too_few_rows():
+    """The torch path raises; the Triton path (no sync) drops the slots whose rows would not exist."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids, _ = _routing(29, 6, 2, gen)
+    hidden = torch.randn(29, 8, generator=gen, device=DEVICE)
+    full = moe_permute_reference(hidden, ids, 6)
+    with pytest.raises(ValueError, match="num_rows=40 is fewer than the 58 slots"):
+        moe_permute(hidden, ids, 6, num_rows=40, backend="torch")
+    fast = moe_permute(hidden, ids, 6, num_rows=40, backend="triton")
+    assert torch.equal(fast.row_index, torch.where(full.row_index < 40, full.row_index, -1))
+    assert torch.equal(fast.expert_offsets, full.expert_offsets.clamp(max=40))
+    assert torch.equal(fast.rows, full.rows[:40])
+
+
+def test_unpermute_skips_dropped_slots_on_both_paths():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids, weights = _routing(11, 6, 3, gen)
+    perm = moe_permute_reference(torch.zeros(11, 1, device=DEVICE), ids, 3, first_expert=2)
+    rows = torch.randn(33, 16, generator=gen, device=DEVICE)
+    want = moe_unpermute_reference(
+        rows, perm.row_index.clamp(min=0), torch.where(perm.row_index.view(11, 3) >= 0, weights, 0)
+    )
+    for backend in ("torch", "triton"):
+        got = moe_unpermute(rows, perm.row_index, weights, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,topk,first,num_local", LOCAL_CASES[:3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_moe_ffn_local_experts_matches_reference(num_tokens, num_experts, topk, first, num_local, dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids, weights = _routing(num_tokens, num_experts, topk, gen)
+    hidden = torch.randn(num_tokens, 32, generator=gen, device=DEVICE)
+    gate_up, down = _expert_weights(num_local, 32, 24, gen)
+    rows = _kept(ids, first, num_local)
+    _check_op(
+        lambda h, w, gu, d: moe_ffn(h, ids, w, gu, d, first_expert=first, num_rows=rows, backend="triton"),
+        lambda h, w, gu, d: moe_ffn_reference(h, ids, w, gu, d, first_expert=first),
+        [hidden, weights, gate_up, down],
+        dtype,
+    )
+
+
+def test_moe_ffn_local_experts_is_the_full_layer_restricted():
+    """The definition: local experts [first, first + L) of E add exactly what the full layer adds through them."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids, weights = _routing(23, 8, 4, gen)
+    hidden = torch.randn(23, 16, generator=gen, device=DEVICE, dtype=torch.float64)
+    gate_up, down = (w.double() for w in _expert_weights(8, 16, 8, gen))
+    local = (ids >= 2) & (ids < 6)
+    want = moe_ffn_reference(hidden, ids, torch.where(local, weights, 0).double(), gate_up, down)
+    got = moe_ffn(hidden, ids, weights.double(), gate_up[2:6], down[2:6], first_expert=2, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

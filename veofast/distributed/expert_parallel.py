@@ -18,22 +18,24 @@ while the training step scales each rank's loss by the FSDP size (``dp * sp``, t
 parameters, which FSDP averages over the whole world. So the expert units divide by the same world-wide factor
 (``set_gradient_divide_factor(fsdp_size)``): expert and non-expert gradients are both ``sum_r dloss_r / dW``.
 
-Forward of one MoE layer (``ExpertParallelDispatcher``, installed as ``Experts.dispatcher``), T tokens, top-K:
+Forward of one MoE layer (``ExpertParallelDispatcher``, installed as ``Experts.dispatcher``), T tokens, top-K,
+L = E / ep local experts. Tokens travel, not (token, slot) rows: a token goes once to each rank that holds at least
+one of its K experts, and comes back as that rank's partial sum over those experts (as DeepEP does). With
+top-8 over 2 ranks that moves one row per token each way instead of about four.
 
-1. per-expert counts of this rank's ``(token, slot)`` assignments ``(E,)``; an async all-to-all of them starts
-   (each rank learns how many rows it will receive per local expert from each source rank) ...
-2. ... while ``moe_permute`` groups this rank's T*K token copies by expert (rows for rank j's experts are one
-   contiguous block, in rank order).
-3. One host sync per layer: the split sizes of the row all-to-all must be Python ints for
-   ``all_to_all_single`` (NCCL and gloo take host-side split lists), so the send and receive counts per rank
-   come to the host in one ``.tolist()``. This is the only host-device sync; it is unavoidable for EP > 1 with
-   this collective API.
-4. ``all_to_all_single`` of the rows for other ranks' experts (uneven splits; rows for this rank's own experts
-   never enter it), overlapped with the FFN of the first half of the local experts on this rank's own rows.
-5. Received rows are ordered by (source rank, local expert); ``moe_permute`` with K=1 regroups them by local
-   expert (stable), ``expert_ffn`` runs the local experts on them, and they go back to (source, expert) order.
-6. The reverse all-to-all, overlapped with the second half of the local experts on this rank's own rows; then
-   ``moe_unpermute`` weights each row by its router probability and sums each token's K rows.
+1. Per destination rank: the tokens it needs and the slots routed to it, and a flag for expert ids out of
+   range. An async all-to-all of these counts starts, and the send order (tokens grouped by destination, in
+   token order) is built on the device meanwhile.
+2. One host sync per layer: ``all_to_all_single`` takes its split sizes as Python ints, and ``moe_ffn`` sizes
+   its rows exactly from the slot counts, so the counts come to the host in one ``.tolist()``. This is the only
+   host-device sync; every rank raises the same ValueError here if any rank saw an id out of range.
+3. Dispatch: the sent tokens' hidden states, their router weights and their expert ids (made local to the
+   destination, -1 for slots routed elsewhere) in three async all-to-alls; meanwhile this rank's local experts
+   run on the first half of its own tokens (``moe_ffn`` with ``first_expert``: slots routed elsewhere drop out).
+4. The local experts on the received tokens, whose partial sums go back in the combine all-to-all; meanwhile
+   the second half of this rank's own tokens.
+5. Each token's output: its own partial sum plus those that came back (``index_add`` per source rank; the
+   partial sums are in the activations' dtype, so bf16 outputs round twice where EP=1 rounds once).
 The all-to-alls are a pair of autograd functions (start / wait): the backward of the wait launches the reverse
 exchange of the gradient and the backward of the start waits for it, so (autograd runs later-created nodes
 first) the backward of the work done between them in forward overlaps the gradient exchange.
@@ -45,6 +47,8 @@ global-batch aux loss (statistics all-reduced before the loss) is not implemente
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -52,7 +56,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from veofast.models.moe import Experts
-from veofast.ops import expert_ffn, moe_permute, moe_unpermute
+from veofast.ops import moe_ffn
 
 from .parallel_state import ParallelState
 
@@ -134,46 +138,33 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
-class _GatherRows(torch.autograd.Function):
-    """``x[index]`` for a permutation ``index``; the backward gathers with the inverse permutation (no scatter-add)."""
+class _DispatchPlan(NamedTuple):
+    """Who sends what in one layer (``S`` tokens sent, ``R`` received, ``ep`` ranks).
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        return x.index_select(0, index)
+    send_token: (S,) int64 this rank's tokens to send, grouped by destination rank, in token order within one.
+    send_dest: (S,) int64 the destination rank of each.
+    send_splits / recv_splits: tokens to / from each rank (0 for this rank itself).
+    own_rows: kept slots of this rank's own tokens on its own experts: (first half of tokens, second half).
+    recv_rows: kept slots of the received tokens.
+    """
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        index = index.long()
-        inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.shape[0], device=index.device))
-        return grad.index_select(0, inverse), None
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x (R, ...)`` reordered by the permutation ``index (R,)`` of ``[0, R)``: row i of the result is
-    ``x[index[i]]``. Differentiable wrt ``x``."""
-    return _GatherRows.apply(x, index)
-
-
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    """Rows per expert ``(E,)`` -> cumulative end rows ``(E,)`` int32."""
-    return counts.cumsum(0).to(torch.int32)
+    send_token: torch.Tensor
+    send_dest: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    own_rows: tuple[int, int]
+    recv_rows: int
 
 
 class ExpertParallelDispatcher:
-    """``moe_ffn`` across an EP group: dispatch rows to their experts' owners, run the local experts, combine.
+    """``moe_ffn`` across an EP group: send tokens to their experts' owners, run the local experts, combine.
 
     Called as ``dispatcher(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, backend=...)`` with
     ``hidden (T, H)``, ``topk_ids / topk_weights (T, K)`` (global expert ids in ``[0, num_experts)``), and the
     expert weights either as DTensors sharded ``Shard(0)`` over the EP mesh (global ``(E, 2I, H)`` / ``(E, H, I)``)
     or as this rank's plain ``(E/ep, 2I, H)`` / ``(E/ep, H, I)`` slices. Returns ``(T, H)`` in hidden's dtype.
-    Every rank of ``group`` must call it the same number of times (it runs collectives).
-
-    Overlap: rows whose expert lives on this rank never enter the all-to-alls. Their FFN is split in two by
-    local expert (experts ``[0, L//2)`` and ``[L//2, L)``): the first half runs while the dispatch exchange is in
-    flight, the second while the combine exchange is, and in backward the same halves' backward runs under the
-    two gradient exchanges.
+    Every rank of ``group`` must call it the same number of times (it runs collectives). See the module docstring
+    for the protocol and the overlap.
     """
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup):
@@ -189,6 +180,55 @@ class ExpertParallelDispatcher:
     def __repr__(self) -> str:
         return f"ExpertParallelDispatcher(num_experts={self.num_experts}, ep_size={self.ep_size})"
 
+    def _plan(self, topk_ids: torch.Tensor) -> _DispatchPlan:
+        """Steps 1-2 of the protocol: counts, their exchange, the one host sync and the send order."""
+        ep, rank, num_local = self.ep_size, self.ep_rank, self.num_local_experts
+        num_tokens = topk_ids.shape[0]
+        device = topk_ids.device
+        ids = topk_ids.long()
+        out_of_range = ((ids < 0) | (ids >= self.num_experts)).any()
+        owner = ids.clamp(0, self.num_experts - 1) // num_local  # (T, K) the rank holding each slot's expert
+        needs = torch.zeros(num_tokens, ep, dtype=torch.bool, device=device).scatter_(1, owner, True)  # (T, ep)
+        # counts[j] = (tokens to rank j, slots routed to rank j, out-of-range flag); scatter_add, not bincount
+        # (which syncs on CUDA)
+        slots = torch.zeros(ep, dtype=torch.int64, device=device).scatter_add_(
+            0, owner.view(-1), torch.ones_like(owner.view(-1))
+        )
+        counts = torch.stack([needs.sum(0), slots, out_of_range.long().expand(ep)], dim=1)
+        recv_counts = torch.empty_like(counts)
+        work = dist.all_to_all_single(recv_counts, counts, group=self.group, async_op=True)
+        # Meanwhile: the send order. Position of each (destination, token) pair among the pairs that travel.
+        needs[:, rank] = False
+        travels = needs.t().reshape(-1)  # (ep * T,) in (destination, token) order
+        position = travels.cumsum(0) - 1
+        own_first_half = (owner[: num_tokens // 2] == rank).sum().view(1)
+        work.wait()
+        # tokens to each rank; tokens, slots and flags from each rank; own slots: first half of tokens, all
+        sizes = torch.cat([counts[:, 0], recv_counts.t().reshape(-1), own_first_half, slots[rank : rank + 1]]).tolist()
+        send_splits, recv_splits = sizes[:ep], sizes[ep : 2 * ep]
+        recv_slots, flags = sizes[2 * ep : 3 * ep], sizes[3 * ep : 4 * ep]
+        own_a, own_total = sizes[4 * ep], sizes[4 * ep + 1]
+        if any(flags):
+            bad = [i for i, flag in enumerate(flags) if flag]
+            raise ValueError(
+                f"expert parallelism: topk_ids outside [0, num_experts={self.num_experts}) on EP rank(s) {bad}"
+            )
+        send_splits[rank] = recv_splits[rank] = recv_slots[rank] = 0
+        num_send = sum(send_splits)
+        # Scatter each travelling pair's flat index to its position (the rest to a spare slot, then dropped).
+        pair = torch.arange(ep * num_tokens, device=device)
+        send_pair = torch.empty(num_send + 1, dtype=torch.int64, device=device)
+        send_pair.scatter_(0, torch.where(travels, position, num_send), pair)
+        send_pair = send_pair[:num_send]
+        return _DispatchPlan(
+            send_token=send_pair % max(num_tokens, 1),
+            send_dest=send_pair // max(num_tokens, 1),
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            own_rows=(own_a, own_total - own_a),
+            recv_rows=sum(recv_slots),
+        )
+
     def __call__(
         self,
         hidden: torch.Tensor,
@@ -199,7 +239,7 @@ class ExpertParallelDispatcher:
         *,
         backend: str = "auto",
     ) -> torch.Tensor:
-        ep, rank, num_local = self.ep_size, self.ep_rank, self.num_local_experts
+        num_local = self.num_local_experts
         gate_up, down = _local(gate_up_proj), _local(down_proj)
         if gate_up.shape[0] != num_local or down.shape[0] != num_local:
             raise ValueError(
@@ -211,58 +251,42 @@ class ExpertParallelDispatcher:
                 f"expert parallelism: need topk_ids and topk_weights of shape (T={hidden.shape[0]}, K), got "
                 f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
             )
+        plan = self._plan(topk_ids)
+        splits = (plan.recv_splits, plan.send_splits)
 
-        # 1. Per-expert counts of this rank's assignments (no host sync), exchanged asynchronously: afterwards
-        #    recv_counts[i, l] = rows that rank i sends to this rank's local expert l.
-        flat_ids = topk_ids.reshape(-1).long()
-        send_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=hidden.device)
-        send_counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
-        recv_counts = torch.empty_like(send_counts)
-        work = dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True)
-        # 2. Meanwhile, group this rank's token copies by (global) expert: rank j's rows are one contiguous block.
-        permuted = moe_permute(hidden, topk_ids, self.num_experts, backend=backend)
-        work.wait()
-        send_counts, recv_counts = send_counts.view(ep, num_local), recv_counts.view(ep, num_local).clone()
-        own_counts = send_counts[rank]  # rows of this rank's tokens for its own experts (never exchanged)
-        recv_counts[rank] = 0
-        half = num_local // 2
-        # 3. The one host sync of the layer: all_to_all_single needs its split sizes as Python ints.
-        sizes = torch.cat([send_counts.sum(1), recv_counts.sum(1), own_counts[:half].sum().view(1)]).tolist()
-        send_splits, recv_splits, rows_a = sizes[:ep], sizes[ep : 2 * ep], sizes[2 * ep]
-        own_start, own_rows = sum(send_splits[:rank]), send_splits[rank]
-        send_splits[rank] = 0
-        # Pieces of the permuted rows by ``split`` (its backward writes all their gradients into one tensor),
-        # not by slicing (each slice's backward would add a full-size zero-padded gradient).
-        before, own_a, own_b, after = permuted.rows.split(
-            [own_start, rows_a, own_rows - rows_a, permuted.rows.shape[0] - own_start - own_rows]
+        # 3. Dispatch the tokens, their weights and their ids (local to the destination, -1 for other ranks').
+        ids = topk_ids.long()
+        sent_ids = ids.index_select(0, plan.send_token) - (plan.send_dest * num_local)[:, None]
+        sent_ids = torch.where((sent_ids >= 0) & (sent_ids < num_local), sent_ids, -1).to(torch.int32)
+        recv_ids = sent_ids.new_empty((sum(plan.recv_splits), ids.shape[1]))
+        ids_work = dist.all_to_all_single(recv_ids, sent_ids, *splits, group=self.group, async_op=True)
+        recv_hidden, hidden_exchange = all_to_all_start(hidden.index_select(0, plan.send_token), *splits, self.group)
+        recv_weights, weights_exchange = all_to_all_start(
+            topk_weights.index_select(0, plan.send_token), *splits, self.group
         )
+        first = self.ep_rank * num_local
 
-        # 4. Dispatch the other ranks' rows; meanwhile the first half of the local experts on this rank's rows.
-        # (with one of the two pieces empty, as on both ranks of EP=2, the other is sent as is: no copy)
-        remote = after if before.shape[0] == 0 else before if after.shape[0] == 0 else torch.cat([before, after])
-        received, dispatch = all_to_all_start(remote, recv_splits, send_splits, self.group)
-        out_a = own_a  # with a single local expert there is no first half (own_a is empty)
-        if half:
-            out_a = expert_ffn(own_a, _offsets(own_counts[:half]), gate_up[:half], down[:half], backend=backend)
-        received = all_to_all_wait(received, dispatch)
-        # 5. Received rows are ordered (source rank, local expert): regroup by local expert, run, order back.
-        local_ids = torch.repeat_interleave(
-            torch.arange(num_local, device=hidden.device).repeat(ep),
-            recv_counts.reshape(-1),
-            output_size=sum(recv_splits),
-        )
-        grouped = moe_permute(received, local_ids[:, None], num_local, backend=backend)
-        out_rows = expert_ffn(grouped.rows, grouped.expert_offsets, gate_up, down, backend=backend)
-        # 6. Combine: results back to their token's rank; meanwhile the second half of the local experts.
-        returned, combine = all_to_all_start(
-            gather_rows(out_rows, grouped.row_index), send_splits, recv_splits, self.group
-        )
-        out_b = expert_ffn(own_b, _offsets(own_counts[half:]), gate_up[half:], down[half:], backend=backend)
+        def local_experts(h, i, w, rows: int, first_expert: int) -> torch.Tensor:
+            return moe_ffn(h, i, w, gate_up, down, first_expert=first_expert, num_rows=rows, backend=backend)
+
+        halves = [hidden.shape[0] // 2, hidden.shape[0] - hidden.shape[0] // 2]
+        own_a, own_b = zip(hidden.split(halves), topk_ids.split(halves), topk_weights.split(halves), strict=True)
+        out_a = local_experts(*own_a, plan.own_rows[0], first)
+        recv_hidden = all_to_all_wait(recv_hidden, hidden_exchange)
+        recv_weights = all_to_all_wait(recv_weights, weights_exchange)
+        ids_work.wait()
+        # 4. The received tokens (ids already local), their partial sums sent back; meanwhile the second half.
+        partial = local_experts(recv_hidden, recv_ids, recv_weights, plan.recv_rows, 0)
+        returned, combine = all_to_all_start(partial, plan.send_splits, plan.recv_splits, self.group)
+        out_b = local_experts(*own_b, plan.own_rows[1], first)
         returned = all_to_all_wait(returned, combine)
-        # 7. Rows back in permuted order, then each token's K rows weighted by its router probabilities and summed.
-        returned_before, returned_after = returned.split([own_start, returned.shape[0] - own_start])
-        out = torch.cat([returned_before, out_a, out_b, returned_after])
-        return moe_unpermute(out, permuted.row_index, topk_weights, backend=backend)
+        # 5. Own partial sums plus those from each rank (one index_add per rank: indices unique within one). Also
+        #    the empty ones: every rank's graph must reach every exchange, or a rank would skip a backward exchange
+        #    that its peers run.
+        out = torch.cat([out_a, out_b])
+        for tokens, part in zip(plan.send_token.split(plan.send_splits), returned.split(plan.send_splits), strict=True):
+            out = out.index_add(0, tokens, part)
+        return out
 
 
 def _experts_modules(model: nn.Module) -> list[tuple[str, Experts]]:

@@ -34,6 +34,7 @@ from .ulysses_comm import (
     InFlight,
     all_to_all_linear,
     check_comm_mode,
+    check_transport,
     gather_sequence_start,
     launch_heads_to_sequence,
     sequence_mean,
@@ -141,7 +142,7 @@ class UlyssesAttention(nn.Module):
     all-to-all under the local heads' share of ``o_proj``. The backward mirrors this (``ulysses_comm``).
     """
 
-    def __init__(self, attn: Attention, group, sp_size: int, *, comm_mode: str = "async"):
+    def __init__(self, attn: Attention, group, sp_size: int, *, comm_mode: str = "async", comm_transport: str = "nccl"):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
@@ -153,6 +154,7 @@ class UlyssesAttention(nn.Module):
         self.group = group
         self.sp_size = sp_size
         self.comm_mode = comm_mode
+        self.comm_transport = comm_transport
 
     @property
     def comm_mode(self) -> str:
@@ -163,8 +165,18 @@ class UlyssesAttention(nn.Module):
         check_comm_mode(mode)
         self._comm_mode = mode
 
+    @property
+    def comm_transport(self) -> str:
+        """What carries the all-to-alls: ``"nccl"`` or ``"copy_engine"`` (see ``ulysses_comm``)."""
+        return self._comm_transport
+
+    @comm_transport.setter
+    def comm_transport(self, transport: str) -> None:
+        check_transport(transport)
+        self._comm_transport = transport
+
     def _send(self, x: torch.Tensor) -> tuple[torch.Tensor, InFlight]:
-        flight = InFlight(self.group, self.comm_mode)
+        flight = InFlight(self.group, self.comm_mode, self.comm_transport)
         return launch_heads_to_sequence(x, flight), flight
 
     def forward(
@@ -196,10 +208,12 @@ class UlyssesAttention(nn.Module):
         v = wait_heads_to_sequence(v_sent, v_flight, d)
         out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
                                backend=self.backend)
-        return all_to_all_linear(out.reshape(out.shape[0], -1), self.o_proj.weight, self.group, mode=self.comm_mode)
+        return all_to_all_linear(out.reshape(out.shape[0], -1), self.o_proj.weight, self.group, mode=self.comm_mode,
+                                 transport=self.comm_transport)
 
     def extra_repr(self) -> str:
-        return f"sp_size={self.sp_size}, kv_repeat={self.kv_repeat}, comm_mode={self.comm_mode!r}"
+        return (f"sp_size={self.sp_size}, kv_repeat={self.kv_repeat}, comm_mode={self.comm_mode!r}, "
+                f"comm_transport={self.comm_transport!r}")
 
 
 def _average_router_stats(group):

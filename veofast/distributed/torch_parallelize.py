@@ -6,6 +6,12 @@ sequence parallel). Mixed precision keeps fp32 master weights, computes in bf16 
 fp32. A model built on the meta device is materialised after sharding, so each rank only ever allocates
 its own shards; it is then loaded from its ``weights_path`` or initialised with the run's seed.
 Expert parallelism and Ulysses sequence parallelism are applied here too, before sharding.
+
+With a single rank there is nothing to shard, and FSDP2 would only copy (see ``mixed_precision``): the model
+stays a plain module on the device, and the same units cast their fp32 parameters to bf16 for their forward
+(``cast_parameters_for_compute``), which gives FSDP2's mixed-precision numerics with a third of the memory
+traffic. FSDP2 is kept on one rank for CPU offload (it needs FSDP2) and for ``enable_compile``. DDP computes in
+bf16 through the same casts.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from veofast.models.auto import materialize_model
 
 from .fsdp_copy_in import install_reduce_scatter_copy_in
 from .load_balancing import apply_global_load_balancing
+from .mixed_precision import cast_parameters_for_compute
 from .parallel_state import get_parallel_state
 
 logger = logging.getLogger("veofast.distributed")
@@ -95,11 +102,11 @@ def build_parallelize_model(
             layer.compile(dynamic=True)  # packed batches change length every step: no recompiles
 
     device = ps.device
-    if ps.dp_mode == "fsdp2":
+    mixed = enable_mixed_precision and ps.device_type == "cuda"
+    if enable_mixed_precision and not mixed:
+        _log_once("mixed precision is off on CPU: bf16 compute is only used on CUDA")
+    if ps.dp_mode == "fsdp2" and (ps.world_size > 1 or enable_fsdp_offload or enable_compile):
         install_reduce_scatter_copy_in()  # torch's copy-in costs CPU time that grows with the gradients' size
-        mixed = enable_mixed_precision and ps.device_type == "cuda"
-        if enable_mixed_precision and not mixed:
-            _log_once("mixed precision is off on CPU: bf16 compute is only used on CUDA")
         # With one shard there is nothing to free by resharding, so parameters stay gathered after forward.
         fsdp_kwargs = {"mesh": ps.fsdp_mesh, "reshard_after_forward": enable_full_shard and ps.fsdp_size > 1}
         if mixed:
@@ -130,11 +137,16 @@ def build_parallelize_model(
             model.to(device)
         return model
 
-    # DDP: materialise the full model on this rank, then replicate.
+    # One rank, or DDP: materialise the full model on this rank (then replicate it with DDP).
     if on_meta:
         model.to_empty(device=device)
         materialize_model(model, seed=seed)
     model.to(device)
+    if mixed and enable_compile:
+        _log_once("dp_mode 'ddp' with enable_compile computes in fp32 (the bf16 casts are not applied to compiled "
+                  "layers); use dp_mode 'fsdp2' for bf16 compute")
+    elif mixed:
+        cast_parameters_for_compute(model, _wrap_classes(model, basic_modules), torch.bfloat16)
     if ps.world_size == 1:
         return model
     device_ids = [ps.local_rank] if ps.device_type == "cuda" else None

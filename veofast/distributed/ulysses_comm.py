@@ -19,7 +19,9 @@ Layouts: with ``P`` ranks in the group, ``n`` tokens per rank and ``N = P * n``,
 ``mode`` selects how the collectives run: ``"async"`` (overlapped; the default), ``"sync"`` (each all-to-all is
 waited for right after its launch: the no-overlap baseline of the benchmark) or ``"skip"`` (no communication at
 all, the send buffer stands for the received one: wrong results, for measuring the computation alone in
-benchmarks).
+benchmarks). ``transport`` selects what carries them: ``"nccl"`` (``all_to_all_single``, the default) or
+``"copy_engine"`` (the GPUs' copy engines through symmetric memory, ``copy_engine_a2a``: no SMs taken from the
+computation it overlaps; all ranks of the group on one node).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .copy_engine_a2a import copy_engine_for
+
 COMM_MODES = ("async", "sync", "skip")
+TRANSPORTS = ("nccl", "copy_engine")
 # torch 2.13 renamed all_gather_into_tensor (same signature); the GPU image has an older torch
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -37,15 +42,21 @@ def check_comm_mode(mode: str) -> None:
         raise ValueError(f"Ulysses communication mode must be one of {COMM_MODES}, got {mode!r}")
 
 
+def check_transport(transport: str) -> None:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"Ulysses all-to-all transport must be one of {TRANSPORTS}, got {transport!r}")
+
+
 class InFlight:
     """One all-to-all between its launch and its wait. ``start`` takes a ``(P, rows, cols)`` contiguous buffer
     whose block ``j`` goes to rank ``j`` and returns the receive buffer (block ``i`` from rank ``i``), whose
     contents are only valid after ``finish``."""
 
-    def __init__(self, group: dist.ProcessGroup | None, mode: str):
+    def __init__(self, group: dist.ProcessGroup | None, mode: str, transport: str = "nccl"):
         self.group = group
         self.mode = mode
-        self.work: dist.Work | None = None
+        self.transport = transport
+        self.work = None  # a dist.Work or a CopyEngineWork: wait() makes the current stream wait for it
         self.buffer: torch.Tensor | None = None
 
     def start(self, send: torch.Tensor) -> torch.Tensor:
@@ -53,6 +64,12 @@ class InFlight:
         send = send.contiguous()
         if self.mode == "skip":
             recv = send
+        elif self.transport == "copy_engine":
+            self.work = copy_engine_for(self.group or dist.group.WORLD, send).start(send)
+            recv = self.work.result
+            if self.mode == "sync":
+                self.work.wait()
+                self.work = None
         else:
             recv = torch.empty_like(send)
             self.work = dist.all_to_all_single(recv, send, group=self.group, async_op=self.mode == "async")
@@ -121,10 +138,10 @@ class _AllToAllLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group, rank: int, size: int, mode: str):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group, rank: int, size: int, mode: str, transport: str):
         cols = x.shape[1]
         send = x.view(size, x.shape[0] // size, cols)
-        flight = InFlight(group, mode)
+        flight = InFlight(group, mode, transport)
         flight.start(send)
         blocks = [weight[:, j * cols:(j + 1) * cols] for j in range(size)]
         y = send[rank] @ blocks[rank].t()  # this rank's heads for its own tokens: needs no communication
@@ -133,7 +150,7 @@ class _AllToAllLinear(torch.autograd.Function):
             if j != rank:
                 y = torch.addmm(y, recv[j], blocks[j].t())
         ctx.save_for_backward(recv, weight)
-        ctx.group, ctx.rank, ctx.mode = group, rank, mode
+        ctx.group, ctx.rank, ctx.mode, ctx.transport = group, rank, mode, transport
         return y
 
     @staticmethod
@@ -145,7 +162,7 @@ class _AllToAllLinear(torch.autograd.Function):
         grad_send = grad_y.new_empty((size, n, cols))
         for j in range(size):
             torch.mm(grad_y, blocks[j], out=grad_send[j])
-        flight = InFlight(ctx.group, ctx.mode)
+        flight = InFlight(ctx.group, ctx.mode, ctx.transport)
         flight.start(grad_send)
         grad_weight = None
         if ctx.needs_input_grad[1]:  # under the all-to-all: dW^T block j = recv[j]^T @ dy
@@ -154,16 +171,21 @@ class _AllToAllLinear(torch.autograd.Function):
                 torch.mm(recv[j].t(), grad_y, out=grad_weight_t[j])
             grad_weight = grad_weight_t.view(size * cols, weight.shape[0]).t()
         grad_x = flight.finish().view(size * n, cols)
-        return grad_x, grad_weight, None, None, None, None
+        return grad_x, grad_weight, None, None, None, None, None
 
 
 def all_to_all_linear(
-    x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup | None, *, mode: str = "async"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    *,
+    mode: str = "async",
+    transport: str = "nccl",
 ) -> torch.Tensor:
     """Move ``x (N, local_heads * d)`` (all tokens, this rank's heads) back to this rank's tokens and apply the
     bias-free linear ``weight (out, heads * d)``: returns ``(N / P, out)``, as ``F.linear`` on the gathered heads."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    return _AllToAllLinear.apply(x.contiguous(), weight, group, rank, size, mode)
+    return _AllToAllLinear.apply(x.contiguous(), weight, group, rank, size, mode, transport)
 
 
 def gather_sequence_start(x: torch.Tensor, group: dist.ProcessGroup | None, mode: str):

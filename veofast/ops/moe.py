@@ -19,6 +19,12 @@ the flattened ``(token, slot)`` index. Its grouped GEMMs run on ``torch._grouped
 and on our own Triton kernels otherwise. The torch path checks that expert ids are in ``[0, num_experts)`` (a
 host sync); the Triton path cannot without a sync: there an id outside the range is ignored (the slot gets
 ``row_index = -1``, moves no row and adds nothing), and rows past ``expert_offsets[-1]`` hold undefined values.
+
+Local experts (expert parallelism). ``moe_permute`` and ``moe_ffn`` take ``first_expert``: the ``E`` experts at
+hand are then ids ``[first_expert, first_expert + E)`` of a larger set, and slots routed to any other id are
+dropped on both paths (``row_index = -1``: no row, nothing added), with no range check. ``num_rows`` sizes the
+permuted rows exactly when the caller knows how many slots are kept (an EP rank learns it from its count
+exchange), so that no work or memory goes to rows that hold nothing.
 """
 
 from __future__ import annotations
@@ -130,31 +136,51 @@ def _check_expert_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, h
 # -------------------------------------------------------------------------------------------------- references
 
 
-def moe_permute_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> MoEPermutation:
-    """Rows grouped by expert by a stable argsort of the flattened ids. hidden: (T, H); topk_ids: (T, K)."""
-    topk = topk_ids.shape[1]
-    _check_ids_in_range(topk_ids, num_experts)
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)  # rows in expert order -> flattened (t, k)
-    row_index = torch.empty_like(order)
-    row_index[order] = torch.arange(order.numel(), device=order.device)
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+def moe_permute_reference(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    *,
+    first_expert: int | None = None,
+    num_rows: int | None = None,
+) -> MoEPermutation:
+    """Rows grouped by expert by a stable argsort of the flattened ids. hidden: (T, H); topk_ids: (T, K).
+
+    With ``first_expert`` the experts are ids ``[first_expert, first_expert + num_experts)`` and other slots are
+    dropped (``row_index`` -1). ``rows`` has ``num_rows`` rows (default ``T*K``; zeros past the kept ones).
+    """
+    num_tokens, topk = topk_ids.shape
+    num_rows = num_tokens * topk if num_rows is None else num_rows
+    if first_expert is None:
+        _check_ids_in_range(topk_ids, num_experts)
+    flat = topk_ids.reshape(-1).long() - (first_expert or 0)
+    kept = (flat >= 0) & (flat < num_experts)
+    num_kept = int(kept.sum())
+    if num_kept > num_rows:
+        raise ValueError(f"num_rows={num_rows} is fewer than the {num_kept} slots routed to these experts")
+    order = torch.argsort(torch.where(kept, flat, num_experts), stable=True)[:num_kept]  # row -> flat (t, k)
+    row_index = torch.full_like(flat, -1)
+    row_index[order] = torch.arange(num_kept, device=flat.device)
+    tokens_per_expert = torch.bincount(flat[kept], minlength=num_experts)
     expert_offsets = tokens_per_expert.cumsum(0).to(torch.int32)
-    return MoEPermutation(hidden[order // topk], expert_offsets, row_index.to(torch.int32), tokens_per_expert)
+    rows = torch.cat([hidden[order // topk], hidden.new_zeros(num_rows - num_kept, hidden.shape[1])])
+    return MoEPermutation(rows, expert_offsets, row_index.to(torch.int32), tokens_per_expert)
 
 
 def moe_unpermute_reference(rows: torch.Tensor, row_index: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_k topk_weights[t, k] * rows[row_index[t*K + k]], summed in fp32 (float64 for float64 rows), in
-    rows' dtype.
+    rows' dtype. A slot with ``row_index`` -1 (dropped) adds nothing.
 
     rows: (R, H); row_index: (T*K,); topk_weights: (T, K). Returns (T, H).
     """
     num_tokens, topk = topk_weights.shape
-    if row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= rows.shape[0]):
-        raise ValueError(f"row_index must lie in [0, rows.shape[0]={rows.shape[0]})")
+    if row_index.numel() and (int(row_index.min()) < -1 or int(row_index.max()) >= rows.shape[0]):
+        raise ValueError(f"row_index must lie in [0, rows.shape[0]={rows.shape[0]}) or be -1 (a dropped slot)")
     acc = torch.promote_types(rows.dtype, torch.float32)
-    gathered = rows[row_index.long()].view(num_tokens, topk, rows.shape[1]).to(acc)
-    return (gathered * topk_weights.to(acc).unsqueeze(-1)).sum(1).to(rows.dtype)
+    kept = row_index >= 0
+    gathered = rows[row_index.long().clamp(min=0)].view(num_tokens, topk, rows.shape[1]).to(acc)
+    weights = torch.where(kept.view(num_tokens, topk), topk_weights.to(acc), 0.0)
+    return (gathered * weights.unsqueeze(-1)).sum(1).to(rows.dtype)
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
@@ -181,19 +207,23 @@ def moe_ffn_reference(
     topk_weights: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    *,
+    first_expert: int | None = None,
 ) -> torch.Tensor:
     """The routed expert FFN, the definition: a loop over experts, each on the tokens routed to it.
 
     hidden: (T, H); topk_ids: (T, K) int; topk_weights: (T, K); gate_up_proj: (E, 2I, H); down_proj: (E, H, I).
-    Expert matmuls run in hidden's dtype; the weighted combine is summed in fp32 (float64 for float64 inputs).
-    Returns (T, H), hidden's dtype.
+    With ``first_expert`` the weights are experts ``[first_expert, first_expert + E)`` and slots routed elsewhere
+    add nothing. Expert matmuls run in hidden's dtype; the weighted combine is summed in fp32 (float64 for float64
+    inputs). Returns (T, H), hidden's dtype.
     """
     num_experts = gate_up_proj.shape[0]
-    _check_ids_in_range(topk_ids, num_experts)
+    if first_expert is None:
+        _check_ids_in_range(topk_ids, num_experts)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     out = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     for e in range(num_experts):
-        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        token, slot = torch.nonzero(topk_ids == e + (first_expert or 0), as_tuple=True)
         x = hidden[token]
         gate, up = (x @ gate_up_proj[e].T).chunk(2, dim=-1)
         y = (F.silu(gate) * up) @ down_proj[e].T
@@ -266,8 +296,10 @@ def _gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
 
 class _MoEPermute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, topk_ids, num_experts):
-        rows, expert_offsets, row_index, tokens_per_expert = _kernels()[0].permute(hidden, topk_ids, num_experts)
+    def forward(ctx, hidden, topk_ids, num_experts, first_expert, num_rows):
+        rows, expert_offsets, row_index, tokens_per_expert = _kernels()[0].permute(
+            hidden, topk_ids, num_experts, first_expert=first_expert or 0, num_rows=num_rows
+        )
         ctx.mark_non_differentiable(expert_offsets, row_index, tokens_per_expert)
         ctx.save_for_backward(row_index)
         ctx.num_tokens, ctx.topk = topk_ids.shape
@@ -277,7 +309,7 @@ class _MoEPermute(torch.autograd.Function):
     def backward(ctx, grad_rows, *_):
         (row_index,) = ctx.saved_tensors
         grad_hidden = _kernels()[0].unpermute(grad_rows, row_index, None, ctx.num_tokens, ctx.topk)
-        return grad_hidden, None, None
+        return grad_hidden, None, None, None, None
 
 
 class _MoEUnpermute(torch.autograd.Function):
@@ -342,21 +374,38 @@ class _ExpertFFN(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------- public ops
 
 
+def _check_count(name: str, value, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
 def moe_permute(
-    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *, backend: str = "auto"
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    *,
+    first_expert: int | None = None,
+    num_rows: int | None = None,
+    backend: str = "auto",
 ) -> MoEPermutation:
     """Copies each token once per chosen expert into rows grouped by expert; differentiable wrt ``hidden``.
 
     hidden: (T, H) float; topk_ids: (T, K) int32/int64 in ``[0, num_experts)``. See ``MoEPermutation``.
+    first_expert: the experts are ids ``[first_expert, first_expert + num_experts)``; slots routed elsewhere are
+    dropped (``row_index`` -1). num_rows: rows to allocate (default ``T*K``); at least the number of kept slots
+    (the torch path checks; on the Triton path the slots past it are dropped).
     """
     _check_float("hidden", hidden, 2)
     _check_routing(topk_ids, hidden.shape[0])
     _check_same_device(hidden=hidden, topk_ids=topk_ids)
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    _check_count("num_experts", num_experts, 1)
+    _check_count("first_expert", first_expert, 0, optional=True)
+    _check_count("num_rows", num_rows, 0, optional=True)
     if resolve_backend("moe_permute", backend, hidden.device) == "torch":
-        return moe_permute_reference(hidden, topk_ids, num_experts)
-    return MoEPermutation(*_MoEPermute.apply(hidden, topk_ids, num_experts))
+        return moe_permute_reference(hidden, topk_ids, num_experts, first_expert=first_expert, num_rows=num_rows)
+    return MoEPermutation(*_MoEPermute.apply(hidden, topk_ids, num_experts, first_expert, num_rows))
 
 
 def moe_unpermute(
@@ -433,13 +482,16 @@ def moe_ffn(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     *,
+    first_expert: int | None = None,
+    num_rows: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The routed expert FFN: permute -> expert_ffn -> unpermute (``moe_ffn_reference`` defines it).
 
     hidden: (T, H); topk_ids: (T, K) int32/int64; topk_weights: (T, K) float; gate_up_proj: (E, 2I, H);
     down_proj: (E, H, I). Returns (T, H) in hidden's dtype; differentiable wrt hidden, topk_weights and both
-    weights. The Triton path makes no host sync.
+    weights. The Triton path makes no host sync. ``first_expert`` and ``num_rows``: as in ``moe_permute`` (the
+    weights are then experts ``[first_expert, first_expert + E)``; slots routed elsewhere add nothing).
     """
     _check_float("hidden", hidden, 2)
     _check_routing(topk_ids, hidden.shape[0])
@@ -452,8 +504,12 @@ def moe_ffn(
     _check_same_device(
         hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, gate_up_proj=gate_up_proj, down_proj=down_proj
     )
+    _check_count("first_expert", first_expert, 0, optional=True)
+    _check_count("num_rows", num_rows, 0, optional=True)
     if resolve_backend("moe_ffn", backend, hidden.device) == "torch":
-        return moe_ffn_reference(hidden, topk_ids, topk_weights, gate_up_proj, down_proj)
-    rows, expert_offsets, row_index, _ = _MoEPermute.apply(hidden, topk_ids, gate_up_proj.shape[0])
+        return moe_ffn_reference(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, first_expert=first_expert)
+    rows, expert_offsets, row_index, _ = _MoEPermute.apply(
+        hidden, topk_ids, gate_up_proj.shape[0], first_expert, num_rows
+    )
     out_rows = _ExpertFFN.apply(rows, expert_offsets, gate_up_proj, down_proj)
     return _MoEUnpermute.apply(out_rows, row_index, topk_weights)

@@ -51,6 +51,24 @@ def check_errors(ps) -> list[str]:
     return messages
 
 
+def check_bad_ids(ps) -> list[str]:
+    """EP rank 1 routes a slot to expert 4 of 4: every rank of every EP group must raise the same ValueError
+    (naming that rank) after the count exchange, before any row moves. Returns the messages gathered on rank 0."""
+    dispatcher = ExpertParallelDispatcher(4, ps.ep_group)
+    ids = torch.tensor([[0, 2], [1, 3], [3, 0]])
+    if ps.ep_rank == 1:
+        ids[1, 0] = 4
+    weights, hidden = torch.full((3, 2), 0.5), torch.randn(3, 8)
+    try:
+        dispatcher(hidden, ids, weights, torch.randn(2, 12, 8), torch.randn(2, 8, 6), backend="torch")
+        message = "no error"
+    except ValueError as exc:
+        message = str(exc)
+    messages = [None] * ps.world_size
+    dist.all_gather_object(messages, message)
+    return messages
+
+
 def _routing(case: str, num_tokens: int, rank: int, generator: torch.Generator) -> torch.Tensor:
     """``topk_ids (T, 2)`` of 4 experts (ranks 0/1 of an EP pair own experts {0, 1} / {2, 3}), or ``(T, 1)`` of
     2 experts for ``one_local_expert``."""
@@ -179,6 +197,7 @@ def main():
     report = {
         "errors": check_errors(ps),
         "dispatch": check_dispatch(ps),
+        "bad_ids": check_bad_ids(ps),
         "hf": check_hf(ps, tmp_dir),
         "train": train(ps, int(opts.get("steps", 3))),
     }

@@ -1,0 +1,83 @@
+"""Mixed precision without FSDP: fp32 master weights, bf16 compute, fp32 gradients, by casting per unit.
+
+On a one-rank mesh FSDP2's mixed precision moves each parameter through copies that do nothing: its fp32 shard
+is cast into an all-gather buffer, copied by a one-rank all-gather, copied out to the unsharded bf16 parameter;
+its bf16 gradient is cast into an fp32 reduce-scatter buffer and copied by a one-rank reduce-scatter into the
+sharded gradient. That is 28 bytes of memory traffic per parameter and step, where the two casts need 12.
+
+``cast_parameters_for_compute`` keeps the numerics of ``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)`` with only the casts. Units are the modules FSDP would wrap (decoder layers) plus the root
+for every parameter outside them. A forward pre-hook on a unit replaces the unit's own parameters by their bf16
+casts for the length of the unit's forward, and a forward hook (also run when the forward raises) puts the fp32
+parameters back. The casts are ``Tensor.to``, so autograd casts each bf16 gradient back to fp32 and accumulates
+it into the fp32 parameter's ``.grad``. Activation checkpointing recomputes a layer through its ``__call__``, so
+the hooks cast again then, as FSDP re-gathers a resharded unit. Outside a forward the model holds its fp32
+parameters: state dicts, checkpoints, the optimizer and gradient clipping see nothing different.
+
+A parameter used by several modules of one unit (tied embedding and LM head) is cast once per forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _UnitCast:
+    """The hooks of one unit: ``slots`` are ``(module, name)`` of the parameters the unit owns."""
+
+    def __init__(self, slots: list[tuple[nn.Module, str]], dtype: torch.dtype):
+        self.slots = slots
+        self.dtype = dtype
+        self.saved: list[list[torch.Tensor]] = []  # a stack: one entry per forward in progress
+
+    def cast(self, module: nn.Module, args) -> None:
+        casts: dict[int, torch.Tensor] = {}
+        originals = []
+        for owner, name in self.slots:
+            param = owner._parameters[name]
+            originals.append(param)
+            if id(param) not in casts:
+                casts[id(param)] = param.to(self.dtype)
+            owner._parameters[name] = casts[id(param)]
+        self.saved.append(originals)
+
+    def restore(self, module: nn.Module, args, output) -> None:
+        for (owner, name), param in zip(self.slots, self.saved.pop(), strict=True):
+            owner._parameters[name] = param
+
+
+def _owned_slots(unit: nn.Module, units: set[int]) -> list[tuple[nn.Module, str]]:
+    """``(module, name)`` of every parameter under ``unit`` that no nested unit owns."""
+    slots = []
+    stack = [unit]
+    while stack:
+        module = stack.pop()
+        slots.extend((module, name) for name, p in module._parameters.items() if p is not None)
+        stack.extend(child for child in module.children() if id(child) not in units)
+    return slots
+
+
+def cast_parameters_for_compute(model: nn.Module, units: list[nn.Module], dtype: torch.dtype) -> None:
+    """Install the casting hooks on ``units`` (modules of ``model``, not nested in one another's parameters) and
+    on ``model`` for the parameters outside them. Floating-point parameters are computed in ``dtype``."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"cast_parameters_for_compute: dtype must be a floating-point dtype, got {dtype}")
+    unit_ids = {id(u) for u in units} - {id(model)}
+    seen: set[int] = set()
+    for unit in [model, *(u for u in units if u is not model)]:
+        slots = [
+            (owner, name)
+            for owner, name in _owned_slots(unit, unit_ids - {id(unit)})
+            if owner._parameters[name].is_floating_point()
+        ]
+        owned = {id(owner._parameters[name]) for owner, name in slots}
+        if owned & seen:
+            raise ValueError(
+                "cast_parameters_for_compute: a parameter is shared between two units; put the modules that "
+                "share it in one unit"
+            )
+        seen |= owned
+        hooks = _UnitCast(slots, dtype)
+        unit.register_forward_pre_hook(hooks.cast)
+        unit.register_forward_hook(hooks.restore, always_call=True)
