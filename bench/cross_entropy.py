@@ -138,6 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the anchor shape")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tokens", type=int, nargs="*", help="only the shapes with these token counts N")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/cross_entropy.py needs a CUDA GPU")
@@ -145,7 +146,10 @@ def main() -> None:
 
     rows = []
     found = providers()
-    for n, h, v in [ANCHOR] if args.quick else SHAPES:
+    shapes = [ANCHOR] if args.quick else [s for s in SHAPES if not args.tokens or s[0] in args.tokens]
+    if not shapes:
+        raise SystemExit(f"--tokens {args.tokens}: no shape has these token counts; shapes: {SHAPES}")
+    for n, h, v in shapes:
         hidden, weight, labels = make_inputs(n, h, v)
         if (n, h, v) == ANCHOR:
             correctness(hidden, weight, labels)

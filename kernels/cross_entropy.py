@@ -20,8 +20,9 @@ with 256 MiB chunks (0.22 GiB extra memory), liger-kernel 103.3 ms (0.15 GiB), t
 91.5 ms (4.64 GiB). Triton GEMMs in place of cuBLAS, a logits GEMM whose epilogue wrote per-block softmax
 statistics (740 TFLOP/s; the row kernel then read the logits once) or a grad_weight GEMM accumulating with TMA
 reduce-adds, changed the total by under 1%, within noise, so they are not kept. At N=8192, H=2048, V=128256:
-21.2 ms (floor 16.5) against torch.compile 22.1 and liger 28.5; at N=4096, H=4096, V=151936 with 512 MiB chunks:
-24.6 ms (floor 19.5) against 24.0 and 54.6.
+21.2 ms (floor 16.5) against torch.compile 22.1 and liger 28.5. At N=4096, H=4096, V=151936 (floor 19.5 ms) the
+tokens go in one chunk (N <= H, see ``DEFAULT_CHUNK_BYTES``): 21.8 ms (1.12x the floor, 1.16 GiB extra, as
+torch.compile's) against torch.compile 22.6 and liger 54.5, where six 256 MiB chunks took 25.3 ms.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ import triton.language as tl
 # are faster and cost memory (256 MiB = 832 rows at V=151936 in bf16). On an H200 at N=16384, H=4096, V=151936,
 # 256 MiB took 98.7 ms against 101.0 ms for 512 MiB, with 0.22 instead of 0.47 GiB extra (bench/cross_entropy.py).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+# With the default budget, when grad_weight is wanted and there are no more tokens than the hidden size (so all
+# logits take no more memory than grad_weight, which has to exist anyway), the tokens go in one chunk: each further
+# chunk re-reads and re-writes all of grad_weight (2.5 GB at H=4096, V=151936), which at N=4096 costs more time
+# than the logits' memory is worth (at N=4096: 21.8 ms in one chunk, 25.3 ms in six of 256 MiB; floor 19.5 ms).
 # Chunk row counts are multiples of this, so the GEMMs see well-shaped tiles.
 CHUNK_ROW_MULTIPLE = 128
 MAX_BLOCK_V = 4096
@@ -43,12 +48,15 @@ MAX_BLOCK_V = 4096
 _NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
 
 
-def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, *, budget_bytes: int | None = None) -> int:
-    """Rows per chunk. All ``n_tokens`` if their logits fit in ``budget_bytes`` (default ``DEFAULT_CHUNK_BYTES``);
-    else the fewest chunks that fit, balanced, each a multiple of ``CHUNK_ROW_MULTIPLE`` rows (at least one)."""
+def chunk_rows(
+    n_tokens: int, vocab: int, elem_bytes: int, *, budget_bytes: int | None = None, whole_up_to: int = 0
+) -> int:
+    """Rows per chunk. All ``n_tokens`` if their logits fit in ``budget_bytes`` (default ``DEFAULT_CHUNK_BYTES``)
+    or if there are at most ``whole_up_to`` of them; else the fewest chunks that fit, balanced, each a multiple of
+    ``CHUNK_ROW_MULTIPLE`` rows (at least one)."""
     budget = DEFAULT_CHUNK_BYTES if budget_bytes is None else budget_bytes
     max_rows = max(CHUNK_ROW_MULTIPLE, budget // (vocab * elem_bytes) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
-    if n_tokens <= max_rows:
+    if n_tokens <= max(max_rows, whole_up_to):
         return max(1, n_tokens)
     per_chunk = -(-n_tokens // -(-n_tokens // max_rows))  # ceil(n / number of chunks)
     return -(-per_chunk // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
@@ -246,7 +254,8 @@ def linear_cross_entropy_pass(
 
     hidden: (N, H); weight: (V, H) same dtype; bias: (V,) or None; labels: (N,) int; token_scale: 0-dim or (N,) fp32.
     Labels equal to ``ignore_index`` or outside [0, V) count as ignored (loss 0, no gradient).
-    chunk_bytes: budget of the logits buffer (default ``DEFAULT_CHUNK_BYTES``, read at call time);
+    chunk_bytes: budget of the logits buffer (default ``DEFAULT_CHUNK_BYTES``, read at call time, and all tokens
+    in one chunk when there are no more than H of them and grad_weight is wanted);
     row_programs, block_v: the row kernel's grid and vocab block (see ``ce_rows``).
     Returns ce (N,) fp32, z (N,) fp32 (``lse_square_scale * lse**2``), grad_hidden (N, H), grad_weight (V, H),
     grad_bias (V,), each grad in its input's dtype or None when not asked for.
@@ -259,7 +268,8 @@ def linear_cross_entropy_pass(
     g_hidden = hidden.new_empty(hidden.shape) if grad_hidden else None  # contiguous, so chunk rows are too
     g_weight = (weight.new_empty(weight.shape) if n_tokens else weight.new_zeros(weight.shape)) if grad_weight else None
     g_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if grad_bias else None
-    rows = chunk_rows(n_tokens, vocab, hidden.element_size(), budget_bytes=chunk_bytes)
+    whole_up_to = hidden.shape[1] if grad_weight and chunk_bytes is None else 0
+    rows = chunk_rows(n_tokens, vocab, hidden.element_size(), budget_bytes=chunk_bytes, whole_up_to=whole_up_to)
     buffer = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
     weight_t = weight.t()
     for start in range(0, n_tokens, rows):

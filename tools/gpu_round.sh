@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 ep2 one curves1 (each 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 ep2 one curves1 ce1 (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -31,6 +31,17 @@ summary() {  # the tail of each named job's output into the round log
   done
 }
 
+loss_curves() {  # configs/moe.yaml for 200 steps on GPU 0, fast paths then torch references, and their comparison
+  for backend in auto torch; do
+    job "lc_$backend" 0 200 torchrun --nproc_per_node=1 --master_port=29661 tasks/train.py configs/moe.yaml \
+      --train.max_steps 200 --train.save_steps 0 --train.eval_steps 100 --model.ops_backend $backend \
+      --train.output_dir "$WORK/lc_$backend/run"
+  done
+  VEOFAST_BENCH_RESULTS="$WORK/lc_auto" python3 tools/compare_loss_curves.py "$WORK/lc_auto/run/metrics.jsonl" \
+    "$WORK/lc_torch/run/metrics.jsonl" --label "configs/moe.yaml, 1 H200, 200 steps: fast paths vs torch" \
+    >> "$WORK/lc_auto/stdout.log" 2>&1
+}
+
 for phase in "${phases[@]}"; do
   case "$phase" in
     jobs)  # per-area jobs on GPUs 0-3 (the packer on the CPU beside them), then the diagnostics on the freed GPUs
@@ -49,14 +60,7 @@ for phase in "${phases[@]}"; do
       summary ep_diag step_diag ;;
     curves)  # fast paths vs torch references over 200 steps (GPU 0), the loss's GPU tests (GPU 1), Ulysses (GPUs 2,3)
       stamp "phase curves"
-      ( for backend in auto torch; do
-          job "lc_$backend" 0 200 torchrun --nproc_per_node=1 --master_port=29661 tasks/train.py configs/moe.yaml \
-            --train.max_steps 200 --train.save_steps 0 --train.eval_steps 100 --model.ops_backend $backend \
-            --train.output_dir "$WORK/lc_$backend/run"
-        done
-        VEOFAST_BENCH_RESULTS="$WORK/lc_auto" python3 tools/compare_loss_curves.py "$WORK/lc_auto/run/metrics.jsonl" \
-          "$WORK/lc_torch/run/metrics.jsonl" --label "configs/moe.yaml, 1 H200, 200 steps: fast paths vs torch" \
-          >> "$WORK/lc_auto/stdout.log" 2>&1 ) &
+      loss_curves &
       job ulysses 2,3 200 torchrun --nproc_per_node=2 --master_port=29662 bench/ulysses.py --quick &
       job ce_tests 1 150 python3 -m pytest -q -m gpu tests/ops/test_cross_entropy.py -p no:cacheprovider &
       wait
@@ -117,15 +121,13 @@ for phase in "${phases[@]}"; do
       summary moe_ep ce_a2a ulysses_ce ulysses_nccl moe_tests ;;
     curves1)  # 1 GPU: fast paths vs torch references over 200 steps (one rank: per-layer casts, no FSDP)
       stamp "phase curves1"
-      for backend in auto torch; do
-        job "lc_$backend" 0 200 torchrun --nproc_per_node=1 --master_port=29661 tasks/train.py configs/moe.yaml \
-          --train.max_steps 200 --train.save_steps 0 --train.eval_steps 100 --model.ops_backend $backend \
-          --train.output_dir "$WORK/lc_$backend/run"
-      done
-      VEOFAST_BENCH_RESULTS="$WORK/lc_auto" python3 tools/compare_loss_curves.py "$WORK/lc_auto/run/metrics.jsonl" \
-        "$WORK/lc_torch/run/metrics.jsonl" --label "configs/moe.yaml, 1 H200, 200 steps: fast paths vs torch" \
-        >> "$WORK/lc_auto/stdout.log" 2>&1
+      loss_curves
       summary lc_auto lc_torch ;;
+    ce1)  # 1 GPU: the cross-entropy suite at N=4096 (the one-chunk rule); the loss GPU tests
+      stamp "phase ce1"
+      job cross_entropy 0 200 python3 bench/cross_entropy.py --tokens 4096
+      job ce_tests 0 120 python3 -m pytest -q -m gpu tests/ops/test_cross_entropy.py -p no:cacheprovider
+      summary cross_entropy ce_tests ;;
     one)  # 1 GPU: the MoE op tests on the GPU, then one-GPU training steps of every provider
       stamp "phase one"
       job moe_tests 0 120 python3 -m pytest -q tests/ops/test_moe.py -p no:cacheprovider

@@ -205,6 +205,10 @@ def test_chunk_rows_rule():
         assert rows % CHUNK_ROW_MULTIPLE == 0 and (rows * v * 2 <= budget or rows == CHUNK_ROW_MULTIPLE)
         assert chunks == -(-n // max(CHUNK_ROW_MULTIPLE, budget // (2 * v) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE))
     assert chunk_rows(0, 100, 4) == 1
+    # up to whole_up_to tokens (the pass: H, when it computes grad_weight) go in one chunk whatever the budget
+    assert chunk_rows(4096, 151936, 2, budget_bytes=budget, whole_up_to=4096) == 4096
+    past = chunk_rows(4097, 151936, 2, budget_bytes=budget)
+    assert chunk_rows(4097, 151936, 2, budget_bytes=budget, whole_up_to=4096) == past < 4097
 
 
 def test_reference_chunks(monkeypatch):
