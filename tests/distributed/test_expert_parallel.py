@@ -4,7 +4,8 @@ checkpoints load into and save out of EP models exactly.
 
 Tolerance of the training comparison: rel 2e-5 in fp32 (the EP path sums the same products in another order:
 permute -> grouped GEMMs -> unpermute instead of the reference's per-expert loop, and the gradient reductions
-run over other groups). The dispatcher comparison runs in float64 (abs 1e-12).
+run over other groups). The dispatcher comparison runs in float64 on the torch path (abs 1e-12) and in float32
+on the Triton path (abs 1e-5; the kernels under the interpreter on CPU).
 """
 
 import json
@@ -50,9 +51,10 @@ def check_errors(report):
 
 
 def check_dispatch(report):
-    assert set(report["dispatch"]) == set(CASES)
-    for case, errors in report["dispatch"].items():
-        assert max(errors.values()) < 1e-12, (case, errors)
+    # float64 on the torch path; float32 on the Triton path (values and gradients of order 1)
+    assert set(report["dispatch"]) == {f"{backend}:{case}" for backend in ("torch", "triton") for case in CASES}
+    for key, errors in report["dispatch"].items():
+        assert max(errors.values()) < (1e-12 if key.startswith("torch:") else 1e-5), (key, errors)
 
 
 def check_bad_ids(report, world_size):

@@ -87,7 +87,8 @@ def _routing(case: str, num_tokens: int, rank: int, generator: torch.Generator) 
 
 
 def check_dispatch(ps) -> dict:
-    """Dispatcher vs reference in float64 for every routing case; uneven token counts per rank."""
+    """Dispatcher vs the float64 reference for every routing case, uneven token counts per rank: the torch path in
+    float64, the Triton path in float32 (keys ``"<backend>:<case>"``)."""
     hidden_size, inter = 8, 6
     group_ranks = [ps.global_rank - ps.ep_rank + i for i in range(EP_SIZE)]
     results = {}
@@ -121,22 +122,25 @@ def check_dispatch(ps) -> dict:
             "gate_up": gate_up.grad[ps.ep_rank * local : (ps.ep_rank + 1) * local],
             "down": down.grad[ps.ep_rank * local : (ps.ep_rank + 1) * local],
         }
-        hidden.grad = weights.grad = None
-        # expert parallel: this rank's slices of the weights
-        local_gate_up = gate_up.detach()[ps.ep_rank * local : (ps.ep_rank + 1) * local].clone().requires_grad_(True)
-        local_down = down.detach()[ps.ep_rank * local : (ps.ep_rank + 1) * local].clone().requires_grad_(True)
-        out = dispatcher(hidden, ids, weights, local_gate_up, local_down, backend="torch")
-        (out * grad_out).sum().backward()
-        got = {
-            "out": out.detach(),
-            "hidden": hidden.grad,
-            "weights": weights.grad,
-            "gate_up": local_gate_up.grad,
-            "down": local_down.grad,
-        }
-        errors = torch.tensor([float((got[k] - ref[k]).abs().max()) for k in ref], dtype=torch.float64)
-        dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-        results[case] = dict(zip(ref, errors.tolist(), strict=True))
+        # expert parallel: this rank's slices of the weights; the torch path in float64, the Triton kernels (under
+        # the interpreter on CPU) in float32
+        for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
+            rows = slice(ps.ep_rank * local, (ps.ep_rank + 1) * local)
+            local_gate_up = gate_up.detach()[rows].to(dtype).requires_grad_(True)
+            local_down = down.detach()[rows].to(dtype).requires_grad_(True)
+            leaves = [hidden.detach().to(dtype).requires_grad_(True), weights.detach().to(dtype).requires_grad_(True)]
+            out = dispatcher(leaves[0], ids, leaves[1], local_gate_up, local_down, backend=backend)
+            (out * grad_out.to(dtype)).sum().backward()
+            got = {
+                "out": out.detach(),
+                "hidden": leaves[0].grad,
+                "weights": leaves[1].grad,
+                "gate_up": local_gate_up.grad,
+                "down": local_down.grad,
+            }
+            errors = torch.tensor([float((got[k].double() - ref[k]).abs().max()) for k in ref], dtype=torch.float64)
+            dist.all_reduce(errors, op=dist.ReduceOp.MAX)
+            results[f"{backend}:{case}"] = dict(zip(ref, errors.tolist(), strict=True))
     return results
 
 
