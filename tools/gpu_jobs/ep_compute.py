@@ -1,0 +1,92 @@
+"""What one rank of EP=2 computes in a Qwen3-30B-A3B MoE layer, on one GPU, without the all-to-alls.
+
+The token dispatcher (``veofast.distributed.expert_parallel``) has rank 0 run its 64 local experts on its own 16384
+tokens (in two halves) and on the tokens of rank 1 that need one of those experts, then add the partial sums. Here
+both ranks' tokens are drawn as ``bench/moe_ep.py`` draws them and rank 0's work is timed (fwd+bwd) next to EP=1:
+``moe_ffn`` with all 128 experts on rank 0's tokens. The ratio is a floor for the EP=2 / EP=1 layer-time ratio
+(communication and the per-layer host sync come on top), and the bytes that the all-to-alls would move are printed.
+
+    python3 tools/gpu_jobs/ep_compute.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+from bench.common import time_ms  # noqa: E402
+from bench.moe_ep import expert_weights, tokens  # noqa: E402
+from veofast.ops import moe_ffn  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--inter", type=int, default=768)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=8)
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    local = args.experts // 2
+    gate_up, down = expert_weights(args, device, dtype)
+    gate_up.requires_grad_(True)
+    down.requires_grad_(True)
+    own, peer = tokens(args, device, dtype, seed=1), tokens(args, device, dtype, seed=2)
+    # rank 1's tokens with at least one expert in [0, local), their ids made local (-1 for rank 1's own experts)
+    travels = (peer["ids"] < local).any(1)
+    recv_ids = torch.where(peer["ids"] < local, peer["ids"], -1)[travels]
+    recv = {
+        "hidden": peer["hidden"].detach()[travels].requires_grad_(True),
+        "weights": peer["weights"].detach()[travels].requires_grad_(True),
+        "ids": recv_ids,
+    }
+    grad_recv = torch.randn_like(recv["hidden"])
+    local_gate_up = gate_up.detach()[:local].clone().requires_grad_(True)
+    local_down = down.detach()[:local].clone().requires_grad_(True)
+    half = args.tokens // 2
+    rows_own = [int((own["ids"][s] < local).sum()) for s in (slice(0, half), slice(half, None))]
+    rows_recv = int((recv_ids >= 0).sum())
+
+    def ep1() -> None:
+        out = moe_ffn(own["hidden"], own["ids"], own["weights"], gate_up, down)
+        out.backward(own["grad_out"])
+
+    def ep2_rank0() -> None:
+        parts = []
+        for s, rows in zip((slice(0, half), slice(half, None)), rows_own, strict=True):
+            parts.append(
+                moe_ffn(
+                    own["hidden"][s],
+                    own["ids"][s],
+                    own["weights"][s],
+                    local_gate_up,
+                    local_down,
+                    first_expert=0,
+                    num_rows=rows,
+                )
+            )
+        partial = moe_ffn(
+            recv["hidden"], recv["ids"], recv["weights"], local_gate_up, local_down, first_expert=0, num_rows=rows_recv
+        )
+        torch.autograd.backward([torch.cat(parts), partial], [own["grad_out"], grad_recv])
+
+    ms1, ms2 = time_ms(ep1, repeats=20), time_ms(ep2_rank0, repeats=20)
+    sent, slot_rows = int(travels.sum()), int((peer["ids"] < local).sum())
+    mib = args.hidden * 2 / 2**20
+    print(f"EP=1, {args.tokens} tokens, {args.experts} experts: {ms1:.2f} ms fwd+bwd")
+    print(
+        f"EP=2 rank 0 compute ({local} experts; own {args.tokens} tokens + {sent} received): {ms2:.2f} ms = "
+        f"{ms2 / ms1:.3f}x EP=1 (no communication)"
+    )
+    print(
+        f"rows sent to the peer per all-to-all: {sent} tokens = {sent * mib:.0f} MiB (a (token, slot) dispatch "
+        f"sends {slot_rows} rows = {slot_rows * mib:.0f} MiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()
