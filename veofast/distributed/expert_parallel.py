@@ -30,19 +30,22 @@ top-8 over 2 ranks that moves one row per token each way instead of about four.
    its rows exactly from the slot counts, so the counts come to the host in one ``.tolist()``. This is the only
    host-device sync; every rank raises the same ValueError here if any rank saw an id out of range.
 3. Dispatch: the sent tokens' hidden states, their router weights and their expert ids (made local to the
-   destination, -1 for slots routed elsewhere) in three async all-to-alls; meanwhile this rank's local experts
-   run on the first half of its own tokens (``moe_ffn`` with ``first_expert``: slots routed elsewhere drop out).
-4. The local experts on the received tokens, whose partial sums go back in the combine all-to-all; meanwhile
-   the second half of this rank's own tokens.
+   destination, -1 for slots routed elsewhere) in three async all-to-alls.
+4. One ``moe_ffn`` call runs the local experts on this rank's own tokens and the received ones together (slots
+   routed elsewhere drop out): on one H200 at 16384 tokens per rank, E=128, top-8, that is 0.94x the EP=1 time,
+   where the own tokens first (under the dispatch) and the received ones after took 1.07x, and with the own tokens
+   in two halves around the received ones 1.20x (``tools/gpu_jobs/ep_compute.py``): bigger expert groups and one
+   pass over the weights gain more than the overlap of a 64 MiB exchange can. The received tokens' partial sums
+   go back in the combine all-to-all.
 5. Each token's output: its own partial sum plus those that came back (``index_add`` per source rank; the
    partial sums are in the activations' dtype, so bf16 outputs round twice where EP=1 rounds once).
 The all-to-alls are a pair of autograd functions (start / wait): the backward of the wait launches the reverse
 exchange of the gradient and the backward of the start waits for it, so (autograd runs later-created nodes
 first) the backward of the work done between them in forward overlaps the gradient exchange.
 
-Load-balancing loss: the router statistics stay per rank (each rank's aux loss covers its own tokens, and the
-training step averages it over micro-batches and ranks), as with EP=1 and plain data parallelism; a
-global-batch aux loss (statistics all-reduced before the loss) is not implemented.
+Load-balancing loss: as with EP=1 and plain data parallelism, each rank's aux loss covers its own tokens and the
+training step averages it over micro-batches and ranks, unless ``train.global_load_balancing`` forms it from the
+router statistics of the whole data-parallel group (``load_balancing.py``); expert parallelism changes neither.
 """
 
 from __future__ import annotations
@@ -144,16 +147,14 @@ class _DispatchPlan(NamedTuple):
     send_token: (S,) int64 this rank's tokens to send, grouped by destination rank, in token order within one.
     send_dest: (S,) int64 the destination rank of each.
     send_splits / recv_splits: tokens to / from each rank (0 for this rank itself).
-    own_rows: kept slots of this rank's own tokens on its own experts: (first half of tokens, second half).
-    recv_rows: kept slots of the received tokens.
+    local_rows: the slots that this rank's experts compute: those of its own tokens and of the received ones.
     """
 
     send_token: torch.Tensor
     send_dest: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
-    own_rows: tuple[int, int]
-    recv_rows: int
+    local_rows: int
 
 
 class ExpertParallelDispatcher:
@@ -164,7 +165,7 @@ class ExpertParallelDispatcher:
     expert weights either as DTensors sharded ``Shard(0)`` over the EP mesh (global ``(E, 2I, H)`` / ``(E, H, I)``)
     or as this rank's plain ``(E/ep, 2I, H)`` / ``(E/ep, H, I)`` slices. Returns ``(T, H)`` in hidden's dtype.
     Every rank of ``group`` must call it the same number of times (it runs collectives). See the module docstring
-    for the protocol and the overlap.
+    for the protocol.
     """
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup):
@@ -201,19 +202,17 @@ class ExpertParallelDispatcher:
         needs[:, rank] = False
         travels = needs.t().reshape(-1)  # (ep * T,) in (destination, token) order
         position = travels.cumsum(0) - 1
-        own_first_half = (owner[: num_tokens // 2] == rank).sum().view(1)
         work.wait()
-        # tokens to each rank; tokens, slots and flags from each rank; own slots: first half of tokens, all
-        sizes = torch.cat([counts[:, 0], recv_counts.t().reshape(-1), own_first_half, slots[rank : rank + 1]]).tolist()
+        # tokens to each rank; tokens, slots and flags from each rank (this rank's own slots among them)
+        sizes = torch.cat([counts[:, 0], recv_counts.t().reshape(-1)]).tolist()
         send_splits, recv_splits = sizes[:ep], sizes[ep : 2 * ep]
-        recv_slots, flags = sizes[2 * ep : 3 * ep], sizes[3 * ep : 4 * ep]
-        own_a, own_total = sizes[4 * ep], sizes[4 * ep + 1]
+        slots_from, flags = sizes[2 * ep : 3 * ep], sizes[3 * ep : 4 * ep]
         if any(flags):
             bad = [i for i, flag in enumerate(flags) if flag]
             raise ValueError(
                 f"expert parallelism: topk_ids outside [0, num_experts={self.num_experts}) on EP rank(s) {bad}"
             )
-        send_splits[rank] = recv_splits[rank] = recv_slots[rank] = 0
+        send_splits[rank] = recv_splits[rank] = 0
         num_send = sum(send_splits)
         # Scatter each travelling pair's flat index to its position (the rest to a spare slot, then dropped).
         pair = torch.arange(ep * num_tokens, device=device)
@@ -225,8 +224,7 @@ class ExpertParallelDispatcher:
             send_dest=send_pair // max(num_tokens, 1),
             send_splits=send_splits,
             recv_splits=recv_splits,
-            own_rows=(own_a, own_total - own_a),
-            recv_rows=sum(recv_slots),
+            local_rows=sum(slots_from),
         )
 
     def __call__(
@@ -264,26 +262,28 @@ class ExpertParallelDispatcher:
         recv_weights, weights_exchange = all_to_all_start(
             topk_weights.index_select(0, plan.send_token), *splits, self.group
         )
-        first = self.ep_rank * num_local
-
-        def local_experts(h, i, w, rows: int, first_expert: int) -> torch.Tensor:
-            return moe_ffn(h, i, w, gate_up, down, first_expert=first_expert, num_rows=rows, backend=backend)
-
-        halves = [hidden.shape[0] // 2, hidden.shape[0] - hidden.shape[0] // 2]
-        own_a, own_b = zip(hidden.split(halves), topk_ids.split(halves), topk_weights.split(halves), strict=True)
-        out_a = local_experts(*own_a, plan.own_rows[0], first)
+        own_ids = ids - self.ep_rank * num_local
+        own_ids = torch.where((own_ids >= 0) & (own_ids < num_local), own_ids, -1).to(torch.int32)
         recv_hidden = all_to_all_wait(recv_hidden, hidden_exchange)
         recv_weights = all_to_all_wait(recv_weights, weights_exchange)
         ids_work.wait()
-        # 4. The received tokens (ids already local), their partial sums sent back; meanwhile the second half.
-        partial = local_experts(recv_hidden, recv_ids, recv_weights, plan.recv_rows, 0)
+        # 4. The local experts on own and received tokens in one call; the received tokens' partial sums go back.
+        out = moe_ffn(
+            torch.cat([hidden, recv_hidden]),
+            torch.cat([own_ids, recv_ids]),
+            torch.cat([topk_weights, recv_weights]),
+            gate_up,
+            down,
+            first_expert=0,
+            num_rows=plan.local_rows,
+            backend=backend,
+        )
+        out, partial = out.split([hidden.shape[0], recv_hidden.shape[0]])
         returned, combine = all_to_all_start(partial, plan.send_splits, plan.recv_splits, self.group)
-        out_b = local_experts(*own_b, plan.own_rows[1], first)
         returned = all_to_all_wait(returned, combine)
         # 5. Own partial sums plus those from each rank (one index_add per rank: indices unique within one). Also
         #    the empty ones: every rank's graph must reach every exchange, or a rank would skip a backward exchange
         #    that its peers run.
-        out = torch.cat([out_a, out_b])
         for tokens, part in zip(plan.send_token.split(plan.send_splits), returned.split(plan.send_splits), strict=True):
             out = out.index_add(0, tokens, part)
         return out
