@@ -370,6 +370,20 @@ def test_moe_ffn_local_experts_matches_reference(num_tokens, num_experts, topk, 
     )
 
 
+@pytest.mark.parametrize("kwargs", [{"first_expert": -1}, {"num_rows": -2}, {"num_rows": True}, {"num_rows": 3.0}])
+def test_local_expert_arguments_are_checked(kwargs):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids, weights = _routing(5, 4, 2, gen)
+    hidden = torch.randn(5, 16, device=DEVICE)
+    gate_up, down = _expert_weights(2, 16, 8, gen)
+    name = next(iter(kwargs))
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= "):
+            moe_permute(hidden, ids, 2, backend=backend, **kwargs)
+        with pytest.raises(ValueError, match=f"{name} must be an int >= "):
+            moe_ffn(hidden, ids, weights, gate_up, down, backend=backend, **kwargs)
+
+
 def test_moe_ffn_local_experts_is_the_full_layer_restricted():
     """The definition: local experts [first, first + L) of E add exactly what the full layer adds through them."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
