@@ -6,13 +6,15 @@ H=2048, I=768, E=128, top-8, bf16, random routing (softmax top-k of random logit
 Tables (rank 0 prints them and appends JSON lines to ``bench/results/moe_ep.jsonl``):
 
 - layer fwd+bwd: EP=1 (``moe_ffn`` with all 128 experts, rank 0 alone while rank 1 waits) vs EP=2
-  (``ExpertParallelDispatcher``, 64 experts per GPU, each GPU with its own 16384 tokens); time, TFLOP/s per GPU
-  (18*T*K*H*I per GPU), ratio EP=2 / EP=1 (target <= 1.25), and the EP=2 output error against ``moe_ffn`` on
-  the same tokens;
-- all-to-all: ``all_to_all_single`` bus bandwidth at the layer's message size (the dispatcher sends each token
-  once to each other GPU holding one of its experts: as many token rows per peer as this routing sends, even
-  splits, nccl-tests convention: bytes per rank / time * (n-1)/n) against ANCHORS.md (158 GB/s at 16 MB ... 329
-  at 1 GB, interpolated in log size), and the layer's own exchange (only the rows for the other GPUs);
+  (``ExpertParallelDispatcher``, 64 experts per GPU, each GPU with its own 16384 tokens) with each token dispatch
+  (``allgather``: every token to every GPU, no host sync; ``alltoall``: tokens to the GPUs that hold their
+  experts, one host sync per layer); time, TFLOP/s per GPU (18*T*K*H*I per GPU), ratio EP=2 / EP=1 (target
+  <= 1.25), and the EP=2 output error against ``moe_ffn`` on the same tokens;
+- collectives at the layer's message size, nccl-tests bus bandwidth (algbw * (n-1)/n, algbw = the larger of the
+  input and output sizes over the time) against the ANCHORS.md all-to-all values for the same link (158 GB/s at
+  16 MB ... 329 at 1 GB, interpolated in log size): ``all_to_all_single`` with even splits of as many token rows
+  per peer as this routing sends, the layer's own all-to-all (only the rows for the other GPUs), and the
+  all-gather and reduce-scatter of all the tokens (the ``allgather`` dispatch);
 - dispatch/combine: from a profiler pass over EP=2 fwd+bwd, the GPU time of NCCL kernels (count-exchange,
   dispatch, combine and their backward) and its share of the layer time (part of it overlaps expert GEMMs).
 On a CPU (gloo, fp32) it runs as a smoke test with small shapes.
@@ -37,6 +39,7 @@ from veofast.distributed.expert_parallel import ExpertParallelDispatcher  # noqa
 from veofast.ops import moe_ffn  # noqa: E402
 
 SUITE = "moe_ep"
+DISPATCHES = ("allgather", "alltoall")
 MIB = 2**20
 # ANCHORS.md: 2xH200 NCCL all_to_all_single bus bandwidth (GB/s) by message size
 A2A_ANCHORS = ((16 * MIB, 158.0), (64 * MIB, 233.0), (256 * MIB, 280.0), (1024 * MIB, 329.0))
@@ -119,6 +122,23 @@ def nccl_kernel_ms(fn) -> tuple[float | None, int]:
     return total_us / 1e3, count
 
 
+def sync_free(fn) -> bool | None:
+    """Whether one ``fn()`` runs without a device-to-host sync (CUDA's sync debug mode raises on one; None on
+    CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
 def max_over_ranks(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -162,35 +182,40 @@ def bench_layer(args, device, dtype, rank: int, world: int) -> list[dict]:
     local = args.experts // world
     local_gate_up = gate_up[rank * local : (rank + 1) * local].clone().requires_grad_()
     local_down = down[rank * local : (rank + 1) * local].clone().requires_grad_()
-    dispatcher = ExpertParallelDispatcher(args.experts, dist.group.WORLD)
+    host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # token counts (all-gather)
+    for dispatch in DISPATCHES:
+        dispatcher = ExpertParallelDispatcher(args.experts, dist.group.WORLD, dispatch=dispatch, host_group=host_group)
 
-    def ep_step():
-        return fwd_bwd(dispatcher, inputs, local_gate_up, local_down)
+        def ep_step(dispatcher=dispatcher):
+            return fwd_bwd(dispatcher, inputs, local_gate_up, local_down)
 
-    ms2 = max_over_ranks(time_ms(ep_step, warmup=args.warmup, repeats=args.repeats), device)
-    # correctness: EP output on this rank's tokens vs moe_ffn with all experts on the same tokens
-    with torch.no_grad():
-        ref = moe_ffn(inputs["hidden"], inputs["ids"], inputs["weights"], gate_up, down).float()
-        out = dispatcher(inputs["hidden"], inputs["ids"], inputs["weights"], local_gate_up, local_down).float()
-        rel_err = max_over_ranks(float((out - ref).norm() / ref.norm()), device)
-    nccl_ms, nccl_kernels = nccl_kernel_ms(ep_step)
-    nccl_ms = max_over_ranks(nccl_ms, device) if nccl_ms is not None else None
-    row = {
-        "case": f"EP={world} ({world} GPUs)",
-        **shape,
-        "experts_per_gpu": local,
-        "ms": ms2,
-        "tflops": flops / ms2 / 1e9,
-        "pct_peak": 100 * flops / ms2 / 1e9 / H200_BF16_TFLOPS,
-        "rel_err_vs_ep1": rel_err,
-        "nccl_ms": nccl_ms,
-        "nccl_kernels": nccl_kernels,
-        "nccl_share": nccl_ms / ms2 if nccl_ms is not None else None,
-    }
-    if ms1 is not None:
-        row["ratio_vs_ep1"] = ms2 / ms1
-        row["meets_1.25x"] = ms2 / ms1 <= 1.25
-    rows.append(row)
+        ms2 = max_over_ranks(time_ms(ep_step, warmup=args.warmup, repeats=args.repeats), device)
+        # correctness: EP output on this rank's tokens vs moe_ffn with all experts on the same tokens
+        with torch.no_grad():
+            ref = moe_ffn(inputs["hidden"], inputs["ids"], inputs["weights"], gate_up, down).float()
+            out = dispatcher(inputs["hidden"], inputs["ids"], inputs["weights"], local_gate_up, local_down).float()
+            rel_err = max_over_ranks(float((out - ref).norm() / ref.norm()), device)
+        host_syncs = sync_free(ep_step)
+        nccl_ms, nccl_kernels = nccl_kernel_ms(ep_step)
+        nccl_ms = max_over_ranks(nccl_ms, device) if nccl_ms is not None else None
+        row = {
+            "case": f"EP={world} ({world} GPUs), {dispatch}",
+            "dispatch": dispatch,
+            **shape,
+            "experts_per_gpu": local,
+            "ms": ms2,
+            "tflops": flops / ms2 / 1e9,
+            "pct_peak": 100 * flops / ms2 / 1e9 / H200_BF16_TFLOPS,
+            "rel_err_vs_ep1": rel_err,
+            "host_sync_free": host_syncs,
+            "nccl_ms": nccl_ms,
+            "nccl_kernels": nccl_kernels,
+            "nccl_share": nccl_ms / ms2 if nccl_ms is not None else None,
+        }
+        if ms1 is not None:
+            row["ratio_vs_ep1"] = ms2 / ms1
+            row["meets_1.25x"] = ms2 / ms1 <= 1.25
+        rows.append(row)
     return rows
 
 
@@ -204,27 +229,29 @@ def tokens_per_peer(args, device, dtype, world: int) -> int:
     return int(needs.sum()) // max(world - 1, 1)
 
 
-def bench_all_to_all(args, device, dtype, world: int) -> list[dict]:
-    """``all_to_all_single`` at the layer's message size: even splits (its bus bandwidth), and the layer's remote
-    rows only (no block for this GPU itself)."""
-    chunk = max_over_ranks(tokens_per_peer(args, device, dtype, world), device)
-    element = torch.tensor([], dtype=dtype).element_size()
-    out = []
-    for case, splits_self in (("token rows, even splits", True), ("remote token rows only (as in the layer)", False)):
-        in_splits = [0 if (r == dist.get_rank() and not splits_self) else int(chunk) for r in range(world)]
-        send = torch.randn(sum(in_splits), args.hidden, device=device).to(dtype)
+def bench_collectives(args, device, dtype, world: int) -> list[dict]:
+    """The dispatches' collectives at the layer's message size: ``all_to_all_single`` with even splits (its bus
+    bandwidth) and with the layer's remote rows only (no block for this GPU itself); all-gather and reduce-scatter
+    of all the tokens."""
+    chunk = int(max_over_ranks(tokens_per_peer(args, device, dtype, world), device))
+    rank = dist.get_rank()
+    tokens = torch.randn(args.tokens, args.hidden, device=device).to(dtype)
+    gathered = torch.empty(world * args.tokens, args.hidden, device=device, dtype=dtype)
+    cases = []
+    for case, splits_self in (("all_to_all token rows, even splits", True), ("all_to_all remote rows (layer)", False)):
+        splits = [0 if (r == rank and not splits_self) else chunk for r in range(world)]
+        send = torch.randn(sum(splits), args.hidden, device=device).to(dtype)
         recv = torch.empty_like(send)
-
-        def exchange(recv=recv, send=send, splits=in_splits):
-            dist.all_to_all_single(recv, send, splits, splits)
-
-        ms = time_ms(exchange, warmup=args.warmup, repeats=args.repeats)
-        ms = max_over_ranks(ms, device)
-        size = send.numel() * element
-        algbw = size / ms / 1e6  # GB/s
-        row = {"case": case, "bytes_per_gpu": size, "ms": ms, "algbw_gbps": algbw}
-        if splits_self:
-            row["busbw_gbps"] = algbw * (world - 1) / world
+        cases.append((case, send, lambda recv=recv, send=send, s=splits: dist.all_to_all_single(recv, send, s, s)))
+    cases.append(("all_gather of all tokens", gathered, lambda: dist.all_gather_into_tensor(gathered, tokens)))
+    cases.append(("reduce_scatter of all tokens", gathered, lambda: dist.reduce_scatter_tensor(tokens, gathered)))
+    out = []
+    for case, largest, run in cases:
+        ms = max_over_ranks(time_ms(run, warmup=args.warmup, repeats=args.repeats), device)
+        size = largest.numel() * largest.element_size()
+        row = {"case": case, "bytes_per_gpu": size, "ms": ms, "algbw_gbps": size / ms / 1e6}
+        if "remote rows" not in case:  # uneven splits have no bus-bandwidth convention
+            row["busbw_gbps"] = row["algbw_gbps"] * (world - 1) / world
             row["anchor_busbw_gbps"] = anchor_busbw(size)
             row["pct_anchor"] = 100 * row["busbw_gbps"] / row["anchor_busbw_gbps"]
         out.append(row)
@@ -254,14 +281,15 @@ def main() -> int:
                 "ratio_vs_ep1",
                 "meets_1.25x",
                 "rel_err_vs_ep1",
+                "host_sync_free",
                 "nccl_ms",
                 "nccl_kernels",
                 "nccl_share",
             ],
         ),
         (
-            "all_to_all_single",
-            bench_all_to_all,
+            "collectives",
+            bench_collectives,
             ["case", "bytes_per_gpu", "ms", "algbw_gbps", "busbw_gbps", "anchor_busbw_gbps", "pct_anchor"],
         ),
     ):

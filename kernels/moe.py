@@ -20,8 +20,22 @@ def _tile(width: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _swiglu_fwd_kernel(h_ptr, a_ptr, M, inter, stride_h, stride_a, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+def _swiglu_fwd_kernel(
+    h_ptr,
+    a_ptr,
+    end_ptr,
+    M,
+    inter,
+    stride_h,
+    stride_a,
+    HAS_END: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
     """a[m, i] = silu(h[m, i]) * h[m, inter + i]."""
+    if HAS_END:  # rows from the device count at end_ptr on hold no data
+        if tl.program_id(0) * BLOCK_M >= tl.load(end_ptr):
+            return
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (rows < M)[:, None] & (cols < inter)[None, :]
@@ -38,16 +52,21 @@ def _swiglu_bwd_kernel(
     grad_a_ptr,
     grad_h_ptr,
     a_ptr,
+    end_ptr,
     M,
     inter,
     stride_h,
     stride_ga,
     stride_gh,
     stride_a,
+    HAS_END: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
     """grad_h = (grad_a * up * silu'(gate), grad_a * silu(gate)); also a = silu(gate) * up (recomputed)."""
+    if HAS_END:  # rows from the device count at end_ptr on hold no data
+        if tl.program_id(0) * BLOCK_M >= tl.load(end_ptr):
+            return
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (rows < M)[:, None] & (cols < inter)[None, :]
@@ -64,8 +83,10 @@ def _swiglu_bwd_kernel(
     tl.store(a_ptr + rows[:, None] * stride_a + cols[None, :], (silu * up).to(a_ptr.dtype.element_ty), mask=mask)
 
 
-def swiglu(h: torch.Tensor) -> torch.Tensor:
-    """``a (M, I) = silu(h[:, :I]) * h[:, I:]`` for ``h (M, 2I)`` with unit column stride."""
+def swiglu(h: torch.Tensor, rows_end: torch.Tensor | None = None) -> torch.Tensor:
+    """``a (M, I) = silu(h[:, :I]) * h[:, I:]`` for ``h (M, 2I)`` with unit column stride. ``rows_end``: an
+    optional one-element device tensor; rows from its value on are left unwritten (rows that hold no data, e.g.
+    past the last expert's end)."""
     rows, width = h.shape
     inter = width // 2
     a = torch.empty((rows, inter), dtype=h.dtype, device=h.device)
@@ -74,13 +95,26 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     block_m, block_i, warps = _tile(inter)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(inter, block_i))
     _swiglu_fwd_kernel[grid](
-        h, a, rows, inter, h.stride(0), a.stride(0), BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps
+        h,
+        a,
+        h if rows_end is None else rows_end,
+        rows,
+        inter,
+        h.stride(0),
+        a.stride(0),
+        HAS_END=rows_end is not None,
+        BLOCK_M=block_m,
+        BLOCK_I=block_i,
+        num_warps=warps,
     )
     return a
 
 
-def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_h (M, 2I), a (M, I))``: the gradient of ``swiglu`` at ``h`` for ``grad_a``, and ``swiglu(h)``."""
+def swiglu_backward(
+    h: torch.Tensor, grad_a: torch.Tensor, rows_end: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_h (M, 2I), a (M, I))``: the gradient of ``swiglu`` at ``h`` for ``grad_a``, and ``swiglu(h)``
+    (``rows_end``: as in ``swiglu``)."""
     rows, width = h.shape
     inter = width // 2
     grad_a = grad_a if grad_a.stride(1) == 1 else grad_a.contiguous()
@@ -94,12 +128,14 @@ def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor) -> tuple[torch.Tensor
         grad_a,
         grad_h,
         a,
+        h if rows_end is None else rows_end,
         rows,
         inter,
         h.stride(0),
         grad_a.stride(0),
         grad_h.stride(0),
         a.stride(0),
+        HAS_END=rows_end is not None,
         BLOCK_M=block_m,
         BLOCK_I=block_i,
         num_warps=warps,

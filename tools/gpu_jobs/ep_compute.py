@@ -1,8 +1,9 @@
 """What one rank of EP=2 computes in a Qwen3-30B-A3B MoE layer, on one GPU, without the all-to-alls.
 
-The token dispatcher (``veofast.distributed.expert_parallel``) has rank 0 run its 64 local experts on its own 16384
-tokens (in two halves) and on the tokens of rank 1 that need one of those experts, then add the partial sums. Here
-both ranks' tokens are drawn as ``bench/moe_ep.py`` draws them and rank 0's work is timed (fwd+bwd) next to EP=1:
+With the all-to-all dispatch (``veofast.distributed.expert_parallel``) rank 0 runs its 64 local experts on its own
+16384 tokens and on the tokens of rank 1 that need one of those experts (in one call, or split around the
+exchange); with the all-gather dispatch on all 32768 tokens, rows sized for the worst case. Here both ranks'
+tokens are drawn as ``bench/moe_ep.py`` draws them and rank 0's work is timed (fwd+bwd) next to EP=1:
 ``moe_ffn`` with all 128 experts on rank 0's tokens. The ratio is a floor for the EP=2 / EP=1 layer-time ratio
 (communication and the per-layer host sync come on top), and the bytes that the all-to-alls would move are printed.
 
@@ -53,10 +54,14 @@ def main() -> None:
     together = {k: torch.cat([own[k], recv[k]]).detach() for k in ("hidden", "ids", "weights", "grad_out")}
     for k in ("hidden", "weights"):
         together[k].requires_grad_(True)
+    gathered = {k: torch.cat([own[k], peer[k]]).detach() for k in ("hidden", "ids", "weights", "grad_out")}
+    for k in ("hidden", "weights"):
+        gathered[k].requires_grad_(True)
     variants = {  # the calls of moe_ffn on rank 0's local experts
         "own in two halves, then received (3 calls)": [*own_halves, recv],
         "own, then received (2 calls)": [own, recv],
         "own and received together (1 call)": [together],
+        "all-gather: all tokens of both, worst-case rows (1 call)": [gathered],
     }
 
     def ep1() -> None:
@@ -65,7 +70,7 @@ def main() -> None:
 
     for calls in variants.values():  # the kept slots of each call, known on the host as the dispatcher knows them
         for c in calls:
-            c["rows"] = int(((c["ids"] >= 0) & (c["ids"] < local)).sum())
+            c["rows"] = int(((c["ids"] >= 0) & (c["ids"] < local)).sum()) if c is not gathered else None
 
     def rank0(calls: list[dict]) -> None:
         outs = [

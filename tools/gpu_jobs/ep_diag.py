@@ -53,7 +53,9 @@ def main() -> None:
     gate_up = gate_up[rank * local : (rank + 1) * local].clone().requires_grad_()
     down = down[rank * local : (rank + 1) * local].clone().requires_grad_()
     inputs = tokens(args, device, torch.bfloat16, seed=1 + rank)
-    dispatcher = ExpertParallelDispatcher(args.experts, dist.group.WORLD)
+    dispatch = os.environ.get("EP_DIAG_DISPATCH", "allgather")
+    host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    dispatcher = ExpertParallelDispatcher(args.experts, dist.group.WORLD, dispatch=dispatch, host_group=host_group)
     step = lambda: fwd_bwd(dispatcher, inputs, gate_up, down)
     for _ in range(5):
         step()

@@ -21,7 +21,25 @@ parameters, which FSDP averages over the whole world. So the expert units divide
 Forward of one MoE layer (``ExpertParallelDispatcher``, installed as ``Experts.dispatcher``), T tokens, top-K,
 L = E / ep local experts. Tokens travel, not (token, slot) rows: a token goes once to each rank that holds at least
 one of its K experts, and comes back as that rank's partial sum over those experts (as DeepEP does). With
-top-8 over 2 ranks that moves one row per token each way instead of about four.
+top-8 over 2 ranks that moves one row per token each way instead of about four. Two dispatches do this:
+
+**All-gather** (``dispatch="allgather"``; what ``"auto"`` picks when another rank needs at least
+``GATHER_MIN_SHARE`` of a rank's tokens under uniform routing: E=128, top-8 at EP=2 and EP=4). When nearly every
+token travels to every rank anyway (99.6% at EP=2), sending all of them costs no extra bytes and needs no
+routing-dependent sizes, hence no device-to-host sync at all:
+
+1. The ranks' token counts travel between the hosts over a CPU group (``ParallelState.ep_host_group``); the
+   device never waits. Each rank pads to the largest count.
+2. All-gather of the hidden states, router weights and expert ids (padding rows route to -1: nowhere).
+3. One ``moe_ffn`` over all the group's tokens with this rank's experts (``first_expert``: slots routed elsewhere
+   drop out). The permuted rows are sized for the worst case (``T_group * K``), but the grouped GEMMs and the
+   SwiGLU only touch the rows that exist.
+4. Reduce-scatter of the partial sums (in the activations' dtype) back to the tokens' ranks.
+The backward swaps the collectives (reduce-scatter of the hidden states' gradient, all-gather of the output's).
+Expert ids out of range are reported (every rank raises the same ValueError after the id gather) on the torch
+path; on the Triton path they are dropped, as ``moe_ffn`` documents (checking them would need a sync).
+
+**All-to-all** (``dispatch="alltoall"``; larger EP, where a token needs only some ranks):
 
 1. Per destination rank: the tokens it needs and the slots routed to it, and a flag for expert ids out of
    range. An async all-to-all of these counts starts, and the send order (tokens grouped by destination, in
@@ -62,10 +80,24 @@ from torch.distributed.tensor import DTensor, Shard
 
 from veofast.models.moe import Experts
 from veofast.ops import moe_ffn
+from veofast.ops._backend import resolve_backend
 
 from .parallel_state import ParallelState
+from .row_collectives import all_gather_rows, gather_rows, host_row_counts, scatter_sum_rows
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
+DISPATCH_MODES = ("auto", "allgather", "alltoall")
+# "auto" gathers when another rank needs at least this share of a rank's tokens (uniform routing): at E=128,
+# top-8 that is EP=2 (99.6%) and EP=4 (90%), not EP=8 (66%)
+GATHER_MIN_SHARE = 0.75
+
+
+def _miss_probability(num_experts: int, num_local: int, top_k: int) -> float:
+    """Probability that none of a token's ``top_k`` distinct, uniformly drawn experts is among ``num_local``."""
+    p = 1.0
+    for i in range(top_k):
+        p *= max(num_experts - num_local - i, 0) / (num_experts - i)
+    return p
 
 
 class _Exchange:
@@ -170,18 +202,50 @@ class ExpertParallelDispatcher:
     for the protocol.
     """
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup):
+    def __init__(
+        self,
+        num_experts: int,
+        group: dist.ProcessGroup,
+        *,
+        dispatch: str = "auto",
+        host_group: dist.ProcessGroup | None = None,
+    ):
         ep_size = dist.get_world_size(group)
         if num_experts % ep_size:
             raise ValueError(f"expert parallelism: num_experts={num_experts} is not divisible by ep_size={ep_size}")
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"expert parallelism: dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
+        if host_group is None and dist.get_backend(group) == "gloo":
+            host_group = group  # already a CPU group
+        if dispatch == "allgather" and host_group is None:
+            raise ValueError(
+                "expert parallelism: dispatch='allgather' needs host_group, a gloo group with the ranks of group "
+                "(ParallelState.ep_host_group), to exchange token counts without a device sync"
+            )
         self.num_experts = num_experts
         self.group = group
+        self.host_group = host_group
+        self.dispatch = dispatch
         self.ep_size = ep_size
         self.ep_rank = dist.get_rank(group)
         self.num_local_experts = num_experts // ep_size
 
     def __repr__(self) -> str:
-        return f"ExpertParallelDispatcher(num_experts={self.num_experts}, ep_size={self.ep_size})"
+        return (
+            f"ExpertParallelDispatcher(num_experts={self.num_experts}, ep_size={self.ep_size}, "
+            f"dispatch={self.dispatch!r})"
+        )
+
+    def strategy(self, top_k: int) -> str:
+        """The dispatch used for top-``top_k`` routing: ``"allgather"`` or ``"alltoall"`` (see the module
+        docstring; ``"auto"`` picks the gather when another rank needs at least ``GATHER_MIN_SHARE`` of a rank's
+        tokens under uniform routing, and a host group is there)."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        if self.host_group is None:
+            return "alltoall"
+        share = 1.0 - _miss_probability(self.num_experts, self.num_local_experts, top_k)
+        return "allgather" if share >= GATHER_MIN_SHARE else "alltoall"
 
     def _plan(self, topk_ids: torch.Tensor) -> _DispatchPlan:
         """Steps 1-2 of the protocol: counts, their exchange, the one host sync and the send order."""
@@ -210,10 +274,7 @@ class ExpertParallelDispatcher:
         send_splits, recv_splits = sizes[:ep], sizes[ep : 2 * ep]
         slots_from, flags = sizes[2 * ep : 3 * ep], sizes[3 * ep : 4 * ep]
         if any(flags):
-            bad = [i for i, flag in enumerate(flags) if flag]
-            raise ValueError(
-                f"expert parallelism: topk_ids outside [0, num_experts={self.num_experts}) on EP rank(s) {bad}"
-            )
+            raise self._bad_id_error([i for i, flag in enumerate(flags) if flag])
         send_splits[rank] = recv_splits[rank] = 0
         num_send = sum(send_splits)
         # Scatter each travelling pair's flat index to its position (the rest to a spare slot, then dropped).
@@ -251,6 +312,40 @@ class ExpertParallelDispatcher:
                 f"expert parallelism: need topk_ids and topk_weights of shape (T={hidden.shape[0]}, K), got "
                 f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
             )
+        if self.strategy(topk_ids.shape[1]) == "allgather":
+            return self._gather_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend)
+        return self._exchange_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend)
+
+    def _bad_id_error(self, bad_ranks: list[int]) -> ValueError:
+        return ValueError(
+            f"expert parallelism: topk_ids outside [0, num_experts={self.num_experts}) on EP rank(s) {bad_ranks}"
+        )
+
+    def _gather_tokens(self, hidden, topk_ids, topk_weights, gate_up, down, backend) -> torch.Tensor:
+        """The all-gather dispatch: every rank's tokens, ids and weights to every rank of the group; the local
+        experts' partial sums for all of them; reduce-scatter back to the tokens' ranks."""
+        counts = host_row_counts(hidden.shape[0], self.host_group)
+        padded = max(counts)
+        all_ids = all_gather_rows(topk_ids, padded, self.group, pad_value=-1)  # padding rows route nowhere
+        if resolve_backend("moe_ffn", backend, hidden.device) == "torch":  # a host check costs nothing there
+            ids = all_ids.view(self.ep_size, padded, -1)
+            bad = [j for j, n in enumerate(counts) if ((ids[j, :n] < 0) | (ids[j, :n] >= self.num_experts)).any()]
+            if bad:
+                raise self._bad_id_error(bad)
+        out = moe_ffn(
+            gather_rows(hidden, padded, self.group),
+            all_ids,
+            gather_rows(topk_weights, padded, self.group),
+            gate_up,
+            down,
+            first_expert=self.ep_rank * self.num_local_experts,
+            backend=backend,
+        )
+        return scatter_sum_rows(out, hidden.shape[0], self.group)
+
+    def _exchange_tokens(self, hidden, topk_ids, topk_weights, gate_up, down, backend) -> torch.Tensor:
+        """The all-to-all dispatch (steps 1-5 of the module docstring)."""
+        num_local = self.num_local_experts
         plan = self._plan(topk_ids)
         splits = (plan.recv_splits, plan.send_splits)
 
@@ -317,10 +412,11 @@ def check_expert_parallel(model: nn.Module, ep_size: int) -> list[tuple[str, Exp
 
 
 @torch.no_grad()
-def apply_expert_parallel(model: nn.Module, ps: ParallelState) -> None:
+def apply_expert_parallel(model: nn.Module, ps: ParallelState, dispatch: str = "auto") -> None:
     """Slice every ``Experts`` module's weights to this rank's experts as ``Shard(0)`` DTensors on ``ps.ep_mesh``
-    and install an ``ExpertParallelDispatcher``. The model may be on meta (nothing allocated) or on a device
-    (the full weights are initialised or loaded; each rank keeps a copy of its slice)."""
+    and install an ``ExpertParallelDispatcher`` (``dispatch``: its token dispatch). The model may be on meta
+    (nothing allocated) or on a device (the full weights are initialised or loaded; each rank keeps a copy of its
+    slice)."""
     experts = check_expert_parallel(model, ps.ep_size)
     for _, module in experts:
         num_local = module.num_experts // ps.ep_size
@@ -334,7 +430,9 @@ def apply_expert_parallel(model: nn.Module, ps: ParallelState) -> None:
                 local, ps.ep_mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride()
             )
             setattr(module, pname, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        module.dispatcher = ExpertParallelDispatcher(module.num_experts, ps.ep_group)
+        module.dispatcher = ExpertParallelDispatcher(
+            module.num_experts, ps.ep_group, dispatch=dispatch, host_group=ps.ep_host_group
+        )
 
 
 def shard_experts(model: nn.Module, ps: ParallelState, fsdp_kwargs: dict) -> None:

@@ -6,7 +6,8 @@ flattened ``"dp_sp"`` axis), as VeOmni does, so sequence parallelism costs no ex
 
 Expert parallelism regroups the same ranks as ``("ep_fsdp", "ep")`` with ``ep_fsdp * ep == world_size``:
 expert weights are sliced over ``"ep"`` on the expert dimension and FSDP-sharded over ``"ep_fsdp"``; every
-other parameter uses the main mesh. ``ep`` ranks are consecutive global ranks.
+other parameter uses the main mesh. ``ep`` ranks are consecutive global ranks; ``ep_host_group`` is a CPU
+(gloo) group of the same ranks, for host-side values (token counts) that must not wait for the device.
 
 Usage::
 
@@ -45,6 +46,7 @@ class ParallelState:
     device_mesh: DeviceMesh
     fsdp_mesh: DeviceMesh
     ep_device_mesh: DeviceMesh
+    ep_host_group: dist.ProcessGroup | None = None
 
     # --- devices ---
     @property
@@ -180,8 +182,13 @@ def init_parallel_state(
     global _PARALLEL_STATE
     if dp_mode not in DP_MODES:
         raise ValueError(f"init_parallel_state: dp_mode must be one of {DP_MODES}, got {dp_mode!r}")
-    for name, value in (("tp_size", tp_size), ("ep_size", ep_size), ("pp_size", pp_size),
-                        ("cp_size", cp_size), ("ulysses_size", ulysses_size)):
+    for name, value in (
+        ("tp_size", tp_size),
+        ("ep_size", ep_size),
+        ("pp_size", pp_size),
+        ("cp_size", cp_size),
+        ("ulysses_size", ulysses_size),
+    ):
         _check_size(name, value)
     if pp_size > 1:
         raise NotImplementedError("init_parallel_state: pipeline parallelism (pp_size > 1) is not implemented")
@@ -220,6 +227,13 @@ def init_parallel_state(
     mesh = init_device_mesh(device_type, (dp_size, ulysses_size, tp_size), mesh_dim_names=("dp", "sp", "tp"))
     fsdp_mesh = mesh["dp", "sp"]._flatten("dp_sp")
     ep_mesh = init_device_mesh(device_type, (world_size // ep_size, ep_size), mesh_dim_names=("ep_fsdp", "ep"))
+    ep_host_group = None
+    if ep_size > 1:  # host ints (token counts) of the EP group travel over a CPU group: no device sync
+        if device_type == "cpu":
+            ep_host_group = ep_mesh["ep"].get_group()
+        else:
+            groups = [list(range(start, start + ep_size)) for start in range(0, world_size, ep_size)]
+            ep_host_group, _ = dist.new_subgroups_by_enumeration(groups, backend="gloo")
     _PARALLEL_STATE = ParallelState(
         world_size=world_size,
         global_rank=dist.get_rank(),
@@ -235,6 +249,7 @@ def init_parallel_state(
         device_mesh=mesh,
         fsdp_mesh=fsdp_mesh,
         ep_device_mesh=ep_mesh,
+        ep_host_group=ep_host_group,
     )
     return _PARALLEL_STATE
 

@@ -354,7 +354,7 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, expert_offsets, gate_up_proj, down_proj):
         h = _gmm(rows, gate_up_proj.transpose(1, 2), expert_offsets)  # (M, 2I)
-        a = _kernels()[2].swiglu(h)  # (M, I)
+        a = _kernels()[2].swiglu(h, expert_offsets[-1:])  # (M, I); rows past the last expert stay unset
         ctx.save_for_backward(rows, expert_offsets, gate_up_proj, down_proj, h)
         return _gmm(a, down_proj.transpose(1, 2), expert_offsets)  # (M, H)
 
@@ -364,7 +364,7 @@ class _ExpertFFN(torch.autograd.Function):
         need_rows, _, need_gate_up, need_down = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
         grad_a = _gmm(grad_out, down_proj, expert_offsets)  # (M, I)
-        grad_h, a = _kernels()[2].swiglu_backward(h, grad_a)
+        grad_h, a = _kernels()[2].swiglu_backward(h, grad_a, expert_offsets[-1:])
         grad_down = _gmm_wgrad(grad_out, a, expert_offsets) if need_down else None  # (E, H, I)
         grad_rows = _gmm(grad_h, gate_up_proj, expert_offsets) if need_rows else None  # (M, H)
         grad_gate_up = _gmm_wgrad(grad_h, rows, expert_offsets) if need_gate_up else None  # (E, 2I, H)

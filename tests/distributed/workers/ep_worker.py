@@ -5,14 +5,17 @@ Usage: torchrun --nproc_per_node=N ep_worker.py OUT_JSON TMP_DIR [steps=3]
 Sections of the JSON:
 - ``errors``: messages of the errors for experts that do not divide by ep_size (raised on rank 0 alone, so a
   collective before the check would hang the run instead of passing);
-- ``dispatch``: per routing case, max abs differences (float64) between the dispatcher and ``moe_ffn_reference``
-  on the EP group's tokens: outputs, grads of hidden, topk_weights and this rank's expert weights. Cases include
-  experts that receive no tokens and a rank that receives no rows at all;
+- ``dispatch``: per dispatch (all-to-all, all-gather) and routing case, max abs differences (float64) between
+  the dispatcher and ``moe_ffn_reference`` on the EP group's tokens: outputs, grads of hidden, topk_weights and
+  this rank's expert weights. Cases include experts that receive no tokens and a rank that receives no rows at
+  all; ranks hold different token counts;
+- ``bad_ids`` / ``strategies``: the out-of-range id errors of every rank per dispatch; what ``"auto"`` picks;
 - ``hf``: per model config, whether load_hf_weights into the EP model and save_hf_weights out of it round-trip
   a checkpoint exactly, and the expert parameters' placements;
 - ``train``: ``steps`` optimizer steps of the tiny MoE model of train_steps_worker.py (same global batches).
 """
 
+import itertools
 import json
 import os
 import sys
@@ -34,6 +37,8 @@ from veofast.utils.helper import exit_process
 
 EP_SIZE = 2
 MOE = TINY["qwen3_moe"]
+DISPATCHES = ("alltoall", "allgather")
+CASES = ("random", "idle_rank", "empty_experts", "all_remote", "one_local_expert")
 
 
 def check_errors(ps) -> list[str]:
@@ -51,22 +56,42 @@ def check_errors(ps) -> list[str]:
     return messages
 
 
-def check_bad_ids(ps) -> list[str]:
-    """EP rank 1 routes a slot to expert 4 of 4: every rank of every EP group must raise the same ValueError
-    (naming that rank) after the count exchange, before any row moves. Returns the messages gathered on rank 0."""
-    dispatcher = ExpertParallelDispatcher(4, ps.ep_group)
-    ids = torch.tensor([[0, 2], [1, 3], [3, 0]])
-    if ps.ep_rank == 1:
-        ids[1, 0] = 4
-    weights, hidden = torch.full((3, 2), 0.5), torch.randn(3, 8)
+def check_bad_ids(ps) -> dict[str, list[str]]:
+    """EP rank 1 routes a slot to expert 4 of 4: with either dispatch, every rank of every EP group must raise
+    the same ValueError (naming that rank) after the count (or id) exchange, before any row reaches an expert.
+    Returns the messages of all ranks per dispatch."""
+    report = {}
+    for dispatch in DISPATCHES:
+        dispatcher = ExpertParallelDispatcher(4, ps.ep_group, dispatch=dispatch)
+        ids = torch.tensor([[0, 2], [1, 3], [3, 0]])
+        if ps.ep_rank == 1:
+            ids[1, 0] = 4
+        weights, hidden = torch.full((3, 2), 0.5), torch.randn(3, 8)
+        try:
+            dispatcher(hidden, ids, weights, torch.randn(2, 12, 8), torch.randn(2, 8, 6), backend="torch")
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        messages = [None] * ps.world_size
+        dist.all_gather_object(messages, message)
+        report[dispatch] = messages
+    return report
+
+
+def check_strategies(ps) -> dict[str, str]:
+    """What each dispatch setting resolves to, and the errors of bad settings."""
+    gather = ExpertParallelDispatcher(4, ps.ep_group)
+    report = {
+        "auto_e4_top2": gather.strategy(2),
+        "auto_e128_top8": ExpertParallelDispatcher(128, ps.ep_group).strategy(8),
+    }
+    report["auto_e64_top1"] = ExpertParallelDispatcher(64, ps.ep_group).strategy(1)
     try:
-        dispatcher(hidden, ids, weights, torch.randn(2, 12, 8), torch.randn(2, 8, 6), backend="torch")
-        message = "no error"
+        ExpertParallelDispatcher(4, ps.ep_group, dispatch="ring")
+        report["bad_mode"] = "no error"
     except ValueError as exc:
-        message = str(exc)
-    messages = [None] * ps.world_size
-    dist.all_gather_object(messages, message)
-    return messages
+        report["bad_mode"] = str(exc)
+    return report
 
 
 def _routing(case: str, num_tokens: int, rank: int, generator: torch.Generator) -> torch.Tensor:
@@ -92,10 +117,10 @@ def check_dispatch(ps) -> dict:
     hidden_size, inter = 8, 6
     group_ranks = [ps.global_rank - ps.ep_rank + i for i in range(EP_SIZE)]
     results = {}
-    for case in ("random", "idle_rank", "empty_experts", "all_remote", "one_local_expert"):
+    for dispatch, case in itertools.product(DISPATCHES, CASES):
         num_experts, topk = (2, 1) if case == "one_local_expert" else (4, 2)
         local = num_experts // EP_SIZE
-        dispatcher = ExpertParallelDispatcher(num_experts, ps.ep_group)
+        dispatcher = ExpertParallelDispatcher(num_experts, ps.ep_group, dispatch=dispatch)
         generator = torch.Generator().manual_seed(7)
         gate_up = torch.randn(num_experts, 2 * inter, hidden_size, generator=generator, dtype=torch.float64) * 0.3
         down = torch.randn(num_experts, hidden_size, inter, generator=generator, dtype=torch.float64) * 0.3
@@ -103,7 +128,7 @@ def check_dispatch(ps) -> dict:
         down.requires_grad_(True)
         inputs = {}
         for rank in range(ps.world_size):  # every rank draws every rank's inputs (same generator)
-            tokens = [5, 3, 4, 2][rank]
+            tokens = [5, 3, 4, 2][rank]  # uneven: the all-gather pads
             hidden = torch.randn(tokens, hidden_size, generator=generator, dtype=torch.float64)
             ids = _routing(case, tokens, rank, generator)
             weights = torch.rand(tokens, topk, generator=generator, dtype=torch.float64)
@@ -140,7 +165,7 @@ def check_dispatch(ps) -> dict:
             }
             errors = torch.tensor([float((got[k].double() - ref[k]).abs().max()) for k in ref], dtype=torch.float64)
             dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-            results[f"{backend}:{case}"] = dict(zip(ref, errors.tolist(), strict=True))
+            results[f"{dispatch}:{backend}:{case}"] = dict(zip(ref, errors.tolist(), strict=True))
     return results
 
 
@@ -202,6 +227,7 @@ def main():
         "errors": check_errors(ps),
         "dispatch": check_dispatch(ps),
         "bad_ids": check_bad_ids(ps),
+        "strategies": check_strategies(ps),
         "hf": check_hf(ps, tmp_dir),
         "train": train(ps, int(opts.get("steps", 3))),
     }
