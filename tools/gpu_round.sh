@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 ep2 one curves1 ce1 moe1 (each 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 ep2 ep2b one curves1 ce1 moe1 (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -118,6 +118,18 @@ for phase in "${phases[@]}"; do
         --transport copy_engine
       job ulysses_nccl 0,1 150 torchrun --nproc_per_node=2 --master_port=29663 bench/ulysses.py --quick
       summary moe_ep ce_a2a ulysses_ce ulysses_nccl ;;
+    ep2b)  # 2 GPUs: both EP token dispatches side by side, where the all-gather dispatch's time goes, EP=2 training
+      # through the entry point and in bench/train.py
+      stamp "phase ep2b"
+      job moe_ep 0,1 150 torchrun --nproc_per_node=2 --master_port=29651 bench/moe_ep.py --repeats 20
+      job ep_diag 0,1 120 torchrun --nproc_per_node=2 --master_port=29652 tools/gpu_jobs/ep_diag.py
+      job train_ep2 0,1 150 torchrun --nproc_per_node=2 --master_port=29653 tasks/train.py configs/moe.yaml \
+        --train.expert_parallel_size 2 --train.max_steps 10 --train.save_steps 0 --train.eval_steps 10 \
+        --train.output_dir "$WORK/train_ep2/run"
+      tail -2 "$WORK/train_ep2/run/metrics.jsonl" >> "$WORK/train_ep2/stdout.log" 2>&1
+      job bench_ep2 0,1 240 torchrun --nproc_per_node=2 --master_port=29654 bench/train.py --fsdp --ep 2 --models moe \
+        --quick
+      summary moe_ep ep_diag train_ep2 bench_ep2 ;;
     curves1)  # 1 GPU: fast paths vs torch references over 200 steps (one rank: per-layer casts, no FSDP)
       stamp "phase curves1"
       loss_curves

@@ -59,9 +59,11 @@ path; on the Triton path they are dropped, as ``moe_ffn`` documents (checking th
    go back in the combine all-to-all.
 5. Each token's output: its own partial sum plus those that came back (``index_add`` per source rank; the
    partial sums are in the activations' dtype, so bf16 outputs round twice where EP=1 rounds once).
-The all-to-alls are a pair of autograd functions (start / wait): the backward of the wait launches the reverse
-exchange of the gradient and the backward of the start waits for it, so (autograd runs later-created nodes
-first) the backward of the work done between them in forward overlaps the gradient exchange.
+The exchanges are pairs of autograd functions (start / wait, ``row_collectives.exchange_start``): the backward of
+the wait launches the reverse exchange of the gradient and the backward of the start waits for it, so (autograd
+runs later-created nodes first) the backward of the work done between them in forward overlaps the gradient
+exchange. In both dispatches the combine runs that way around the caller's ``side`` work (the shared expert of a
+Qwen2-MoE block).
 
 Load-balancing loss: as with EP=1 and plain data parallelism, each rank's aux loss covers its own tokens and the
 training step averages it over micro-batches and ranks, unless ``train.global_load_balancing`` forms it from the
@@ -83,7 +85,15 @@ from veofast.ops import moe_ffn
 from veofast.ops._backend import resolve_backend
 
 from .parallel_state import ParallelState
-from .row_collectives import all_gather_rows, gather_rows, host_row_counts, scatter_sum_rows
+from .row_collectives import (
+    AllToAll,
+    ReduceScatter,
+    all_gather_rows,
+    exchange_start,
+    exchange_wait,
+    gather_rows,
+    host_row_counts,
+)
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
 DISPATCH_MODES = ("auto", "allgather", "alltoall")
@@ -98,76 +108,6 @@ def _miss_probability(num_experts: int, num_local: int, top_k: int) -> float:
     for i in range(top_k):
         p *= max(num_experts - num_local - i, 0) / (num_experts - i)
     return p
-
-
-class _Exchange:
-    """An all-to-all in flight between ``_AllToAllStart`` and ``_AllToAllWait`` (forward, then backward)."""
-
-    def __init__(self, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup):
-        self.output_splits, self.input_splits, self.group = output_splits, input_splits, group
-        self.work = None
-        self.grad = None  # the gradient of the exchange's input, filled by the reverse exchange in backward
-
-    def launch(self, rows: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
-        out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
-        self.work = dist.all_to_all_single(
-            out, rows.contiguous(), output_splits, input_splits, group=self.group, async_op=True
-        )
-        return out
-
-    def wait(self) -> None:
-        self.work.wait()
-        self.work = None
-
-
-class _AllToAllStart(torch.autograd.Function):
-    """Launches the exchange; its backward waits for the reverse exchange launched by ``_AllToAllWait``'s."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
-        ctx.exchange = exchange
-        return exchange.launch(rows, exchange.output_splits, exchange.input_splits)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        del grad  # the placeholder passed on by _AllToAllWait.backward
-        exchange = ctx.exchange
-        exchange.wait()
-        grad_rows, exchange.grad = exchange.grad, None
-        return grad_rows, None
-
-
-class _AllToAllWait(torch.autograd.Function):
-    """Waits for the exchange; its backward launches the reverse exchange of the gradient (without waiting)."""
-
-    @staticmethod
-    def forward(ctx, received: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
-        ctx.exchange = exchange
-        exchange.wait()
-        return received.view_as(received)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        exchange = ctx.exchange
-        exchange.grad = exchange.launch(grad, exchange.input_splits, exchange.output_splits)
-        # _AllToAllStart.backward waits for the exchange and returns exchange.grad; ``grad`` (still being read by
-        # the exchange, and left unchanged) only stands in for the gradient of the start's output
-        return grad, None
-
-
-def all_to_all_start(rows: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> tuple:
-    """Start a differentiable uneven all-to-all of ``rows (sum(input_splits), ...)``; returns ``(received,
-    exchange)``: ``received (sum(output_splits), ...)`` is valid only after ``all_to_all_wait``. Work done between
-    the two (in forward, and in reverse order in backward) overlaps the communication: autograd runs the backward
-    of later-created nodes first, so the gradient exchange launched by the wait's backward runs while the backward
-    of that work runs, and the start's backward waits for it."""
-    exchange = _Exchange(output_splits, input_splits, group)
-    return _AllToAllStart.apply(rows, exchange), exchange
-
-
-def all_to_all_wait(received: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
-    """Wait for the exchange started by ``all_to_all_start``; returns ``received``, now valid."""
-    return _AllToAllWait.apply(received, exchange)
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -198,8 +138,9 @@ class ExpertParallelDispatcher:
     ``hidden (T, H)``, ``topk_ids / topk_weights (T, K)`` (global expert ids in ``[0, num_experts)``), and the
     expert weights either as DTensors sharded ``Shard(0)`` over the EP mesh (global ``(E, 2I, H)`` / ``(E, H, I)``)
     or as this rank's plain ``(E/ep, 2I, H)`` / ``(E/ep, H, I)`` slices. Returns ``(T, H)`` in hidden's dtype.
-    Every rank of ``group`` must call it the same number of times (it runs collectives). See the module docstring
-    for the protocol.
+    ``side``: an optional callable returning ``(T, H)`` (e.g. the shared expert), run while the combine is in
+    flight (and its backward while the combine's gradient is) and added to the output. Every rank of ``group`` must
+    call it the same number of times (it runs collectives). See the module docstring for the protocol.
     """
 
     def __init__(
@@ -299,6 +240,7 @@ class ExpertParallelDispatcher:
         down_proj: torch.Tensor,
         *,
         backend: str = "auto",
+        side=None,
     ) -> torch.Tensor:
         num_local = self.num_local_experts
         gate_up, down = _local(gate_up_proj), _local(down_proj)
@@ -313,15 +255,15 @@ class ExpertParallelDispatcher:
                 f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
             )
         if self.strategy(topk_ids.shape[1]) == "allgather":
-            return self._gather_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend)
-        return self._exchange_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend)
+            return self._gather_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend, side)
+        return self._exchange_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend, side)
 
     def _bad_id_error(self, bad_ranks: list[int]) -> ValueError:
         return ValueError(
             f"expert parallelism: topk_ids outside [0, num_experts={self.num_experts}) on EP rank(s) {bad_ranks}"
         )
 
-    def _gather_tokens(self, hidden, topk_ids, topk_weights, gate_up, down, backend) -> torch.Tensor:
+    def _gather_tokens(self, hidden, topk_ids, topk_weights, gate_up, down, backend, side) -> torch.Tensor:
         """The all-gather dispatch: every rank's tokens, ids and weights to every rank of the group; the local
         experts' partial sums for all of them; reduce-scatter back to the tokens' ranks."""
         counts = host_row_counts(hidden.shape[0], self.host_group)
@@ -341,9 +283,13 @@ class ExpertParallelDispatcher:
             first_expert=self.ep_rank * self.num_local_experts,
             backend=backend,
         )
-        return scatter_sum_rows(out, hidden.shape[0], self.group)
+        combine = ReduceScatter(hidden.shape[0], padded, self.group)
+        partial = exchange_start(out, combine)
+        side_out = side() if side is not None else None  # under the combine
+        out = exchange_wait(partial, combine)
+        return out if side_out is None else out + side_out
 
-    def _exchange_tokens(self, hidden, topk_ids, topk_weights, gate_up, down, backend) -> torch.Tensor:
+    def _exchange_tokens(self, hidden, topk_ids, topk_weights, gate_up, down, backend, side) -> torch.Tensor:
         """The all-to-all dispatch (steps 1-5 of the module docstring)."""
         num_local = self.num_local_experts
         plan = self._plan(topk_ids)
@@ -355,14 +301,13 @@ class ExpertParallelDispatcher:
         sent_ids = torch.where((sent_ids >= 0) & (sent_ids < num_local), sent_ids, -1).to(torch.int32)
         recv_ids = sent_ids.new_empty((sum(plan.recv_splits), ids.shape[1]))
         ids_work = dist.all_to_all_single(recv_ids, sent_ids, *splits, group=self.group, async_op=True)
-        recv_hidden, hidden_exchange = all_to_all_start(hidden.index_select(0, plan.send_token), *splits, self.group)
-        recv_weights, weights_exchange = all_to_all_start(
-            topk_weights.index_select(0, plan.send_token), *splits, self.group
-        )
+        hidden_exchange, weights_exchange = AllToAll(*splits, self.group), AllToAll(*splits, self.group)
+        recv_hidden = exchange_start(hidden.index_select(0, plan.send_token), hidden_exchange)
+        recv_weights = exchange_start(topk_weights.index_select(0, plan.send_token), weights_exchange)
         own_ids = ids - self.ep_rank * num_local
         own_ids = torch.where((own_ids >= 0) & (own_ids < num_local), own_ids, -1).to(torch.int32)
-        recv_hidden = all_to_all_wait(recv_hidden, hidden_exchange)
-        recv_weights = all_to_all_wait(recv_weights, weights_exchange)
+        recv_hidden = exchange_wait(recv_hidden, hidden_exchange)
+        recv_weights = exchange_wait(recv_weights, weights_exchange)
         ids_work.wait()
         # 4. The local experts on own and received tokens in one call; the received tokens' partial sums go back.
         out = moe_ffn(
@@ -376,14 +321,16 @@ class ExpertParallelDispatcher:
             backend=backend,
         )
         out, partial = out.split([hidden.shape[0], recv_hidden.shape[0]])
-        returned, combine = all_to_all_start(partial, plan.send_splits, plan.recv_splits, self.group)
-        returned = all_to_all_wait(returned, combine)
+        combine = AllToAll(plan.send_splits, plan.recv_splits, self.group)
+        returned = exchange_start(partial, combine)
+        side_out = side() if side is not None else None  # under the combine
+        returned = exchange_wait(returned, combine)
         # 5. Own partial sums plus those from each rank (one index_add per rank: indices unique within one). Also
         #    the empty ones: every rank's graph must reach every exchange, or a rank would skip a backward exchange
         #    that its peers run.
         for tokens, part in zip(plan.send_token.split(plan.send_splits), returned.split(plan.send_splits), strict=True):
             out = out.index_add(0, tokens, part)
-        return out
+        return out if side_out is None else out + side_out
 
 
 def _experts_modules(model: nn.Module) -> list[tuple[str, Experts]]:

@@ -1,4 +1,4 @@
-"""Differentiable all-gather and reduce-scatter of rows over a process group (token-gather expert parallelism).
+"""Differentiable collectives over the rows of tensors, for expert parallelism's token dispatches.
 
 ``P`` ranks each hold ``n_i`` rows; ``sizes = [n_0, ..., n_{P-1}]`` are known on every host (``host_row_counts``
 exchanges them through a CPU group, so the device never waits for the host), and ``m = max(sizes)``.
@@ -6,11 +6,17 @@ exchanges them through a CPU group, so the device never waits for the host), and
 - ``gather_rows(x (n_r, ...), m, group) -> (P * m, ...)``: block ``j`` holds rank ``j``'s rows, padded with zeros
   to ``m``. Backward: the reduce-scatter of the gradient (rank ``r`` gets the sum over ranks of block ``r``, its
   first ``n_r`` rows).
-- ``scatter_sum_rows(y (P * m, ...), n_r, group) -> (n_r, ...)``: the sum over ranks of block ``r``, first ``n_r``
-  rows. Backward: the all-gather of the gradient (padded to ``m``).
+- ``ReduceScatter`` (an ``Exchange``, below): ``(P * m, ...)`` in, the sum over ranks of block ``r`` out (its
+  first ``n_r`` rows). Backward: the all-gather of the gradient (padded to ``m``).
 
-Both run as plain collectives on the caller's stream order (NCCL kernels on the communication stream, which the
+The gather runs as a plain collective on the caller's stream order (NCCL kernels on the communication stream, which the
 compute stream waits for; no host wait). The reduce-scatter sums in the tensors' dtype.
+
+Collectives in flight (``exchange_start`` / ``exchange_wait``): an ``Exchange`` (an uneven all-to-all, or a
+reduce-scatter of rows) is launched by one autograd node and waited for by another, so that work done between them
+runs under the communication. In backward, the wait's node launches the reverse collective of the gradient and the
+start's node waits for it; autograd runs later-created nodes first, so the backward of the work done in between
+runs under the reverse collective too.
 """
 
 from __future__ import annotations
@@ -65,24 +71,118 @@ class _GatherRows(torch.autograd.Function):
         return _reduce_scatter_rows(grad, ctx.num_rows, ctx.group), None, None
 
 
-class _ScatterSumRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, num_rows: int, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.max_rows, ctx.group = y.shape[0] // dist.get_world_size(group), group
-        return _reduce_scatter_rows(y, num_rows, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return all_gather_rows(grad, ctx.max_rows, ctx.group), None, None
-
-
 def gather_rows(x: torch.Tensor, max_rows: int, group: dist.ProcessGroup) -> torch.Tensor:
     """Every rank's rows ``(P * max_rows, ...)``, rank ``j``'s in block ``j`` (zero-padded); differentiable."""
     return _GatherRows.apply(x, max_rows, group)
 
 
-def scatter_sum_rows(y: torch.Tensor, num_rows: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's block of ``y (P * m, ...)`` summed over ranks, its first ``num_rows`` rows; differentiable."""
-    if y.shape[0] % dist.get_world_size(group):
-        raise ValueError(f"scatter_sum_rows: {y.shape[0]} rows do not split into {dist.get_world_size(group)} blocks")
-    return _ScatterSumRows.apply(y, num_rows, group)
+class Exchange:
+    """One collective between ``exchange_start`` and ``exchange_wait``, forward and then backward. Subclasses say
+    how to ``run`` it (``reverse``: the backward's collective, of the gradient) and which part of the received
+    buffer is the result (``finish``); ``pad`` shapes a gradient for the reverse run."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.work = None
+        self.grad = None  # the gradient of the start's input, filled by the reverse collective in backward
+
+    def run(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, dist.Work]:
+        raise NotImplementedError
+
+    def finish(self, received: torch.Tensor) -> torch.Tensor:
+        return received
+
+    def pad(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def launch(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
+        received, self.work = self.run(x.contiguous(), reverse)
+        return received
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.work = None
+
+
+class AllToAll(Exchange):
+    """``all_to_all_single`` of rows: ``input_splits`` rows to each rank, ``output_splits`` from each."""
+
+    def __init__(self, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup):
+        super().__init__(group)
+        self.output_splits, self.input_splits = output_splits, input_splits
+
+    def run(self, x, reverse):
+        output_splits, input_splits = (self.input_splits, self.output_splits) if reverse else self.splits()
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        return out, dist.all_to_all_single(out, x, output_splits, input_splits, group=self.group, async_op=True)
+
+    def splits(self) -> tuple[list[int], list[int]]:
+        return self.output_splits, self.input_splits
+
+
+class ReduceScatter(Exchange):
+    """Reduce-scatter of rows: ``(P * max_rows, ...)`` in, this rank's first ``num_rows`` rows of the sum
+    out; the reverse is the all-gather of the (padded) gradient."""
+
+    def __init__(self, num_rows: int, max_rows: int, group: dist.ProcessGroup):
+        super().__init__(group)
+        self.num_rows, self.max_rows = num_rows, max_rows
+
+    def run(self, x, reverse):
+        size = dist.get_world_size(self.group)
+        if reverse:
+            out = x.new_empty((size * self.max_rows, *x.shape[1:]))
+            return out, _all_gather_single(out, x, group=self.group, async_op=True)
+        out = x.new_empty((self.max_rows, *x.shape[1:]))
+        return out, dist.reduce_scatter_tensor(out, x, group=self.group, async_op=True)
+
+    def finish(self, received):
+        return received[: self.num_rows]
+
+    def pad(self, grad):
+        return _pad_rows(grad, self.max_rows)
+
+
+class _ExchangeStart(torch.autograd.Function):
+    """Launches the exchange; its backward waits for the reverse exchange launched by ``_ExchangeWait``'s."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        ctx.exchange = exchange
+        return exchange.launch(x, reverse=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        del grad  # the placeholder passed on by _ExchangeWait.backward
+        exchange = ctx.exchange
+        exchange.wait()
+        grad_x, exchange.grad = exchange.grad, None
+        return grad_x, None
+
+
+class _ExchangeWait(torch.autograd.Function):
+    """Waits for the exchange; its backward launches the reverse exchange of the gradient (without waiting)."""
+
+    @staticmethod
+    def forward(ctx, received: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        ctx.exchange, ctx.received_shape = exchange, received.shape
+        exchange.wait()
+        return exchange.finish(received).view_as(exchange.finish(received))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        exchange = ctx.exchange
+        exchange.grad = exchange.launch(exchange.pad(grad), reverse=True)
+        # _ExchangeStart.backward waits for the exchange and returns exchange.grad: a zero-stride placeholder of
+        # the received buffer's shape stands for the gradient of the start's output
+        return grad.new_zeros(()).expand(ctx.received_shape), None
+
+
+def exchange_start(x: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+    """Start ``exchange`` of ``x``; returns the receive buffer, valid only after ``exchange_wait``."""
+    return _ExchangeStart.apply(x, exchange)
+
+
+def exchange_wait(received: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+    """Wait for ``exchange``; returns its result (a view of ``received``)."""
+    return _ExchangeWait.apply(received, exchange)

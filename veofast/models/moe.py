@@ -3,8 +3,8 @@ stacked tensors (the transformers 5 layout), plus the optional gated shared expe
 
 Experts are computed by ``veofast.ops.moe_ffn`` (permute -> grouped GEMMs -> unpermute). For expert
 parallelism the distributed layer sets ``block.experts.dispatcher`` to an object with the same call
-signature as ``moe_ffn`` that moves tokens to the ranks owning their experts; the model itself knows
-nothing of meshes.
+signature as ``moe_ffn`` (plus ``side``: the shared expert, which it computes while its combine is in flight)
+that moves tokens to the ranks owning their experts; the model itself knows nothing of meshes.
 """
 
 from __future__ import annotations
@@ -32,10 +32,16 @@ class Experts(nn.Module):
         self.backend = backend
         self.dispatcher = None  # set by veofast.distributed.expert_parallel for EP > 1
 
-    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """``hidden (N, H)``, ``topk_ids / topk_weights (N, K)`` -> weighted sum of expert outputs ``(N, H)``."""
-        ffn = self.dispatcher if self.dispatcher is not None else moe_ffn
-        return ffn(hidden, topk_ids, topk_weights, self.gate_up_proj, self.down_proj, backend=self.backend)
+    def forward(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, side=None
+    ) -> torch.Tensor:
+        """``hidden (N, H)``, ``topk_ids / topk_weights (N, K)`` -> weighted sum of expert outputs ``(N, H)``,
+        plus ``side()`` if given (an ``(N, H)`` term that an EP dispatcher computes under its combine)."""
+        weights = (self.gate_up_proj, self.down_proj)
+        if self.dispatcher is not None:
+            return self.dispatcher(hidden, topk_ids, topk_weights, *weights, backend=self.backend, side=side)
+        out = moe_ffn(hidden, topk_ids, topk_weights, *weights, backend=self.backend)
+        return out if side is None else out + side()
 
 
 class SparseMoeBlock(nn.Module):
@@ -75,10 +81,13 @@ class SparseMoeBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden (N, H)`` -> ``(out (N, H), router_stats (2, E))``."""
         topk_ids, topk_weights, stats = self.route(hidden)
-        out = self.experts(hidden, topk_ids, topk_weights)
+        shared = None
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
-        return out, stats
+
+            def shared():
+                return torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
+
+        return self.experts(hidden, topk_ids, topk_weights, side=shared), stats
 
 
 def load_balancing_loss(router_stats: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.Tensor:

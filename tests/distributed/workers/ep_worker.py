@@ -15,6 +15,7 @@ Sections of the JSON:
 - ``train``: ``steps`` optimizer steps of the tiny MoE model of train_steps_worker.py (same global batches).
 """
 
+import functools
 import itertools
 import json
 import os
@@ -111,9 +112,15 @@ def _routing(case: str, num_tokens: int, rank: int, generator: torch.Generator) 
     raise ValueError(case)
 
 
+def side_term(hidden: torch.Tensor) -> torch.Tensor:
+    """What a shared expert adds: a differentiable function of the tokens, computed under the combine."""
+    return torch.tanh(hidden) * 0.5
+
+
 def check_dispatch(ps) -> dict:
-    """Dispatcher vs the float64 reference for every routing case, uneven token counts per rank: the torch path in
-    float64, the Triton path in float32 (keys ``"<backend>:<case>"``)."""
+    """Dispatcher (with a ``side`` term, as a shared expert adds) vs the float64 reference for every routing case,
+    uneven token counts per rank: the torch path in float64, the Triton path in float32 (keys
+    ``"<dispatch>:<backend>:<case>"``)."""
     hidden_size, inter = 8, 6
     group_ranks = [ps.global_rank - ps.ep_rank + i for i in range(EP_SIZE)]
     results = {}
@@ -136,12 +143,13 @@ def check_dispatch(ps) -> dict:
             inputs[rank] = [hidden.requires_grad_(True), ids, weights.requires_grad_(True), grad_out]
         # reference: the EP group's tokens through the full experts
         ref_loss = sum(
-            (moe_ffn_reference(h, i, w, gate_up, down) * g).sum() for h, i, w, g in (inputs[r] for r in group_ranks)
+            ((moe_ffn_reference(h, i, w, gate_up, down) + side_term(h)) * g).sum()
+            for h, i, w, g in (inputs[r] for r in group_ranks)
         )
         ref_loss.backward()
         hidden, ids, weights, grad_out = inputs[ps.global_rank]
         ref = {
-            "out": moe_ffn_reference(hidden, ids, weights, gate_up, down).detach(),
+            "out": (moe_ffn_reference(hidden, ids, weights, gate_up, down) + side_term(hidden)).detach(),
             "hidden": hidden.grad.clone(),
             "weights": weights.grad.clone(),
             "gate_up": gate_up.grad[ps.ep_rank * local : (ps.ep_rank + 1) * local],
@@ -154,7 +162,8 @@ def check_dispatch(ps) -> dict:
             local_gate_up = gate_up.detach()[rows].to(dtype).requires_grad_(True)
             local_down = down.detach()[rows].to(dtype).requires_grad_(True)
             leaves = [hidden.detach().to(dtype).requires_grad_(True), weights.detach().to(dtype).requires_grad_(True)]
-            out = dispatcher(leaves[0], ids, leaves[1], local_gate_up, local_down, backend=backend)
+            side = functools.partial(side_term, leaves[0])
+            out = dispatcher(leaves[0], ids, leaves[1], local_gate_up, local_down, backend=backend, side=side)
             (out * grad_out.to(dtype)).sum().backward()
             got = {
                 "out": out.detach(),
