@@ -2,23 +2,26 @@
 
 One 7B-shaped dense decoder layer (hidden 4096, 32 query / 8 KV heads, head_dim 128, FFN 11008, bf16 weights and
 activations, no FSDP) runs forward + backward over 64k packed tokens per SP group (five long documents; they
-straddle the rank boundary). Cases, timed side by side and interleaved round by round:
+straddle the rank boundary). Cases, timed side by side and interleaved round by round; the first four for each
+``--head-chunks`` count ``C`` (the chunked pipeline of ``UlyssesAttention``; default: its automatic count and 1):
 
 - ``overlap``: SP=2, all-to-alls asynchronous and overlapped (the default ``comm_mode="async"``);
 - ``sync``: SP=2, every all-to-all waited for right after its launch (no overlap);
 - ``compute``: SP=2 per-rank work with the all-to-alls replaced by local copies (``comm_mode="skip"``);
-- ``comm``: the same all-to-alls alone (q, k, v, output; forward and backward);
+- ``comm``: the same all-to-alls alone (q, k, v, output, each in ``C`` chunks; forward and backward);
 - ``1gpu``: the plain layer on one GPU over the same 64k tokens (every rank runs it alone, no communication);
 - ``1gpu_half``: the plain layer on one GPU over the first half of every document (32k tokens).
 
 Derived: ``hidden% = 1 - (overlap - compute) / (sync - compute)`` (share of the all-to-all time that the overlap
 hides); ``eff = 1gpu / (2 * overlap)``: SP=2 tokens/s over twice one GPU's on the *same* documents (same FLOPs, so
 the quadratic attention term is accounted for); ``eff_half`` compares FLOP/s per GPU against one GPU on the
-half-length documents. A profiler trace of the overlapped case (rank 0) goes to the results directory as
-``ulysses_trace_rank0.json.gz``; from its kernels, ``trace_hidden%`` is the share of NCCL kernel time during which
-a compute kernel ran too. Rank 0 prints a table and appends JSON lines to ``<results>/ulysses.jsonl``.
+half-length documents; all three per chunk count. A profiler trace of the overlapped case (rank 0) goes to the
+results directory as ``ulysses_trace_rank0_chunks<C>.json.gz``; from its kernels, ``trace_hidden%`` is the share of
+NCCL kernel time during which a compute kernel ran too. Rank 0 prints a table and appends JSON lines (each with
+its ``head_chunks``; null for the one-GPU cases) to ``<results>/ulysses.jsonl``.
 
     torchrun --nproc_per_node=2 bench/ulysses.py [--quick] [--tokens 65536] [--ops-backend auto]
+        [--transport nccl|copy_engine] [--head-chunks 4 2 1]
     torchrun --nproc_per_node=2 bench/ulysses.py --tiny     # CPU / gloo smoke run with a tiny layer
 """
 
@@ -57,8 +60,8 @@ from veofast.utils.helper import exit_process  # noqa: E402
 
 SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 8,
             "head_dim": 128}
-SHAPE_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "head_dim": 16}
+SHAPE_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 4,
+              "head_dim": 8}  # 2 local KV heads at SP=2: the pipeline runs with 2 chunks
 DOC_SHARES = (6, 4, 3, 2, 1)  # five documents: 3/8, 1/4, 3/16, 1/8, 1/16 of the tokens
 logger = logging.getLogger("bench.ulysses")
 
@@ -130,14 +133,15 @@ def timed(fn: Callable[[], object], iterations: int, device) -> float:
 
 
 def all_to_all_alone(
-    config: DecoderConfig, tokens: int, size: int, device, dtype, group, transport: str
+    config: DecoderConfig, tokens: int, size: int, device, dtype, group, transport: str, chunks: int = 1
 ) -> Callable[[], None]:
-    """The layer's eight all-to-alls (q, k, v, output; forward and backward), one after another, on buffers of their
-    size, over ``transport``."""
+    """The layer's eight all-to-alls (q, k, v, output; forward and backward), each in ``chunks`` pieces as the
+    head-chunked pipeline sends them, one after another, on buffers of their size, over ``transport``."""
     n, d = tokens // size, config.head_dim
     kv = max(config.num_key_value_heads, size)
     widths = [config.num_attention_heads, kv, kv, config.num_attention_heads] * 2
-    buffers = [torch.randn(size, n, w // size * d, device=device, dtype=dtype) for w in widths]
+    buffers = [torch.randn(size, n, w // (size * chunks) * d, device=device, dtype=dtype)
+               for w in widths for _ in range(chunks)]
 
     def run() -> None:
         for send in buffers:
@@ -148,12 +152,26 @@ def all_to_all_alone(
     return run
 
 
-def set_mode(layer, mode: str, transport: str | None = None) -> None:
+def set_mode(layer, mode: str, transport: str | None = None, head_chunks: int | None = None) -> None:
     for module in layer.modules():
         if isinstance(module, UlyssesAttention):
             module.comm_mode = mode
             if transport is not None:
                 module.comm_transport = transport
+            if head_chunks is not None:
+                module.head_chunks = head_chunks
+
+
+def chunk_counts(layer, requested: list[int] | None) -> list[int]:
+    """The ``--head-chunks`` counts (default: the layer's automatic count, then 1), each checked on the layer."""
+    (module,) = [m for m in layer.modules() if isinstance(m, UlyssesAttention)]
+    counts = requested or [module.head_chunks, 1]
+    counts = list(dict.fromkeys(counts))
+    auto = module.head_chunks
+    for c in counts:
+        module.head_chunks = c  # ValueError for a count that does not divide the local KV heads
+    module.head_chunks = auto
+    return counts
 
 
 def pick_ops_backend(config: DecoderConfig, device, dtype) -> tuple[DecoderConfig, str | None]:
@@ -191,8 +209,8 @@ def trace_overlap(trace_path: Path) -> dict:
     return {"trace_nccl_ms": total / 1e3, "trace_hidden%": 100.0 * covered / total if total else None}
 
 
-def write_trace(step: Callable, iterations: int, rank: int, results: Path) -> Path | None:
-    """Profile ``iterations`` steps (every rank runs them; rank 0 records) into ``ulysses_trace_rank0.json.gz``."""
+def write_trace(step: Callable, iterations: int, rank: int, results: Path, name: str) -> Path | None:
+    """Profile ``iterations`` steps (every rank runs them; rank 0 records) into ``<results>/<name>``."""
     dist.barrier()
     if rank != 0:
         for _ in range(iterations):
@@ -209,7 +227,7 @@ def write_trace(step: Callable, iterations: int, rank: int, results: Path) -> Pa
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     results.mkdir(parents=True, exist_ok=True)
-    path = results / "ulysses_trace_rank0.json.gz"
+    path = results / name
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(raw))
@@ -245,6 +263,7 @@ def run(args) -> list[dict]:
     inv_freq, scaling = rotary_frequencies(config)
     inv_freq = inv_freq.to(device)
     sp_layer = apply_sequence_parallel(copy.deepcopy(layer), ps)
+    counts = chunk_counts(sp_layer, args.head_chunks)
 
     lengths = doc_lengths(tokens)
     half_lengths = [n // 2 for n in lengths]
@@ -255,28 +274,36 @@ def run(args) -> list[dict]:
         "sp": make_step(sp_layer, local_hidden, local_positions, local_grad, inputs, inv_freq, scaling),
         "1gpu": make_step(layer, inputs.hidden, inputs.positions, inputs.grad, inputs, inv_freq, scaling),
         "1gpu_half": make_step(layer, half.hidden, half.positions, half.grad, half, inv_freq, scaling),
-        "comm": all_to_all_alone(config, tokens, size, device, dtype, ps.sp_group, args.transport),
     }
+    for c in counts:
+        steps[f"comm/{c}"] = all_to_all_alone(config, tokens, size, device, dtype, ps.sp_group, args.transport, c)
     base = {"shape": "tiny" if tiny else "7B-layer", "tokens": tokens, "docs": lengths, "sp": size,
             "transport": args.transport,
             "ops_backend": config.ops_backend, "dtype": str(dtype).removeprefix("torch."), "fallback": fallback}
 
-    # correctness: this rank's slice of the SP output against the whole-sequence layer
+    # correctness: this rank's slice of the SP output against the whole-sequence layer, for every chunk count
     set_mode(sp_layer, "async", args.transport)
+    errs = {}
     with torch.no_grad():
         n = tokens // size
         whole, _ = layer(inputs.hidden, inputs.positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
-        part, _ = sp_layer(local_hidden, local_positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
         ref = whole[rank * n:(rank + 1) * n].float()
-        err = ((part.float() - ref).abs().max() / ref.abs().max()).item()
-        del whole, part, ref
+        del whole
+        for c in counts:
+            set_mode(sp_layer, "async", head_chunks=c)
+            part, _ = sp_layer(local_hidden, local_positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
+            errs[c] = ((part.float() - ref).abs().max() / ref.abs().max()).item()
+            del part
+        del ref
 
-    cases = ["overlap", "sync", "compute", "comm", "1gpu", "1gpu_half"]
+    # a case is "<name>/<chunks>" for the SP cases and the all-to-alls alone, "<name>" for the one-GPU ones
+    cases = [f"{name}/{c}" for c in counts for name in ("overlap", "sync", "compute", "comm")] + ["1gpu", "1gpu_half"]
     mode_of = {"overlap": "async", "sync": "sync", "compute": "skip"}
 
     def call(case: str) -> Callable[[], object]:
-        if case in mode_of:
-            set_mode(sp_layer, mode_of[case])
+        name, _, chunks = case.partition("/")
+        if name in mode_of:
+            set_mode(sp_layer, mode_of[name], head_chunks=int(chunks))
             return steps["sp"]
         return steps[case]
 
@@ -314,36 +341,46 @@ def run(args) -> list[dict]:
                 times[case].append(t)
     ms = {c: statistics.median(v) if v else float("nan") for c, v in times.items()}
 
-    set_mode(sp_layer, "async")
-    trace_info: dict = {}
-    trace_path = None if "overlap" in errors else write_trace(steps["sp"], 2 if tiny else 3, rank, output_dir())
-    if trace_path is not None:
-        trace_info = {"trace": str(trace_path), **trace_overlap(trace_path)}
-
     flops_full, flops_half = layer_flops(config, lengths), layer_flops(config, half_lengths)
-    exposed_sync, exposed_overlap = ms["sync"] - ms["compute"], ms["overlap"] - ms["compute"]
-    summary = {
-        "exposed_sync_ms": exposed_sync,
-        "exposed_overlap_ms": exposed_overlap,
-        "hidden%": 100.0 * (1.0 - exposed_overlap / exposed_sync) if exposed_sync > 0 else None,
-        "hidden%_vs_comm": 100.0 * (1.0 - exposed_overlap / ms["comm"]) if ms["comm"] > 0 else None,
-        "sp_tokens_per_s": tokens / ms["overlap"] * 1e3,
-        "1gpu_tokens_per_s": tokens / ms["1gpu"] * 1e3,
-        "eff": ms["1gpu"] / (size * ms["overlap"]),
-        "eff_half": (flops_full / (size * ms["overlap"])) / (flops_half / ms["1gpu_half"]),
-        "sp_tflops_per_gpu": flops_full / size / ms["overlap"] / 1e9,
-        "sp_mfu%": 100.0 * flops_full / size / ms["overlap"] / 1e9 / H200_BF16_TFLOPS,
-        "max_rel_err": err,
-        "half_docs": half_lengths,
-    }
     rows = []
     for case in cases:
-        tok = {"1gpu_half": sum(half_lengths)}.get(case, tokens)
-        flops = {"1gpu": flops_full, "1gpu_half": flops_half, "comm": None}.get(case, flops_full / size)
-        rows.append({**base, "case": case, "ms": ms[case], "ms_all": times[case], "tokens_case": tok,
+        name, _, chunks = case.partition("/")
+        tok = {"1gpu_half": sum(half_lengths)}.get(name, tokens)
+        flops = {"1gpu": flops_full, "1gpu_half": flops_half, "comm": None}.get(name, flops_full / size)
+        rows.append({**base, "case": name, "head_chunks": int(chunks) if chunks else None, "ms": ms[case],
+                     "ms_all": times[case], "tokens_case": tok,
                      "tflops_per_gpu": flops / ms[case] / 1e9 if flops else None, "peak_gib": peaks.get(case),
                      "error": errors.get(case)})
-    rows.append({**base, "case": "summary", **summary, **trace_info})
+    exposed_sync1 = ms["sync/1"] - ms["compute/1"] if 1 in counts else float("nan")
+    for c in counts:
+        trace_info: dict = {}
+        if f"overlap/{c}" not in errors:
+            set_mode(sp_layer, "async", head_chunks=c)
+            trace_path = write_trace(steps["sp"], 2 if tiny else 3, rank, output_dir(),
+                                     f"ulysses_trace_rank0_chunks{c}.json.gz")
+            if trace_path is not None:
+                trace_info = {"trace": str(trace_path), **trace_overlap(trace_path)}
+        overlap, sync, compute, comm = (ms[f"{name}/{c}"] for name in ("overlap", "sync", "compute", "comm"))
+        exposed_sync, exposed_overlap = sync - compute, overlap - compute
+        summary = {
+            "head_chunks": c,
+            "exposed_sync_ms": exposed_sync,
+            "exposed_overlap_ms": exposed_overlap,
+            "hidden%": 100.0 * (1.0 - exposed_overlap / exposed_sync) if exposed_sync > 0 else None,
+            "hidden%_vs_comm": 100.0 * (1.0 - exposed_overlap / comm) if comm > 0 else None,
+            # against the unchunked all-to-alls' exposed time: chunking's smaller messages cannot inflate it
+            "hidden%_vs_sync1": 100.0 * (1.0 - exposed_overlap / exposed_sync1) if exposed_sync1 > 0 else None,
+            "sp_tokens_per_s": tokens / overlap * 1e3,
+            "1gpu_tokens_per_s": tokens / ms["1gpu"] * 1e3,
+            "eff": ms["1gpu"] / (size * overlap),
+            "eff_half": (flops_full / (size * overlap)) / (flops_half / ms["1gpu_half"]),
+            "sp_tflops_per_gpu": flops_full / size / overlap / 1e9,
+            "sp_mfu%": 100.0 * flops_full / size / overlap / 1e9 / H200_BF16_TFLOPS,
+            "max_rel_err": errs[c],
+            "half_docs": half_lengths,
+        }
+        rows.append({**base, "case": "summary", **summary, **trace_info})
+    set_mode(sp_layer, "async", head_chunks=counts[0])
     return rows
 
 
@@ -356,6 +393,8 @@ def main() -> None:
                         help="backend of the layer's fused ops (falls back to 'torch', logged, if a small run fails)")
     parser.add_argument("--transport", default="nccl", choices=TRANSPORTS,
                         help="what carries the all-to-alls: NCCL kernels or the copy engines (symmetric memory)")
+    parser.add_argument("--head-chunks", type=int, nargs="+", default=None, metavar="N",
+                        help="chunk counts of the head-chunked pipeline to compare (default: the automatic one and 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     code, rank = 0, 0
@@ -373,10 +412,14 @@ def main() -> None:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         print(f"\n{device}: one decoder layer fwd+bwd, ms per step on each rank (median of rounds)")
         print_table([r for r in rows if r.get("case") != "summary"],
-                    ["case", "ms", "tokens_case", "tflops_per_gpu", "peak_gib", "error"])
-        for row in rows:
-            if row.get("case") == "summary":
-                print("\n" + "\n".join(f"{k}: {v}" for k, v in row.items() if k not in ("docs", "dtype")))
+                    ["case", "head_chunks", "ms", "tokens_case", "tflops_per_gpu", "peak_gib", "error"])
+        summaries = [r for r in rows if r.get("case") == "summary"]
+        if summaries:
+            print("\nper chunk count (hidden% = 1 - (overlap - compute) / (sync - compute)):")
+            print_table(summaries, ["head_chunks", "hidden%", "hidden%_vs_sync1", "exposed_overlap_ms",
+                                    "exposed_sync_ms", "eff", "eff_half", "sp_mfu%", "max_rel_err", "trace_hidden%"])
+        for row in summaries:
+            print("\n" + "\n".join(f"{k}: {v}" for k, v in row.items() if k not in ("docs", "dtype")))
     exit_process(code)
 
 

@@ -3,7 +3,8 @@ give the losses and gradient norms of SP=1.
 
 Tolerance: the SP runs compute the same fp32 sums in another order (attention per head group, the output
 projection split by heads, gradients reduced over more ranks), so losses and norms agree to rel 2e-5 (measured
-differences are ~1e-7). The attention worker compares in float64 to rel 1e-9.
+differences are ~1e-7). The attention worker compares in float64 to rel 1e-9, for head chunk counts 1, 2 and
+the most the local KV heads allow (and checks the order of the chunked pipeline's all-to-alls).
 """
 
 import json
@@ -14,14 +15,19 @@ import torch
 from dist_launch import torchrun
 
 from veofast.distributed.sequence_parallel import (
+    DEFAULT_HEAD_CHUNKS,
     UlyssesAttention,
     apply_sequence_parallel,
+    default_head_chunks,
     shard_micro_batch,
     ulysses_kv_replication,
 )
 from veofast.models import build_foundation_model
+from veofast.models.config import DecoderConfig
+from veofast.models.layers import Attention
 
 TRAIN_WORKER = "tests/distributed/workers/train_steps_worker.py"
+CHUNKS_TRAIN_WORKER = "tests/distributed/workers/sp_chunks_train_worker.py"
 ATTENTION_WORKER = "tests/distributed/workers/sp_attention_worker.py"
 
 
@@ -104,14 +110,46 @@ def test_apply_keeps_parameter_names():
     assert "model.layers.1.self_attn.q_norm.weight" in names
 
 
+def ulysses(heads: int, kv_heads: int, sp: int, **kwargs) -> UlyssesAttention:
+    config = DecoderConfig(model_type="llama", hidden_size=16, head_dim=8, num_attention_heads=heads,
+                           num_key_value_heads=kv_heads, ops_backend="torch")
+    return UlyssesAttention(Attention(config), None, sp, **kwargs)
+
+
+def test_head_chunks_default_and_errors():
+    assert DEFAULT_HEAD_CHUNKS == 4
+    assert [default_head_chunks(kv) for kv in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 3, 4, 3, 4, 4]
+    assert ulysses(32, 8, 2).head_chunks == 4  # the 7B shape at SP=2: 4 local KV heads
+    assert ulysses(16, 8, 4).head_chunks == 2
+    assert ulysses(4, 1, 2).head_chunks == 1  # a replicated KV head: one local KV head
+    layer = ulysses(32, 8, 2, head_chunks=2)
+    assert layer.head_chunks == 2 and "head_chunks=2" in repr(layer)
+    layer.head_chunks = None
+    assert layer.head_chunks == 4
+    with pytest.raises(ValueError, match=r"head_chunks must be an int >= 1 that divides the 4 KV head\(s\)"):
+        ulysses(32, 8, 2, head_chunks=3)
+    with pytest.raises(ValueError, match=r"divides the 1 KV head\(s\).*1 KV heads x 2 replicas"):
+        ulysses(4, 1, 2, head_chunks=2)
+    for bad in (0, -2, 8, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="head_chunks"):
+            layer.head_chunks = bad
+    assert layer.head_chunks == 4
+    model = build_foundation_model(config_overrides={**TINY, "num_attention_heads": 8, "num_key_value_heads": 4})
+    with pytest.raises(ValueError, match="head_chunks"):
+        apply_sequence_parallel(model, SimpleNamespace(sp_size=2, sp_group=None), head_chunks=4)
+    assert not any(isinstance(m, UlyssesAttention) for m in model.modules())  # nothing replaced
+    apply_sequence_parallel(model, SimpleNamespace(sp_size=2, sp_group=None), head_chunks=1)
+    assert model.model.layers[0].self_attn.head_chunks == 1
+
+
 def test_ulysses_attention_matches_whole_sequence():
     torchrun(ATTENTION_WORKER, nproc=2)
 
 
 # ------------------------------------------------------------------------------------------ whole training steps
-def run(tmp_path, nproc, *options):
+def run(tmp_path, nproc, *options, worker=TRAIN_WORKER):
     out = tmp_path / f"out_{nproc}_{'_'.join(options)}.json"
-    torchrun(TRAIN_WORKER, str(out), *options, nproc=nproc)
+    torchrun(worker, str(out), *options, nproc=nproc)
     return json.loads(out.read_text())
 
 
@@ -145,3 +183,10 @@ def test_sp2_matches_sp1_moe(tmp_path):
 def test_sp2_dp2_matches_single(tmp_path, llama_single):
     # with activation checkpointing: the recomputed forward repeats the all-to-alls in the backward
     assert_same(llama_single, run(tmp_path, 4, "llama", "sp=2", "ckpt=1"))
+
+
+def test_sp2_head_chunks_match_sp1(tmp_path):
+    # 16 query / 8 KV heads: the default pipeline of 4 head chunks per rank, with activation checkpointing (the
+    # recomputed forward repeats the chunked all-to-alls inside the backward)
+    single = run(tmp_path, 1, "llama_chunked", worker=CHUNKS_TRAIN_WORKER)
+    assert_same(single, run(tmp_path, 2, "llama_chunked", "sp=2", "ckpt=1", "chunks=4", worker=CHUNKS_TRAIN_WORKER))

@@ -7,9 +7,10 @@ Model side: ``apply_sequence_parallel`` replaces every decoder layer's ``self_at
 that holds the very same submodules (parameter names do not change: ``model.layers.0.self_attn.q_proj.weight``).
 It projects this rank's tokens, moves q, k, v with all-to-alls to "all tokens, ``heads / sp`` heads", runs
 ``varlen_attention`` over the full ``cu_seqlens`` and moves the output back (see ``ulysses_comm`` for how the
-all-to-alls hide behind computation). With fewer KV heads than SP ranks each KV head is replicated so every
-rank gets one. MoE blocks get their router statistics averaged over the SP group, so the load-balancing loss
-is the one of the whole micro-batch.
+all-to-alls hide behind computation), in ``head_chunks`` chunks of whole GQA groups pipelined so that one chunk's
+attention hides the next chunk's exchanges (``UlyssesAttention``). With fewer KV heads than SP ranks each KV
+head is replicated so every rank gets one. MoE blocks get their router statistics averaged over the SP group, so
+the load-balancing loss is the one of the whole micro-batch.
 
 Loss: each rank's LM loss is the sum over its slice divided by the global label count (the loop sums the
 slices' ``num_label_tokens`` over the data x sequence group); the backward is scaled by ``dp * sp`` because
@@ -23,6 +24,7 @@ the MoE load-balancing loss, as padding does in any padded batch; they never rea
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,14 +38,19 @@ from .ulysses_comm import (
     check_comm_mode,
     check_transport,
     gather_sequence_start,
-    launch_heads_to_sequence,
+    head_chunk_sends,
+    launch_all_to_all,
     sequence_mean,
+    wait_all_to_all_linear,
     wait_heads_to_sequence,
 )
 
 IGNORE_INDEX = -100
 _KNOWN_KEYS = {"input_ids", "labels", "shift_labels", "position_ids", "cu_seqlens", "max_seqlen",
                "num_label_tokens", "attention_mask"}
+# head_chunks=None: this many chunks (or the largest divisor of the local KV heads below it). The one knob of the
+# chunked pipeline; a GPU measurement (bench/ulysses.py --head-chunks) decides it.
+DEFAULT_HEAD_CHUNKS = 4
 
 
 # ------------------------------------------------------------------------------------------------------- data side
@@ -132,17 +139,52 @@ def ulysses_kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> i
     return sp_size // num_kv_heads
 
 
+def default_head_chunks(local_kv_heads: int) -> int:
+    """``head_chunks`` for ``None``: the largest divisor of ``local_kv_heads`` at most ``DEFAULT_HEAD_CHUNKS``."""
+    return max(c for c in range(1, min(local_kv_heads, DEFAULT_HEAD_CHUNKS) + 1) if local_kv_heads % c == 0)
+
+
 class UlyssesAttention(nn.Module):
     """``Attention`` over a sequence split across an SP group: same submodules, same parameter names.
 
     ``forward(hidden (n, H), position_ids (n,), cu_seqlens (docs + 1,) of the whole sequence, max_seqlen,
-    inv_freq, rope_scaling) -> (n, H)`` with ``n = N / sp`` this rank's tokens. Order of work, each all-to-all
-    hidden by what follows it: gather positions; q projection -> send q; k projection -> send k; v projection ->
-    send v; wait q, k -> RoPE on all tokens of the local heads (under v); wait v -> ``varlen_attention``; output
-    all-to-all under the local heads' share of ``o_proj``. The backward mirrors this (``ulysses_comm``).
+    inv_freq, rope_scaling) -> (n, H)`` with ``n = N / sp`` this rank's tokens.
+
+    After the all-to-alls a rank holds ``heads / sp`` query heads and ``kv_heads * kv_repeat / sp`` (the "local
+    KV heads") KV heads. ``head_chunks = C`` splits them into ``C`` chunks of whole GQA groups: chunk ``c`` holds
+    local KV heads ``[c * kv / C, (c + 1) * kv / C)`` and their query heads (so ``C`` must divide the local KV heads;
+    ``None``: ``default_head_chunks``, ``DEFAULT_HEAD_CHUNKS`` or the largest divisor below it). ``C = 1`` is the
+    unchunked schedule.
+
+    Forward, each all-to-all hidden by what follows it (``ulysses_comm`` has the launch/wait nodes):
+
+    1. gather positions; q projection -> launch chunk 0's q; k projection -> launch chunk 0's k; v projection ->
+       launch chunk 0's v (chunk 0's q and k travel under the k and v projections); then launch chunks 1..C-1's
+       q, k, v. Each chunk's send block is one contiguous copy of a strided view of the projection
+       (``head_chunk_sends``): the same single copy of q, k, v as without chunks, no extra full-size copy.
+    2. for each chunk ``c``: wait q_c, k_c -> RoPE (under v_c); wait v_c -> ``varlen_attention`` on the chunk's
+       heads -> launch its output all-to-all. Chunk ``c``'s attention runs while chunks ``c+1..``'s inputs and
+       chunk ``c-1``'s output are in flight; only chunk 0's input exchange (1/C of it, mostly under the
+       projections) waits on the critical path.
+    3. ``wait_all_to_all_linear``: the received outputs are gathered and ``o_proj`` runs once over all heads,
+       its share for this rank's own heads first, under the last chunk's exchange. (A per-chunk accumulated
+       ``o_proj`` would hide nothing more: the earlier chunks' exchanges already run under attention, and it would
+       round the bf16 output ``C`` times more often and reread it ``C`` times.)
+
+    Backward, by autograd's order (among ready nodes the one created last runs first): the ``o_proj`` backward
+    computes chunk C-1's output gradient, launches its reverse all-to-all, then chunk C-2's, ..., and the weight
+    gradient under them. Chunk ``c``'s output launch node (created in the loop, after every input launch) waits
+    for its reverse exchange, then chunk ``c``'s attention backward runs, then its input wait nodes launch the
+    reverse all-to-alls of v_c, k_c, q_c. The next ready node created last is chunk ``c-1``'s output launch node,
+    so chunk ``c-1``'s attention backward runs while chunk ``c``'s input gradients travel; the input launch nodes
+    (created before the loop) wait only after chunk 0's attention backward. Chunk 0's v gradient is waited for
+    after RoPE's backward, its k gradient under the v projection's backward and q's under k's. With ``C = 1``
+    (the unchunked schedule) the attention, forward and backward, waits for the whole of q, k, v, and nothing
+    overlaps it. ``tests/distributed/workers/sp_attention_worker.py`` checks this order.
     """
 
-    def __init__(self, attn: Attention, group, sp_size: int, *, comm_mode: str = "async", comm_transport: str = "nccl"):
+    def __init__(self, attn: Attention, group, sp_size: int, *, comm_mode: str = "async", comm_transport: str = "nccl",
+                 head_chunks: int | None = None):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
@@ -153,8 +195,10 @@ class UlyssesAttention(nn.Module):
             raise ValueError("UlyssesAttention: o_proj with a bias is not supported")
         self.group = group
         self.sp_size = sp_size
+        self.local_kv_heads = self.num_kv_heads * self.kv_repeat // sp_size
         self.comm_mode = comm_mode
         self.comm_transport = comm_transport
+        self.head_chunks = head_chunks
 
     @property
     def comm_mode(self) -> str:
@@ -175,9 +219,30 @@ class UlyssesAttention(nn.Module):
         check_transport(transport)
         self._comm_transport = transport
 
-    def _send(self, x: torch.Tensor) -> tuple[torch.Tensor, InFlight]:
-        flight = InFlight(self.group, self.comm_mode, self.comm_transport)
-        return launch_heads_to_sequence(x, flight), flight
+    @property
+    def head_chunks(self) -> int:
+        """How many chunks of this rank's heads the pipeline runs (assign ``None`` for the default)."""
+        return self._head_chunks
+
+    @head_chunks.setter
+    def head_chunks(self, chunks: int | None) -> None:
+        if chunks is None:
+            chunks = default_head_chunks(self.local_kv_heads)
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or self.local_kv_heads % chunks:
+            raise ValueError(
+                f"UlyssesAttention: head_chunks must be an int >= 1 that divides the {self.local_kv_heads} KV head(s) "
+                f"each of the {self.sp_size} ranks holds ({self.num_kv_heads} KV heads"
+                + (f" x {self.kv_repeat} replicas" if self.kv_repeat > 1 else "")
+                + f" / ulysses_size {self.sp_size}), got {chunks!r}; use None for the default"
+            )
+        self._head_chunks = chunks
+
+    def _launch(self, send: torch.Tensor, label: str) -> tuple[torch.Tensor, InFlight]:
+        flight = InFlight(self.group, self.comm_mode, self.comm_transport, label=label)
+        return launch_all_to_all(send, flight), flight
+
+    def _replicate(self, kv: torch.Tensor) -> torch.Tensor:
+        return kv.repeat_interleave(self.kv_repeat, dim=1) if self.kv_repeat > 1 else kv
 
     def forward(
         self,
@@ -188,32 +253,47 @@ class UlyssesAttention(nn.Module):
         inv_freq: torch.Tensor,
         rope_scaling: float,
     ) -> torch.Tensor:
-        n, d = hidden.shape[0], self.head_dim
+        n, d, size, chunks = hidden.shape[0], self.head_dim, self.sp_size, self.head_chunks
         positions, positions_work = gather_sequence_start(position_ids, self.group, self.comm_mode)
         q = self.q_proj(hidden).view(n, self.num_heads, d)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q_sent, q_flight = self._send(q)
+        sends = {"q": head_chunk_sends(q, size, chunks)}
+        flying = {"q": [self._launch(sends["q"][0], "q0")]}
         k = self.k_proj(hidden).view(n, self.num_kv_heads, d)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        k_sent, k_flight = self._send(k.repeat_interleave(self.kv_repeat, dim=1) if self.kv_repeat > 1 else k)
+        sends["k"] = head_chunk_sends(self._replicate(k), size, chunks)
+        flying["k"] = [self._launch(sends["k"][0], "k0")]
         v = self.v_proj(hidden).view(n, self.num_kv_heads, d)
-        v_sent, v_flight = self._send(v.repeat_interleave(self.kv_repeat, dim=1) if self.kv_repeat > 1 else v)
+        sends["v"] = head_chunk_sends(self._replicate(v), size, chunks)
+        flying["v"] = [self._launch(sends["v"][0], "v0")]
+        for c in range(1, chunks):
+            for name in ("q", "k", "v"):
+                flying[name].append(self._launch(sends[name][c], f"{name}{c}"))
+        del q, k, v, sends  # the send buffers live in the flights; the projections are not needed any more
         if positions_work is not None:
             positions_work.wait()
-        q = wait_heads_to_sequence(q_sent, q_flight, d)
-        k = wait_heads_to_sequence(k_sent, k_flight, d)
-        q, k = apply_rotary(q, k, positions, inv_freq, scaling=rope_scaling, backend=self.backend)
-        v = wait_heads_to_sequence(v_sent, v_flight, d)
-        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-                               backend=self.backend)
-        return all_to_all_linear(out.reshape(out.shape[0], -1), self.o_proj.weight, self.group, mode=self.comm_mode,
-                                 transport=self.comm_transport)
+        outs, own_blocks = [], []
+        for c in range(chunks):
+            q = wait_heads_to_sequence(*flying["q"][c], d)
+            k = wait_heads_to_sequence(*flying["k"][c], d)
+            q, k = apply_rotary(q, k, positions, inv_freq, scaling=rope_scaling, backend=self.backend)
+            v = wait_heads_to_sequence(*flying["v"][c], d)
+            out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                                   backend=self.backend)
+            if chunks == 1:
+                return all_to_all_linear(out.reshape(out.shape[0], -1), self.o_proj.weight, self.group,
+                                         mode=self.comm_mode, transport=self.comm_transport)
+            send = out.reshape(size, n, -1)  # block j: rank j's tokens
+            outs.append(self._launch(send, f"o{c}"))
+            own_blocks.append(send[dist.get_rank(self.group)])
+        return wait_all_to_all_linear([buf for buf, _ in outs], [flight for _, flight in outs], own_blocks,
+                                      self.o_proj.weight, self.group)
 
     def extra_repr(self) -> str:
-        return (f"sp_size={self.sp_size}, kv_repeat={self.kv_repeat}, comm_mode={self.comm_mode!r}, "
-                f"comm_transport={self.comm_transport!r}")
+        return (f"sp_size={self.sp_size}, kv_repeat={self.kv_repeat}, head_chunks={self.head_chunks}, "
+                f"comm_mode={self.comm_mode!r}, comm_transport={self.comm_transport!r}")
 
 
 def _average_router_stats(group):
@@ -224,23 +304,27 @@ def _average_router_stats(group):
     return hook
 
 
-def apply_sequence_parallel(model: nn.Module, ps, *, comm_mode: str = "async") -> nn.Module:
+def apply_sequence_parallel(
+    model: nn.Module, ps, *, comm_mode: str = "async", head_chunks: int | None = None
+) -> nn.Module:
     """Make ``model`` run on its SP rank's slice of each micro-batch (in place; before FSDP; meta is fine).
 
-    Every ``Attention`` becomes a ``UlyssesAttention`` over ``ps.sp_group`` (``ps.sp_size`` ranks); every
-    ``SparseMoeBlock`` averages its router statistics over the group. Raises ValueError if the head counts do
-    not split over ``ps.sp_size`` ranks (see ``ulysses_kv_replication``) or the model has no ``Attention``.
+    Every ``Attention`` becomes a ``UlyssesAttention`` over ``ps.sp_group`` (``ps.sp_size`` ranks) with
+    ``head_chunks`` (None: the default for its head counts); every ``SparseMoeBlock`` averages its router
+    statistics over the group. Raises ValueError if the head counts do not split over ``ps.sp_size`` ranks (see
+    ``ulysses_kv_replication``), ``head_chunks`` does not divide a layer's local KV heads, or the model has no
+    ``Attention``; the model is left unchanged then.
     """
     check_comm_mode(comm_mode)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, Attention)]
     if not targets:
         raise ValueError("apply_sequence_parallel: the model has no veofast Attention module to parallelise")
-    for _, _, attn in targets:
-        ulysses_kv_replication(attn.num_heads, attn.num_kv_heads, ps.sp_size)
     group = ps.sp_group
-    for parent, name, attn in targets:
-        setattr(parent, name, UlyssesAttention(attn, group, ps.sp_size, comm_mode=comm_mode))
+    wrapped = [UlyssesAttention(attn, group, ps.sp_size, comm_mode=comm_mode, head_chunks=head_chunks)
+               for _, _, attn in targets]  # every check before the first replacement
+    for (parent, name, _), ulysses in zip(targets, wrapped, strict=True):
+        setattr(parent, name, ulysses)
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
             module.register_forward_hook(_average_router_stats(group))
