@@ -119,7 +119,7 @@ for phase in "${phases[@]}"; do
       job ulysses_nccl 0,1 150 torchrun --nproc_per_node=2 --master_port=29663 bench/ulysses.py --quick
       summary moe_ep ce_a2a ulysses_ce ulysses_nccl ;;
     ep2b)  # 2 GPUs: both EP token dispatches side by side, where the all-gather dispatch's time goes, EP=2 training
-      # through the entry point and in bench/train.py
+      # through the entry point and in bench/train.py; the Ulysses layer with head-chunked pipelines, both transports
       stamp "phase ep2b"
       job moe_ep 0,1 150 torchrun --nproc_per_node=2 --master_port=29651 bench/moe_ep.py --repeats 20
       job ep_diag 0,1 120 torchrun --nproc_per_node=2 --master_port=29652 tools/gpu_jobs/ep_diag.py
@@ -129,7 +129,11 @@ for phase in "${phases[@]}"; do
       tail -2 "$WORK/train_ep2/run/metrics.jsonl" >> "$WORK/train_ep2/stdout.log" 2>&1
       job bench_ep2 0,1 240 torchrun --nproc_per_node=2 --master_port=29654 bench/train.py --fsdp --ep 2 --models moe \
         --quick
-      summary moe_ep ep_diag train_ep2 bench_ep2 ;;
+      job ulysses_ce 0,1 200 torchrun --nproc_per_node=2 --master_port=29662 bench/ulysses.py --quick \
+        --transport copy_engine --head-chunks 4 2 1
+      job ulysses_nccl 0,1 150 torchrun --nproc_per_node=2 --master_port=29663 bench/ulysses.py --quick \
+        --head-chunks 4 1
+      summary moe_ep ep_diag train_ep2 bench_ep2 ulysses_ce ulysses_nccl ;;
     curves1)  # 1 GPU: fast paths vs torch references over 200 steps (one rank: per-layer casts, no FSDP)
       stamp "phase curves1"
       loss_curves
