@@ -102,6 +102,7 @@ class Trainer:
             enable_mixed_precision=True,
             enable_gradient_checkpointing=True,
             init_device="meta",
+            ulysses_transport="nccl",  # the copy engines would keep a receive buffer as large as q's exchange
         )
         self.optimizer = build_optimizer(self.model, lr=1e-5)
         self.scheduler = build_lr_scheduler(self.optimizer, train_steps=100, lr_decay_style="constant")

@@ -176,7 +176,8 @@ def main() -> None:
         model, enable_full_shard=train.enable_full_shard, enable_mixed_precision=train.enable_mixed_precision,
         enable_gradient_checkpointing=train.enable_gradient_checkpointing, init_device=train.init_device,
         enable_fsdp_offload=train.enable_fsdp_offload, basic_modules=args.model.basic_modules,
-        enable_compile=train.compile, global_load_balancing=train.global_load_balancing, seed=train.seed,
+        enable_compile=train.compile, global_load_balancing=train.global_load_balancing,
+        ulysses_transport=train.ulysses_transport, seed=train.seed,
     )
     optimizer = build_optimizer(
         model, lr=train.lr, weight_decay=train.weight_decay, betas=(train.adam_beta1, train.adam_beta2),

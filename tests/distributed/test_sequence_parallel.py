@@ -18,6 +18,7 @@ from veofast.distributed.sequence_parallel import (
     DEFAULT_HEAD_CHUNKS,
     UlyssesAttention,
     apply_sequence_parallel,
+    resolve_transport,
     default_head_chunks,
     shard_micro_batch,
     ulysses_kv_replication,
@@ -117,15 +118,16 @@ def ulysses(heads: int, kv_heads: int, sp: int, **kwargs) -> UlyssesAttention:
 
 
 def test_head_chunks_default_and_errors():
-    assert DEFAULT_HEAD_CHUNKS == 4
-    assert [default_head_chunks(kv) for kv in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 3, 4, 3, 4, 4]
-    assert ulysses(32, 8, 2).head_chunks == 4  # the 7B shape at SP=2: 4 local KV heads
+    assert DEFAULT_HEAD_CHUNKS == 2
+    assert [default_head_chunks(kv) for kv in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 1, 2, 2, 2, 2]
+    assert ulysses(32, 8, 2).head_chunks == 2  # the 7B shape at SP=2: 4 local KV heads
     assert ulysses(16, 8, 4).head_chunks == 2
     assert ulysses(4, 1, 2).head_chunks == 1  # a replicated KV head: one local KV head
     layer = ulysses(32, 8, 2, head_chunks=2)
     assert layer.head_chunks == 2 and "head_chunks=2" in repr(layer)
+    layer.head_chunks = 4
     layer.head_chunks = None
-    assert layer.head_chunks == 4
+    assert layer.head_chunks == 2
     with pytest.raises(ValueError, match=r"head_chunks must be an int >= 1 that divides the 4 KV head\(s\)"):
         ulysses(32, 8, 2, head_chunks=3)
     with pytest.raises(ValueError, match=r"divides the 1 KV head\(s\).*1 KV heads x 2 replicas"):
@@ -133,7 +135,7 @@ def test_head_chunks_default_and_errors():
     for bad in (0, -2, 8, 2.0, True, "2"):
         with pytest.raises(ValueError, match="head_chunks"):
             layer.head_chunks = bad
-    assert layer.head_chunks == 4
+    assert layer.head_chunks == 2  # unchanged by the failed assignments
     model = build_foundation_model(config_overrides={**TINY, "num_attention_heads": 8, "num_key_value_heads": 4})
     with pytest.raises(ValueError, match="head_chunks"):
         apply_sequence_parallel(model, SimpleNamespace(sp_size=2, sp_group=None), head_chunks=4)
@@ -189,4 +191,14 @@ def test_sp2_head_chunks_match_sp1(tmp_path):
     # 16 query / 8 KV heads: the default pipeline of 4 head chunks per rank, with activation checkpointing (the
     # recomputed forward repeats the chunked all-to-alls inside the backward)
     single = run(tmp_path, 1, "llama_chunked", worker=CHUNKS_TRAIN_WORKER)
-    assert_same(single, run(tmp_path, 2, "llama_chunked", "sp=2", "ckpt=1", "chunks=4", worker=CHUNKS_TRAIN_WORKER))
+    assert_same(single, run(tmp_path, 2, "llama_chunked", "sp=2", "ckpt=1", "chunks=2", worker=CHUNKS_TRAIN_WORKER))
+
+
+def test_transport_resolution():
+    # CPU runs (and SP=1) always take NCCL's path (gloo's all_to_all_single); explicit values are checked and kept
+    cpu = SimpleNamespace(device_type="cpu", sp_size=2, sp_group=None)
+    assert resolve_transport("auto", cpu) == "nccl"
+    assert resolve_transport("auto", SimpleNamespace(device_type="cuda", sp_size=1, sp_group=None)) == "nccl"
+    assert resolve_transport("copy_engine", cpu) == "copy_engine"
+    with pytest.raises(ValueError, match="transport must be one of"):
+        resolve_transport("ring", cpu)

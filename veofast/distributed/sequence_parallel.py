@@ -23,6 +23,8 @@ the MoE load-balancing loss, as padding does in any padded batch; they never rea
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -49,8 +51,9 @@ IGNORE_INDEX = -100
 _KNOWN_KEYS = {"input_ids", "labels", "shift_labels", "position_ids", "cu_seqlens", "max_seqlen",
                "num_label_tokens", "attention_mask"}
 # head_chunks=None: this many chunks (or the largest divisor of the local KV heads below it). The one knob of the
-# chunked pipeline; a GPU measurement (bench/ulysses.py --head-chunks) decides it.
-DEFAULT_HEAD_CHUNKS = 4
+# chunked pipeline, set by bench/ulysses.py --head-chunks on 2xH200 (7B layer, 64k tokens, copy-engine transport):
+# 2 chunks hid 67% of the all-to-all time, 1 chunk 61%, 4 chunks 34% (each exchange then costs more than it hides).
+DEFAULT_HEAD_CHUNKS = 2
 
 
 # ------------------------------------------------------------------------------------------------------- data side
@@ -304,24 +307,42 @@ def _average_router_stats(group):
     return hook
 
 
+def resolve_transport(transport: str, ps) -> str:
+    """``"auto"`` -> ``"copy_engine"`` when the run is on CUDA and every rank of the SP group is on this host (the
+    copy engines then move the all-to-alls over NVLink without taking SMs from the attention they hide behind:
+    on 2xH200 they hid 61-67% of it where NCCL hid 3-4%), else ``"nccl"``; other values are checked and kept.
+    Collective over ``ps.sp_group`` when it has to look (every rank of it must call)."""
+    if transport != "auto":
+        check_transport(transport)
+        return transport
+    if getattr(ps, "device_type", "cpu") != "cuda" or ps.sp_size == 1:
+        return "nccl"
+    hosts = [None] * ps.sp_size
+    dist.all_gather_object(hosts, socket.gethostname(), group=ps.sp_group)
+    return "copy_engine" if len(set(hosts)) == 1 else "nccl"
+
+
 def apply_sequence_parallel(
-    model: nn.Module, ps, *, comm_mode: str = "async", head_chunks: int | None = None
+    model: nn.Module, ps, *, comm_mode: str = "async", head_chunks: int | None = None, transport: str = "auto"
 ) -> nn.Module:
     """Make ``model`` run on its SP rank's slice of each micro-batch (in place; before FSDP; meta is fine).
 
     Every ``Attention`` becomes a ``UlyssesAttention`` over ``ps.sp_group`` (``ps.sp_size`` ranks) with
-    ``head_chunks`` (None: the default for its head counts); every ``SparseMoeBlock`` averages its router
+    ``head_chunks`` (None: the default for its head counts) and the all-to-all ``transport`` (``"auto"``:
+    ``resolve_transport``); every ``SparseMoeBlock`` averages its router
     statistics over the group. Raises ValueError if the head counts do not split over ``ps.sp_size`` ranks (see
     ``ulysses_kv_replication``), ``head_chunks`` does not divide a layer's local KV heads, or the model has no
     ``Attention``; the model is left unchanged then.
     """
     check_comm_mode(comm_mode)
+    transport = resolve_transport(transport, ps)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, Attention)]
     if not targets:
         raise ValueError("apply_sequence_parallel: the model has no veofast Attention module to parallelise")
     group = ps.sp_group
-    wrapped = [UlyssesAttention(attn, group, ps.sp_size, comm_mode=comm_mode, head_chunks=head_chunks)
+    wrapped = [UlyssesAttention(attn, group, ps.sp_size, comm_mode=comm_mode, comm_transport=transport,
+                                head_chunks=head_chunks)
                for _, _, attn in targets]  # every check before the first replacement
     for (parent, name, _), ulysses in zip(targets, wrapped, strict=True):
         setattr(parent, name, ulysses)

@@ -100,6 +100,12 @@ class TrainingArguments:
     pipeline_parallel_size: int = field(default=1)
     context_parallel_size: int = field(default=1)
     ulysses_parallel_size: int = field(default=1)
+    ulysses_transport: Literal["auto", "nccl", "copy_engine"] = field(
+        default="auto",
+        metadata={"help": "What carries the Ulysses all-to-alls: the GPUs' copy engines (no SMs taken from the "
+                  "attention they hide behind; SP ranks on one node) or NCCL. auto: copy engines when the SP group "
+                  "is on one node."},
+    )
     enable_full_shard: bool = field(default=True, metadata={"help": "ZeRO-3: reshard parameters after forward."})
     enable_mixed_precision: bool = field(default=True, metadata={"help": "bf16 compute, fp32 master weights."})
     enable_gradient_checkpointing: bool = field(default=False)

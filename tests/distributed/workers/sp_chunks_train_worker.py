@@ -3,7 +3,7 @@
 Usage: torchrun ... sp_chunks_train_worker.py OUT_JSON llama_chunked [key=value ...]: the keys of
 ``train_steps_worker`` plus ``chunks=C``: every ``UlyssesAttention`` the run builds (with the default
 ``head_chunks``) must have ``C`` chunks. The model has 16 query / 8 KV heads, so with SP=2 each rank holds 4 KV
-heads and the default is 4 chunks of one GQA group (2 query heads, 1 KV head) each.
+heads and the default is 2 chunks of two GQA groups (4 query heads, 2 KV heads) each.
 """
 
 import sys
