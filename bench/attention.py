@@ -15,8 +15,7 @@ a 1-token document among long ones, and a small mix. Also checks that a veofast 
 host, and the output difference against ``sdpa_loop``. A failing provider is reported, not fatal.
 
 ``--sweep`` (the GPU job ``tools/gpu_jobs/attention.sh``) decides the kernel configs instead: each candidate of
-``SWEEP_ALTERNATIVES``, the pinned ``CONFIGS`` entry and its variants with the exponential options
-(``SWEEP_ENTRY_FLAGS``) is checked against float64 in worker processes, then timed
+``SWEEP_ALTERNATIVES`` and the pinned ``CONFIGS`` entry is checked against float64 in worker processes, then timed
 kernel by kernel at the anchor mix (head_dim 128) and at one 8192-token document (head_dim 64, the Llama-3.2-1B
 training shape), next to veofast's public op, FlexAttention and torch's varlen_attn; ``--smoke`` runs it on CPU.
 
@@ -230,42 +229,26 @@ def check_no_host_sync(lengths, hq, hk, d):
 
 
 # ---------------------------------------------------------------------------------- config sweep (the GPU job)
-# Alternatives to the kernels/attention.py CONFIGS entry of each (kernel, head dim), 16-bit inputs: Config fields
-# in order, optionally ending with a dict of keyword fields. The entry itself is always swept first, then its
-# variants with the exponential options (SWEEP_ENTRY_FLAGS). Shapes: head dim 128 at the anchor mix, head dim 64 as
-# one 8192-token document (the Llama-3.2-1B training shape).
-POLY, PRE, BOTH = {"poly_exp": True}, {"prefetch_scores": True}, {"poly_exp": True, "prefetch_scores": True}
-SWEEP_ENTRY_FLAGS = {"fwd": [POLY, PRE, BOTH], "dq": [POLY], "dkdv": [POLY]}
+# Alternatives to the kernels/attention.py CONFIGS entry of each (kernel, head dim), 16-bit inputs. The entry itself
+# is always swept first. Shapes: head dim 128 at the anchor mix, head dim 64 as one 8192-token document
+# (the Llama-3.2-1B training shape).
 SWEEP_ALTERNATIVES = {
-    ("fwd", 64): [
-        (128, 64, 8, 3, True),
-        (128, 64, 8, 4, True),
-        (128, 64, 8, 3, True, POLY),
-        (64, 64, 4, 2, True, BOTH),
-    ],
-    ("fwd", 128): [
-        (128, 64, 8, 3, False),
-        (128, 64, 8, 3, True),
-        (128, 128, 8, 2, True),
-        (128, 64, 8, 3, True, POLY),
-        (128, 64, 8, 2, True, BOTH),
-    ],
-    ("dq", 64): [(128, 64, 8, 2, True), (64, 64, 4, 3, True), (64, 64, 4, 3, True, POLY)],
-    ("dq", 128): [(64, 64, 4, 2, True), (128, 64, 8, 2, True), (64, 64, 4, 2, True, POLY)],
+    ("fwd", 64): [(128, 64, 8, 3, True), (128, 64, 8, 4, True)],
+    ("fwd", 128): [(128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 128, 8, 2, True)],
+    ("dq", 64): [(128, 64, 8, 2, True), (64, 64, 4, 3, True)],
+    ("dq", 128): [(64, 64, 4, 2, True), (128, 64, 8, 2, True)],
     ("dkdv", 64): [
         (64, 128, 8, 2, True),
         (128, 64, 8, 2, True),
         (64, 64, 4, 4, True),
         (32, 64, 4, 3, True),
         (64, 64, 4, 3, True, False),
-        (64, 64, 4, 3, True, POLY),
     ],
     ("dkdv", 128): [
         (128, 64, 8, 2, True),
         (64, 64, 4, 3, True),
         (32, 128, 8, 3, True),
         (64, 128, 8, 2, True, False),
-        (64, 64, 4, 3, True, POLY),
     ],
 }
 KERNELS = ("fwd", "dq", "dkdv")
@@ -282,30 +265,21 @@ def sweep_setup(smoke: bool) -> dict:
             "shapes": {16: ("dense-d16", [48], 4, 2), 32: ("mix-d32", [37, 1, 20], 4, 2)},
             "check": ([1, 17, 0, 33, 13], 4, 2),
             "candidates": {
-                (kernel, d): [
-                    (16, 16, 4, 1, False),
-                    (16, 32, 4, 1, True),
-                    (32, 16, 4, 1, True, False),
-                    (16, 16, 4, 1, False, True, True, kernel == "fwd"),
-                ]
+                (kernel, d): [(16, 16, 4, 1, False), (16, 32, 4, 1, True), (32, 16, 4, 1, True, False)]
                 for kernel in KERNELS
                 for d in (16, 32)
             },
             "peers": ["torch_varlen"],
             "repeats": 1,
         }
-    from dataclasses import astuple, replace
-
     from veofast.kernels.attention import CONFIGS, Config
 
-    def as_config(spec):  # Config fields in order, optionally ending with a dict of keyword fields
-        return Config(*spec[:-1], **spec[-1]) if isinstance(spec[-1], dict) else Config(*spec)
+    def as_tuple(c):
+        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask)
 
-    def candidates(kernel, d):  # the CONFIGS entry first, then its flag variants; no duplicates
-        entry = CONFIGS[(kernel, d, 16)]
-        configs = [entry, *(replace(entry, **flags) for flags in SWEEP_ENTRY_FLAGS[kernel])]
-        configs += [as_config(spec) for spec in SWEEP_ALTERNATIVES[kernel, d]]
-        return list(dict.fromkeys(astuple(c) for c in configs))
+    def candidates(kernel, d):  # the CONFIGS entry first, no duplicates
+        specs = [as_tuple(CONFIGS[(kernel, d, 16)])] + [as_tuple(Config(*s)) for s in SWEEP_ALTERNATIVES[kernel, d]]
+        return list(dict.fromkeys(specs))
 
     return {
         "device": "cuda",
@@ -551,7 +525,6 @@ def _time_kernels(setup, data, checks, deadline, lines, rows) -> None:
     for kernel, (spec, _) in best.items():
         c = _config(spec)
         flags = f", tma={c.tma}" + ("" if c.split_mask or kernel != "dkdv" else ", split_mask=False")
-        flags += (", poly_exp=True" if c.poly_exp else "") + (", prefetch_scores=True" if c.prefetch_scores else "")
         lines.append(
             f'  pin ("{kernel}", {head_dim}, 16): Config({c.block_m}, {c.block_n}, {c.num_warps}, '
             f"{c.num_stages}{flags}),"

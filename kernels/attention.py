@@ -5,8 +5,7 @@
 the device: a small kernel writes each launch's tile table from ``cu_seqlens`` (sized from the token and document
 counts and ``max_seqlen``), and every output element is written by exactly one program (no atomics).
 
-Tile sizes, warps, stages, the load path and the exponential options (``Config.poly_exp``,
-``Config.prefetch_scores``) are fixed per (kernel, head-dim class, 16-bit or fp32) in ``CONFIGS``
+Tile sizes, warps, stages and the load path are fixed per (kernel, head-dim class, 16-bit or fp32) in ``CONFIGS``
 (no autotuning, so nothing is compiled twice); each launcher takes ``config=`` to override it (the GPU sweep in
 ``bench/attention.py`` does). TMA loads need sm_90+ and tensors whose (tokens, heads * head_dim) view has 16-byte
 aligned data and token stride; otherwise the pointer path runs (logged once). Under ``TRITON_INTERPRET=1`` each
@@ -39,8 +38,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 class Config:
     """Launch choices of one kernel. ``block_m``: query rows per tile or step, ``block_n``: keys per tile or step;
     ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
-    query blocks; ``poly_exp``: half of each score tile's exponentials by a polynomial on the FMA pipes instead of
-    the MUFU; ``prefetch_scores`` (forward only): the next key block's scores before the current block's softmax."""
+    query blocks."""
 
     block_m: int
     block_n: int
@@ -48,12 +46,9 @@ class Config:
     num_stages: int
     tma: bool = False
     split_mask: bool = True
-    poly_exp: bool = False
-    prefetch_scores: bool = False
 
     def __str__(self) -> str:
         flags = ("-tma" if self.tma else "-ptr") + ("" if self.split_mask else "-onemask")
-        flags += ("-poly" if self.poly_exp else "") + ("-pre" if self.prefetch_scores else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
@@ -140,13 +135,10 @@ def _tile_table(cu_tiled, cu_q, cu_k, total: int, max_seqlen: int, block: int, r
     return tiles, num_slots
 
 
-def _flags(config: Config, window_left: int, window_right: int, dtype: torch.dtype) -> dict:
-    """Compile-time flags shared by the three kernels. POLY_EXP: 0 (off) or the degree of ``_exp2_poly``, 5 for
-    fp32 inputs (fp32-accurate P), 3 for 16-bit ones (P is rounded to 16 bits before its dot)."""
+def _mask_flags(window_left: int, window_right: int, dtype: torch.dtype) -> dict:
     return {
         "HAS_LEFT": window_left >= 0,
         "HAS_RIGHT": window_right >= 0,
-        "POLY_EXP": 0 if not config.poly_exp else 5 if dtype == torch.float32 else 3,
         "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
 
@@ -225,9 +217,8 @@ def varlen_attention_fwd(
         num_heads // k.shape[1],
         HEAD_DIM=head_dim,
         NEG_SCALE=softmax_scale < 0,
-        PREFETCH=config.prefetch_scores,
         USE_TMA=use_tma,
-        **_flags(config, window_left, window_right, q.dtype),
+        **_mask_flags(window_left, window_right, q.dtype),
     )
     return out, lse
 
@@ -296,7 +287,7 @@ def attention_bwd_dq(
         num_heads // k.shape[1],
         HEAD_DIM=head_dim,
         USE_TMA=use_tma,
-        **_flags(config, window_left, window_right, q.dtype),
+        **_mask_flags(window_left, window_right, q.dtype),
     )
     return dq, delta
 
@@ -368,7 +359,7 @@ def attention_bwd_dkdv(
         HEAD_DIM=head_dim,
         SPLIT_MASK=config.split_mask,
         USE_TMA=use_tma,
-        **_flags(config, window_left, window_right, q.dtype),
+        **_mask_flags(window_left, window_right, q.dtype),
     )
     return dk, dv
 

@@ -7,8 +7,7 @@
    of its GQA group and over the query blocks that see the key tile, with dK and dV in registers: repeated K/V are
    never materialized and no atomics are needed.
 
-Both recompute ``P = exp2(S * qk_scale - LSE * log2(e))`` from the forward's LSE (``_exp2_tile``: with ``POLY_EXP``
-half of it on the FMA pipes); ``dS = P * (dP - delta)``.
+Both recompute ``P = exp2(S * qk_scale - LSE * log2(e))`` from the forward's LSE; ``dS = P * (dP - delta)``.
 Queries past the end of a document get LSE = +inf, hence P = 0, so only the window edges (the causal diagonal)
 and a partial last key block need a mask; the blocks that every row sees whole run without one.
 """
@@ -16,7 +15,7 @@ and a partial last key block need a mask; the blocks that every row sees whole r
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, _block_range, _exp2_tile, _load_rows, _tile, _visible
+from .attention_fwd import LOG2E, _block_range, _load_rows, _tile, _visible
 
 
 @triton.jit
@@ -47,7 +46,6 @@ def _dq_loop(
     MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
-    POLY_EXP: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -59,7 +57,7 @@ def _dq_loop(
         k = _load_rows(K, k_row + n0, k_col, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
         v = _load_rows(V, k_row + n0, v_col, stride_vt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = _exp2_tile(s * qk_scale - lse2[:, None], POLY_EXP)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             keep = _visible(
                 rows[:, None],
@@ -115,7 +113,6 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
-    POLY_EXP: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -152,17 +149,17 @@ def _attn_bwd_dq_kernel(
         dq = _dq_loop(
             dq, q, do, lse2, delta, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k,
             off, window_left, window_right, qk_scale, b_lo, f_lo,
-            BLOCK_N, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, POLY_EXP, USE_TMA, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
     dq = _dq_loop(
         dq, q, do, lse2, delta, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k, off,
         window_left, window_right, qk_scale, f_lo, f_hi,
-        BLOCK_N, HEAD_DIM, False, HAS_LEFT, HAS_RIGHT, POLY_EXP, USE_TMA, DOT_PRECISION,
+        BLOCK_N, HEAD_DIM, False, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
     )
     dq = _dq_loop(
         dq, q, do, lse2, delta, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k, off,
         window_left, window_right, qk_scale, f_hi, b_hi,
-        BLOCK_N, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, POLY_EXP, USE_TMA, DOT_PRECISION,
+        BLOCK_N, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
     )
     # fmt: on
     q_rows = q_start.to(tl.int64) + rows
@@ -205,7 +202,6 @@ def _dkdv_loop(
     MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
-    POLY_EXP: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -226,7 +222,7 @@ def _dkdv_loop(
         lse2 = tl.load(LSE + stats, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        p_t = _exp2_tile(s_t * qk_scale - lse2[None, :], POLY_EXP)
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
         if MASKED:
             keep = _visible(
                 (m0 + offs_m)[None, :],
@@ -288,7 +284,6 @@ def _attn_bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     SPLIT_MASK: tl.constexpr,
-    POLY_EXP: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -319,25 +314,25 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _dkdv_loop(
             dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh, stride_dot,
             stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, b_lo, b_hi,
-            BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, POLY_EXP, USE_TMA, DOT_PRECISION,
+            BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
     else:
         if HAS_RIGHT:  # the causal diagonal
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh,
                 stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, b_lo, f_lo,
-                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, POLY_EXP, USE_TMA, DOT_PRECISION,
+                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
             )
         dk, dv = _dkdv_loop(
             dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh, stride_dot,
             stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, f_lo, f_hi,
-            BLOCK_M, HEAD_DIM, False, HAS_LEFT, HAS_RIGHT, POLY_EXP, USE_TMA, DOT_PRECISION,
+            BLOCK_M, HEAD_DIM, False, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
         if HAS_LEFT or not USE_TMA:  # the left window edge, a partial last query block
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh,
                 stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, f_hi, b_hi,
-                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, POLY_EXP, USE_TMA, DOT_PRECISION,
+                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
             )
     # fmt: on
 

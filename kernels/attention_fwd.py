@@ -14,13 +14,6 @@ for head ``p % num_heads`` (so the query heads of one GQA group, which read the 
 slots past the last tile exit at once. The table holds each tile's document bounds, so a program needs one round
 of loads before its first tile load, and no empty (document, block) programs are launched.
 
-Two compile-time options attack the exponentials, which run on the MUFU at 16 per clock per SM on Hopper against
-~4096 dense tensor-core FLOPs (at head dim 128 the exps of a score tile take about half as long as its two dots):
-``POLY_EXP = d > 0`` computes half of each score tile's exps with a degree-d polynomial on the FMA pipes
-(``_exp2_tile``, FlashAttention-4's trick; 0 = all on the MUFU), and ``PREFETCH`` (forward only) issues the next
-key block's ``S = Q K^T`` before the softmax of the current one, so that the tensor cores work under the exps
-(FlashAttention-3's intra-warpgroup overlap, written in the source: ``_fwd_loop``).
-
 Tile loads go through TMA tensor descriptors over the 2-D view ``(tokens, heads * head_dim)`` (``USE_TMA``) or
 through pointers. A TMA tile that runs past its document reads the next document's rows, and past the tensor
 zeros; those rows are kept out of every result by the masks (keys) or never stored (queries).
@@ -172,136 +165,6 @@ def _block_range(
 
 
 @triton.jit
-def _exp2_poly(x, DEGREE: tl.constexpr):
-    """2**x of an fp32 tensor ``x <= 127`` on the FMA pipes instead of the MUFU. Cody-Waite reduction: adding
-    ``1.5 * 2**23 + 127`` rounds x to the integer j (held in the sum's low mantissa bits as j + 127), f = x - j in
-    [-0.5, 0.5]; 2**f by a minimax polynomial (Horner) of DEGREE 3 (max relative error 7.5e-5, far below the
-    rounding of P to bf16/fp16) or 5 (2.3e-7 in fp32 arithmetic, for fp32 inputs); times 2**j, the float whose
-    exponent field is j + 127. Relative error as stated for x >= -126, an absolute error under 2**-126 below, and
-    exactly 0 for x <= -126.5 (-inf included: there 2**j's bits are 0). About 9 FMA/ALU-pipe instructions."""
-    x = tl.maximum(x, -127.0)
-    t = x + 12583039.0
-    f = x - (t - 12583039.0)
-    if DEGREE == 3:
-        p = 0.99992806 + f * (0.69326097 + f * (0.24261113 + f * 0.05517167))
-    else:
-        tl.static_assert(DEGREE == 5, "_exp2_poly: DEGREE must be 3 or 5")
-        p = 0.24022114 + f * (0.055507097 + f * (0.009675758 + f * 0.0013277939))
-        p = 1.0000001 + f * (0.69314694 + f * p)
-    scale = (t.to(tl.int32, bitcast=True) << 23).to(tl.float32, bitcast=True)
-    return p * scale
-
-
-@triton.jit
-def _exp2_tile(x, POLY_EXP: tl.constexpr):
-    """exp2 of a 2-D fp32 score tile. ``POLY_EXP = 0``: all on the MUFU (``tl.exp2``). ``POLY_EXP = d``: the even
-    columns on the MUFU, the odd ones by ``_exp2_poly`` of degree d, so that both units work. A thread of the MMA
-    accumulator layout holds column pairs (2c, 2c + 1), so the split and the join move no data."""
-    if POLY_EXP:
-        ROWS: tl.constexpr = x.shape[0]
-        COLS: tl.constexpr = x.shape[1]
-        even, odd = tl.split(tl.reshape(x, [ROWS, COLS // 2, 2]))
-        return tl.reshape(tl.join(tl.exp2(even), _exp2_poly(odd, POLY_EXP)), [ROWS, COLS])
-    return tl.exp2(x)
-
-
-@triton.jit
-def _fwd_scores(
-    q,
-    K,
-    k_row,
-    k_col,
-    stride_kt,
-    seqlen_k,
-    nb,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Raw scores ``q k^T`` (BLOCK_M, BLOCK_N) fp32 of key block ``nb`` (document-local, from token ``k_row``)."""
-    n0 = nb * BLOCK_N
-    k = _load_rows(K, k_row + n0, k_col, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
-    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _fwd_softmax(
-    l_i,
-    m_i,
-    s,
-    nb,
-    rows,
-    seqlen_q,
-    seqlen_k,
-    off,
-    window_left,
-    window_right,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    NEG_SCALE: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    POLY_EXP: tl.constexpr,
-):
-    """Online-softmax step of key block ``nb`` from its raw scores ``s`` (BLOCK_M, BLOCK_N): returns l_i/m_i
-    (BLOCK_M,) fp32, the running sum and max (log2 units), P (BLOCK_M, BLOCK_N) fp32 and alpha (BLOCK_M,), the
-    factor that rescales the accumulator to the new max (``_fwd_pv``). Unmasked blocks fold the scale into one
-    multiply-add per score; masked ones keep rows that have seen nothing at p = 0, not NaN."""
-    if MASKED:
-        keep = _visible(
-            rows[:, None],
-            (nb * BLOCK_N + tl.arange(0, BLOCK_N))[None, :],
-            seqlen_q,
-            seqlen_k,
-            off,
-            window_left,
-            window_right,
-            HAS_LEFT,
-            HAS_RIGHT,
-        )
-        s = tl.where(keep, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = _exp2_tile(s - m_use[:, None], POLY_EXP)
-    else:
-        if NEG_SCALE:
-            m_new = tl.maximum(m_i, tl.min(s, 1) * qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_use = m_new
-        p = _exp2_tile(s * qk_scale - m_new[:, None], POLY_EXP)
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return l_i, m_new, p, alpha
-
-
-@triton.jit
-def _fwd_pv(
-    acc,
-    p,
-    alpha,
-    nb,
-    V,
-    k_row,
-    v_col,
-    stride_vt,
-    seqlen_k,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """acc * alpha + P V of key block ``nb`` (see ``_fwd_softmax``); P is rounded to V's dtype for the dot."""
-    n0 = nb * BLOCK_N
-    v = _load_rows(V, k_row + n0, v_col, stride_vt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
-    return tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def _fwd_loop(
     acc,
     l_i,
@@ -329,103 +192,46 @@ def _fwd_loop(
     NEG_SCALE: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
-    POLY_EXP: tl.constexpr,
-    PREFETCH: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over key blocks ``lo .. hi`` (document-local, of BLOCK_N keys starting at token ``k_row``),
-    into acc (BLOCK_M, HEAD_DIM) fp32 and l_i/m_i (BLOCK_M,) fp32 (see ``_fwd_softmax``).
-
-    Without ``PREFETCH`` iteration nb runs S_nb = q K_nb^T, its softmax, acc = acc * alpha + P_nb V_nb; Triton
-    waits for S_nb's wgmma right after issuing it (and so for the previous P V), so the tensor cores idle during
-    the softmax. ``PREFETCH`` is FlashAttention-3's intra-warpgroup schedule as far as Triton allows: the next
-    block's S is issued before the current block's softmax, and P V runs one block behind. Triton leaves a wgmma in
-    flight only when its result is loop-carried (else it waits right after the issue), and ptxas serializes every
-    wgmma of the kernel when an in-flight result must be copied at the back edge, as in a one-block loop (where the
-    next S is live next to the current one). So the loop runs pairs: P V_{nb-1}; S_{nb+1} (waited for at once,
-    only ptxas' scheduling overlaps it); softmax nb; P V_nb; S_{nb+2} (in flight over the softmax of S_{nb+1} and
-    the back edge); softmax nb + 1. The first block and the last one or two are peeled."""
-    # fmt: off
-    if PREFETCH:
-        if lo < hi:
-            s = _fwd_scores(
-                q, K, k_row, k_col, stride_kt, seqlen_k, lo, BLOCK_N, HEAD_DIM, MASKED, USE_TMA, DOT_PRECISION
+    """Online softmax over key blocks ``lo .. hi`` (document-local, of BLOCK_N keys starting at token ``k_row``).
+    acc: (BLOCK_M, HEAD_DIM) fp32, l_i/m_i: (BLOCK_M,) fp32 running sum and max (log2 units). Unmasked blocks fold
+    the scale into one multiply-add per score; masked ones keep rows that have seen nothing at p = 0, not NaN."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for nb in range(lo, hi):
+        n0 = nb * BLOCK_N
+        k = _load_rows(K, k_row + n0, k_col, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            keep = _visible(
+                rows[:, None],
+                (n0 + offs_n)[None, :],
+                seqlen_q,
+                seqlen_k,
+                off,
+                window_left,
+                window_right,
+                HAS_LEFT,
+                HAS_RIGHT,
             )
-            l_i, m_i, p, alpha = _fwd_softmax(
-                l_i, m_i, s, lo, rows, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                BLOCK_N, MASKED, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP,
-            )
-            if lo + 1 < hi:
-                s = _fwd_scores(
-                    q, K, k_row, k_col, stride_kt, seqlen_k, lo + 1, BLOCK_N, HEAD_DIM, MASKED, USE_TMA, DOT_PRECISION
-                )
-                # Here and after each pair: P of block nb - 1 not yet in acc, S of block nb in s.
-                for nb in range(lo + 1, hi - 2, 2):
-                    acc = _fwd_pv(
-                        acc, p, alpha, nb - 1, V, k_row, v_col, stride_vt, seqlen_k,
-                        BLOCK_N, HEAD_DIM, MASKED, USE_TMA, DOT_PRECISION,
-                    )
-                    s_odd = _fwd_scores(
-                        q, K, k_row, k_col, stride_kt, seqlen_k, nb + 1, BLOCK_N, HEAD_DIM, MASKED, USE_TMA,
-                        DOT_PRECISION,
-                    )
-                    l_i, m_i, p, alpha = _fwd_softmax(
-                        l_i, m_i, s, nb, rows, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                        BLOCK_N, MASKED, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP,
-                    )
-                    acc = _fwd_pv(
-                        acc, p, alpha, nb, V, k_row, v_col, stride_vt, seqlen_k,
-                        BLOCK_N, HEAD_DIM, MASKED, USE_TMA, DOT_PRECISION,
-                    )
-                    s = _fwd_scores(
-                        q, K, k_row, k_col, stride_kt, seqlen_k, nb + 2, BLOCK_N, HEAD_DIM, MASKED, USE_TMA,
-                        DOT_PRECISION,
-                    )
-                    l_i, m_i, p, alpha = _fwd_softmax(
-                        l_i, m_i, s_odd, nb + 1, rows, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                        BLOCK_N, MASKED, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP,
-                    )
-                nb = lo + 1 + (hi - lo - 2) // 2 * 2  # hi - 2 or hi - 1: the first block the pairs left
-                acc = _fwd_pv(
-                    acc, p, alpha, nb - 1, V, k_row, v_col, stride_vt, seqlen_k, BLOCK_N, HEAD_DIM, MASKED, USE_TMA,
-                    DOT_PRECISION,
-                )
-                l_i, m_i, p, alpha = _fwd_softmax(
-                    l_i, m_i, s, nb, rows, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                    BLOCK_N, MASKED, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP,
-                )
-                if nb + 1 < hi:
-                    s = _fwd_scores(
-                        q, K, k_row, k_col, stride_kt, seqlen_k, nb + 1, BLOCK_N, HEAD_DIM, MASKED, USE_TMA,
-                        DOT_PRECISION,
-                    )
-                    acc = _fwd_pv(
-                        acc, p, alpha, nb, V, k_row, v_col, stride_vt, seqlen_k, BLOCK_N, HEAD_DIM, MASKED, USE_TMA,
-                        DOT_PRECISION,
-                    )
-                    l_i, m_i, p, alpha = _fwd_softmax(
-                        l_i, m_i, s, nb + 1, rows, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                        BLOCK_N, MASKED, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP,
-                    )
-            acc = _fwd_pv(
-                acc, p, alpha, hi - 1, V, k_row, v_col, stride_vt, seqlen_k, BLOCK_N, HEAD_DIM, MASKED, USE_TMA,
-                DOT_PRECISION,
-            )
-    else:
-        for nb in range(lo, hi):
-            s = _fwd_scores(
-                q, K, k_row, k_col, stride_kt, seqlen_k, nb, BLOCK_N, HEAD_DIM, MASKED, USE_TMA, DOT_PRECISION
-            )
-            l_i, m_i, p, alpha = _fwd_softmax(
-                l_i, m_i, s, nb, rows, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                BLOCK_N, MASKED, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP,
-            )
-            acc = _fwd_pv(
-                acc, p, alpha, nb, V, k_row, v_col, stride_vt, seqlen_k, BLOCK_N, HEAD_DIM, MASKED, USE_TMA,
-                DOT_PRECISION,
-            )
-    # fmt: on
+            s = tl.where(keep, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            if NEG_SCALE:
+                m_new = tl.maximum(m_i, tl.min(s, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = m_new
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(V, k_row + n0, v_col, stride_vt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -458,8 +264,6 @@ def _attn_fwd_kernel(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     NEG_SCALE: tl.constexpr,
-    POLY_EXP: tl.constexpr,
-    PREFETCH: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -491,17 +295,17 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _fwd_loop(
             acc, l_i, m_i, q, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k, off,
             window_left, window_right, qk_scale, b_lo, f_lo,
-            BLOCK_N, HEAD_DIM, True, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP, PREFETCH, USE_TMA, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, True, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
     acc, l_i, m_i = _fwd_loop(
         acc, l_i, m_i, q, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k, off,
         window_left, window_right, qk_scale, f_lo, f_hi,
-        BLOCK_N, HEAD_DIM, False, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP, PREFETCH, USE_TMA, DOT_PRECISION,
+        BLOCK_N, HEAD_DIM, False, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_loop(
         acc, l_i, m_i, q, K, V, k_start, k_col, v_col, stride_kt, stride_vt, rows, seqlen_q, seqlen_k, off,
         window_left, window_right, qk_scale, f_hi, b_hi,
-        BLOCK_N, HEAD_DIM, True, NEG_SCALE, HAS_LEFT, HAS_RIGHT, POLY_EXP, PREFETCH, USE_TMA, DOT_PRECISION,
+        BLOCK_N, HEAD_DIM, True, NEG_SCALE, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
     )
     # fmt: on
 

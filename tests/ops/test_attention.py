@@ -4,7 +4,6 @@
 - The Triton path (the interpreter on CPU in fp32/fp16, tiny shapes; the GPU in bf16/fp16 at realistic sizes)
   against the float64 per-document reference, fwd and bwd: |triton - ref64| <= 2 |torch_same_dtype - ref64| +
   floor, where torch_same_dtype is the reference (per-document SDPA) run in the kernel's dtype.
-- The kernels' software exp2 (``_exp2_poly``, ``_exp2_tile``) against torch.exp2 in float64.
 - Input checks raise ValueError naming the argument, before any kernel runs.
 """
 
@@ -14,9 +13,6 @@ import itertools
 
 import pytest
 import torch
-import triton
-import triton.language as tl
-from veofast.kernels.attention_fwd import _exp2_poly, _exp2_tile
 
 from veofast.ops.attention import varlen_attention, varlen_attention_reference
 
@@ -79,7 +75,7 @@ def _launchers(q, k, v, dout, cu_q, cu_k, max_q, max_k, *, causal, window_size, 
 
     window = dict(softmax_scale=softmax_scale or q.shape[-1] ** -0.5, window_left=window_size[0])
     window["window_right"] = 0 if causal else window_size[1]
-    fwd, dq, dkdv = (c if isinstance(c, ka.Config) else ka.Config(*c) for c in configs)
+    fwd, dq, dkdv = (ka.Config(*c) for c in configs)
     out, lse = ka.varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, config=fwd, **window)
     grads = ka.varlen_attention_bwd(
         dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dq_config=dq, dkdv_config=dkdv, **window
@@ -159,66 +155,6 @@ def test_kernel_configs_match_reference(configs, causal, window_size):
     _check_against_reference(
         lens, lens, 4, 2, 16, torch.float32, causal=causal, window_size=window_size, configs=configs
     )
-
-
-# The exp2 flags: half of each score tile's exponentials by a polynomial (fwd, dQ and dK/dV; degree 5 in fp32,
-# 3 in fp16) and the forward's score prefetch, alone and together, through both load paths and every loop kind.
-@pytest.mark.parametrize(
-    "dtype, tma, fwd_flags, bwd_poly, window_size",
-    [
-        pytest.param(torch.float32, True, dict(poly_exp=True, prefetch_scores=True), True, (-1, -1), id="both-tma"),
-        pytest.param(torch.float32, False, dict(prefetch_scores=True), True, (40, -1), id="prefetch-window-ptr"),
-        pytest.param(torch.float16, False, dict(poly_exp=True), True, (-1, -1), id="fp16-poly-ptr"),
-    ],
-)
-def test_exp_flags_match_reference(dtype, tma, fwd_flags, bwd_poly, window_size):
-    from veofast.kernels.attention import Config
-
-    configs = [
-        Config(32, 16, 4, 1, tma, **fwd_flags),
-        Config(32, 32, 4, 1, tma, poly_exp=bwd_poly),
-        Config(32, 32, 4, 1, tma, split_mask=window_size[0] < 0, poly_exp=bwd_poly),
-    ]
-    lens = [1, 17, 97, 129]
-    _check_against_reference(lens, lens, 4, 1, 16, dtype, causal=True, window_size=window_size, configs=configs)
-
-
-@triton.jit
-def _exp2_test_kernel(X, Y, COLS: tl.constexpr, POLY_EXP: tl.constexpr, TILE: tl.constexpr):
-    offs = tl.arange(0, 64)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    x = tl.load(X + offs)
-    if TILE:
-        y = _exp2_tile(x, POLY_EXP)
-    else:
-        y = _exp2_poly(x, POLY_EXP)
-    tl.store(Y + offs, y)
-
-
-@pytest.mark.parametrize("degree, rel_bound", [(3, 7.6e-5), (5, 3e-7)])
-@pytest.mark.parametrize("tile", [False, True], ids=["poly", "tile"])
-def test_exp2_poly_matches_exp2(degree, rel_bound, tile):
-    """The polynomial exp2 (all elements, or the odd columns of ``_exp2_tile``) over [-140, 127], -inf included:
-    the relative error its docstring states down to -126, below an absolute error under 2**-126, exactly 0 from
-    -126.5 down; ``_exp2_tile``'s even columns are tl.exp2's."""
-    cols = 256
-    x = torch.linspace(-140.0, 127.0, 64 * cols)
-    special = [float("-inf"), -1e30, -127.0, -126.5, -126.0, -0.5, -1e-7, 0.0, 1e-7, 0.5, 126.5, 127.0]
-    x[: len(special)] = torch.tensor(special)  # in even and odd columns
-    x = x.view(64, cols).to(DEVICE)
-    y = torch.empty_like(x)
-    _exp2_test_kernel[(1,)](x, y, cols, degree, tile)
-    x = x.cpu()
-    y, ref = y.cpu().double(), torch.exp2(x.double())
-    assert not y.isnan().any() and (y >= 0).all()
-    normal = x >= -126.0
-    rel = ((y - ref).abs() / ref)[normal]
-    assert rel.max().item() <= rel_bound, rel.max().item()
-    assert (y - ref).abs()[~normal].max().item() < 2.0**-126
-    odd = slice(1, None, 2) if tile else slice(None)
-    assert (y[:, odd][x[:, odd] <= -126.5] == 0).all() and (y[x == float("-inf")] == 0).all()
-    if tile:
-        even = (y[:, 0::2] - ref[:, 0::2]).abs() / ref[:, 0::2]
-        assert even[x[:, 0::2] >= -126.0].max().item() <= 1e-6
 
 
 def test_negative_softmax_scale():
