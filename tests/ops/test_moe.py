@@ -281,17 +281,23 @@ def test_moe_ffn_torch_backend_is_the_reference():
     torch.testing.assert_close(chained, out)
 
 
-def test_triton_path_masks_invalid_ids():
-    """An id outside [0, E) on the Triton path adds nothing (it cannot raise without a host sync)."""
+def test_triton_path_checks_ids_or_masks_them_unchecked():
+    """An id outside [0, E) raises by default on both paths; with check_ids=False (no host sync) the Triton path
+    adds nothing for it."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     ids, weights = _routing(9, 4, 2, gen)
     ids[2, 1], ids[5, 0] = -1, 7
     hidden = torch.randn(9, 16, generator=gen, device=DEVICE)
     gate_up, down = _expert_weights(4, 16, 8, gen)
-    perm = moe_permute(hidden, ids, 4, backend="triton")
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, num_experts=4\), got values in \[-1, 7\]"):
+            moe_permute(hidden, ids, 4, backend=backend)
+        with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, num_experts=4\)"):
+            moe_ffn(hidden, ids, weights, gate_up, down, backend=backend)
+    perm = moe_permute(hidden, ids, 4, check_ids=False, backend="triton")
     assert perm.row_index.view(9, 2)[2, 1] == -1 and perm.row_index.view(9, 2)[5, 0] == -1
     assert int(perm.expert_offsets[-1]) == 16
-    out = moe_ffn(hidden, ids, weights, gate_up, down, backend="triton")
+    out = moe_ffn(hidden, ids, weights, gate_up, down, check_ids=False, backend="triton")
     kept = weights.clone()
     kept[2, 1] = kept[5, 0] = 0.0
     ref = moe_ffn_reference(hidden, ids.clamp(0, 3), kept, gate_up, down)
@@ -536,11 +542,11 @@ def test_gpu_moe_ffn_makes_no_host_sync():
     gate_up, down = (t.bfloat16().requires_grad_() for t in _expert_weights(64, 512, 256, gen))
     weights.requires_grad_(True)
     grad = torch.randn(4096, 512, generator=gen, device=DEVICE, dtype=torch.bfloat16)
-    moe_ffn(hidden, ids, weights, gate_up, down).backward(grad)  # warm-up: compile the kernels
+    moe_ffn(hidden, ids, weights, gate_up, down, check_ids=False).backward(grad)  # warm-up: compile the kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        moe_ffn(hidden, ids, weights, gate_up, down).backward(grad)
+        moe_ffn(hidden, ids, weights, gate_up, down, check_ids=False).backward(grad)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -36,8 +36,9 @@ routing-dependent sizes, hence no device-to-host sync at all:
    SwiGLU only touch the rows that exist.
 4. Reduce-scatter of the partial sums (in the activations' dtype) back to the tokens' ranks.
 The backward swaps the collectives (reduce-scatter of the hidden states' gradient, all-gather of the output's).
-Expert ids out of range are reported (every rank raises the same ValueError after the id gather) on the torch
-path; on the Triton path they are dropped, as ``moe_ffn`` documents (checking them would need a sync).
+With ``check_ids`` (the default; the models turn it off, as their router's ids are in range) each rank's flag for
+expert ids out of range travels with its token count, and every rank raises the same ValueError before any
+device collective; computing the flag is then the dispatch's one host sync.
 
 **All-to-all** (``dispatch="alltoall"``; larger EP, where a token needs only some ranks):
 
@@ -82,7 +83,6 @@ from torch.distributed.tensor import DTensor, Shard
 
 from veofast.models.moe import Experts
 from veofast.ops import moe_ffn
-from veofast.ops._backend import resolve_backend
 
 from .parallel_state import ParallelState
 from .row_collectives import (
@@ -138,7 +138,10 @@ class ExpertParallelDispatcher:
     ``hidden (T, H)``, ``topk_ids / topk_weights (T, K)`` (global expert ids in ``[0, num_experts)``), and the
     expert weights either as DTensors sharded ``Shard(0)`` over the EP mesh (global ``(E, 2I, H)`` / ``(E, H, I)``)
     or as this rank's plain ``(E/ep, 2I, H)`` / ``(E/ep, H, I)`` slices. Returns ``(T, H)`` in hidden's dtype.
-    ``side``: an optional callable returning ``(T, H)`` (e.g. the shared expert), run while the combine is in
+    ``check_ids``: raise ValueError on expert ids out of range on every rank before any row moves (the all-to-all
+    dispatch always does; the all-gather dispatch then syncs with the device once; the models pass False, their
+    router's ids are in range). ``side``: an optional callable returning ``(T, H)`` (e.g. the shared expert), run
+    while the combine is in
     flight (and its backward while the combine's gradient is) and added to the output. Every rank of ``group`` must
     call it the same number of times (it runs collectives). See the module docstring for the protocol.
     """
@@ -239,6 +242,7 @@ class ExpertParallelDispatcher:
         gate_up_proj: torch.Tensor,
         down_proj: torch.Tensor,
         *,
+        check_ids: bool = True,
         backend: str = "auto",
         side=None,
     ) -> torch.Tensor:
@@ -255,7 +259,7 @@ class ExpertParallelDispatcher:
                 f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
             )
         if self.strategy(topk_ids.shape[1]) == "allgather":
-            return self._gather_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend, side)
+            return self._gather_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend, side, check_ids)
         return self._exchange_tokens(hidden, topk_ids, topk_weights, gate_up, down, backend, side)
 
     def _bad_id_error(self, bad_ranks: list[int]) -> ValueError:
@@ -263,17 +267,18 @@ class ExpertParallelDispatcher:
             f"expert parallelism: topk_ids outside [0, num_experts={self.num_experts}) on EP rank(s) {bad_ranks}"
         )
 
-    def _gather_tokens(self, hidden, topk_ids, topk_weights, gate_up, down, backend, side) -> torch.Tensor:
+    def _gather_tokens(self, hidden, topk_ids, topk_weights, gate_up, down, backend, side, check_ids):
         """The all-gather dispatch: every rank's tokens, ids and weights to every rank of the group; the local
-        experts' partial sums for all of them; reduce-scatter back to the tokens' ranks."""
-        counts = host_row_counts(hidden.shape[0], self.host_group)
+        experts' partial sums for all of them; reduce-scatter back to the tokens' ranks. With ``check_ids`` (a
+        host sync on a GPU) each rank's flag for ids out of range travels with its token count, so every rank
+        raises before any device collective."""
+        bad_ids = check_ids and bool(((topk_ids < 0) | (topk_ids >= self.num_experts)).any())
+        counts_and_flags = host_row_counts(2 * hidden.shape[0] + bad_ids, self.host_group)
+        counts = [c // 2 for c in counts_and_flags]
+        if any(c % 2 for c in counts_and_flags):
+            raise self._bad_id_error([j for j, c in enumerate(counts_and_flags) if c % 2])
         padded = max(counts)
         all_ids = all_gather_rows(topk_ids, padded, self.group, pad_value=-1)  # padding rows route nowhere
-        if resolve_backend("moe_ffn", backend, hidden.device) == "torch":  # a host check costs nothing there
-            ids = all_ids.view(self.ep_size, padded, -1)
-            bad = [j for j, n in enumerate(counts) if ((ids[j, :n] < 0) | (ids[j, :n] >= self.num_experts)).any()]
-            if bad:
-                raise self._bad_id_error(bad)
         out = moe_ffn(
             gather_rows(hidden, padded, self.group),
             all_ids,

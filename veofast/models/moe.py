@@ -38,9 +38,12 @@ class Experts(nn.Module):
         """``hidden (N, H)``, ``topk_ids / topk_weights (N, K)`` -> weighted sum of expert outputs ``(N, H)``,
         plus ``side()`` if given (an ``(N, H)`` term that an EP dispatcher computes under its combine)."""
         weights = (self.gate_up_proj, self.down_proj)
+        # ids from the router's top-k over num_experts are in range: no check (it would cost a host sync)
         if self.dispatcher is not None:
-            return self.dispatcher(hidden, topk_ids, topk_weights, *weights, backend=self.backend, side=side)
-        out = moe_ffn(hidden, topk_ids, topk_weights, *weights, backend=self.backend)
+            return self.dispatcher(
+                hidden, topk_ids, topk_weights, *weights, check_ids=False, backend=self.backend, side=side
+            )
+        out = moe_ffn(hidden, topk_ids, topk_weights, *weights, check_ids=False, backend=self.backend)
         return out if side is None else out + side()
 
 

@@ -14,11 +14,16 @@ Public ops (each with ``backend="auto" | "triton" | "torch"``):
 - ``moe_ffn``: permute -> expert_ffn -> unpermute, the MoE layer's fast path.
 
 ``*_reference`` functions are plain torch, readable, and the definition of each op (the CPU path and the test
-oracle). The Triton path never syncs with the host and is deterministic: within an expert, rows keep the order of
-the flattened ``(token, slot)`` index. Its grouped GEMMs run on ``torch._grouped_mm`` for bf16 on Hopper (sm90),
-and on our own Triton kernels otherwise. The torch path checks that expert ids are in ``[0, num_experts)`` (a
-host sync); the Triton path cannot without a sync: there an id outside the range is ignored (the slot gets
-``row_index = -1``, moves no row and adds nothing), and rows past ``expert_offsets[-1]`` hold undefined values.
+oracle). The Triton path is deterministic: within an expert, rows keep the order of the flattened ``(token, slot)``
+index. Its grouped GEMMs run on ``torch._grouped_mm`` for bf16 on Hopper (sm90), and on our own Triton kernels
+otherwise.
+
+Expert ids. ``moe_permute`` and ``moe_ffn`` check that the ids lie in ``[0, num_experts)`` and raise ValueError
+before any kernel runs; on a GPU that check is the one host sync of the op. ``check_ids=False`` skips it where the
+ids are known to be in range (a router's top-k over ``num_experts`` logits: the models pass it, so their MoE
+layers make no host sync); the Triton path then ignores an id outside the range (the slot gets ``row_index = -1``,
+moves no row and adds nothing), and rows past ``expert_offsets[-1]`` hold undefined values. The references always
+check.
 
 Local experts (expert parallelism). ``moe_permute`` and ``moe_ffn`` take ``first_expert``: the ``E`` experts at
 hand are then ids ``[first_expert, first_expert + E)`` of a larger set, and slots routed to any other id are
@@ -93,7 +98,7 @@ def _check_routing(topk_ids: torch.Tensor, num_tokens: int) -> None:
 
 
 def _check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
-    """Host-syncing check, for the torch path only."""
+    """ValueError unless every id is in ``[0, num_experts)`` (a host sync on a GPU)."""
     if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= num_experts):
         raise ValueError(
             f"topk_ids must lie in [0, num_experts={num_experts}), got values in "
@@ -388,6 +393,7 @@ def moe_permute(
     *,
     first_expert: int | None = None,
     num_rows: int | None = None,
+    check_ids: bool = True,
     backend: str = "auto",
 ) -> MoEPermutation:
     """Copies each token once per chosen expert into rows grouped by expert; differentiable wrt ``hidden``.
@@ -395,7 +401,7 @@ def moe_permute(
     hidden: (T, H) float; topk_ids: (T, K) int32/int64 in ``[0, num_experts)``. See ``MoEPermutation``.
     first_expert: the experts are ids ``[first_expert, first_expert + num_experts)``; slots routed elsewhere are
     dropped (``row_index`` -1). num_rows: rows to allocate (default ``T*K``); at least the number of kept slots
-    (the torch path checks; on the Triton path the slots past it are dropped).
+    (the torch path checks; on the Triton path the slots past it are dropped). check_ids: see the module docstring.
     """
     _check_float("hidden", hidden, 2)
     _check_routing(topk_ids, hidden.shape[0])
@@ -403,6 +409,8 @@ def moe_permute(
     _check_count("num_experts", num_experts, 1)
     _check_count("first_expert", first_expert, 0, optional=True)
     _check_count("num_rows", num_rows, 0, optional=True)
+    if check_ids and first_expert is None:
+        _check_ids_in_range(topk_ids, num_experts)
     if resolve_backend("moe_permute", backend, hidden.device) == "torch":
         return moe_permute_reference(hidden, topk_ids, num_experts, first_expert=first_expert, num_rows=num_rows)
     return MoEPermutation(*_MoEPermute.apply(hidden, topk_ids, num_experts, first_expert, num_rows))
@@ -484,14 +492,16 @@ def moe_ffn(
     *,
     first_expert: int | None = None,
     num_rows: int | None = None,
+    check_ids: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The routed expert FFN: permute -> expert_ffn -> unpermute (``moe_ffn_reference`` defines it).
 
     hidden: (T, H); topk_ids: (T, K) int32/int64; topk_weights: (T, K) float; gate_up_proj: (E, 2I, H);
     down_proj: (E, H, I). Returns (T, H) in hidden's dtype; differentiable wrt hidden, topk_weights and both
-    weights. The Triton path makes no host sync. ``first_expert`` and ``num_rows``: as in ``moe_permute`` (the
-    weights are then experts ``[first_expert, first_expert + E)``; slots routed elsewhere add nothing).
+    weights. ``first_expert`` and ``num_rows``: as in ``moe_permute`` (the weights are then experts
+    ``[first_expert, first_expert + E)``; slots routed elsewhere add nothing). With ``check_ids=False`` the
+    Triton path makes no host sync (see the module docstring).
     """
     _check_float("hidden", hidden, 2)
     _check_routing(topk_ids, hidden.shape[0])
@@ -506,6 +516,8 @@ def moe_ffn(
     )
     _check_count("first_expert", first_expert, 0, optional=True)
     _check_count("num_rows", num_rows, 0, optional=True)
+    if check_ids and first_expert is None:
+        _check_ids_in_range(topk_ids, gate_up_proj.shape[0])
     if resolve_backend("moe_ffn", backend, hidden.device) == "torch":
         return moe_ffn_reference(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, first_expert=first_expert)
     rows, expert_offsets, row_index, _ = _MoEPermute.apply(
