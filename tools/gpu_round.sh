@@ -3,7 +3,7 @@
 # then 2-GPU diagnostics, then 4-GPU runs of the training entry point (ZeRO-3, kill-and-resume, EP=4).
 # Every job writes into its own folder; at the end all of them are packed into $OUT/results.tar.gz, and the
 # summary of each job goes to $OUT/round.log (the device tool brings back at most 8 files).
-# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 ep2 ep2b one curves1 ce1 moe1 (each 3-6 minutes)
+# Usage: bash tools/gpu_round.sh phase ...   phases: jobs explore diag confirm final steps multi curves maxlen maxlen4 ep2 ep2b sp2 one curves1 ce1 moe1 (each 3-6 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=/tmp/round; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -134,6 +134,22 @@ for phase in "${phases[@]}"; do
       job ulysses_nccl 0,1 150 torchrun --nproc_per_node=2 --master_port=29663 bench/ulysses.py --quick \
         --head-chunks 4 1
       summary moe_ep ep_diag train_ep2 bench_ep2 ulysses_ce ulysses_nccl ;;
+    sp2)  # 2 GPUs: the training entry point with Ulysses SP=2 over each transport (losses must agree), and the
+      # Ulysses layer bench (full rounds) with 2 head chunks and unchunked over the copy engines
+      stamp "phase sp2"
+      for transport in copy_engine nccl; do
+        job "train_sp2_$transport" 0,1 150 torchrun --nproc_per_node=2 --master_port=29671 tasks/train.py \
+          configs/moe.yaml --train.ulysses_parallel_size 2 --train.ulysses_transport $transport \
+          --train.max_steps 10 --train.save_steps 0 --train.eval_steps 10 --train.output_dir "$WORK/train_sp2_$transport/run"
+        tail -2 "$WORK/train_sp2_$transport/run/metrics.jsonl" >> "$WORK/train_sp2_$transport/stdout.log" 2>&1
+      done
+      VEOFAST_BENCH_RESULTS="$WORK/train_sp2_copy_engine" python3 tools/compare_loss_curves.py \
+        "$WORK/train_sp2_copy_engine/run/metrics.jsonl" "$WORK/train_sp2_nccl/run/metrics.jsonl" \
+        --label "configs/moe.yaml, SP=2 on 2 H200, 10 steps: copy-engine vs NCCL all-to-alls" \
+        >> "$WORK/train_sp2_copy_engine/stdout.log" 2>&1
+      job ulysses_full 0,1 300 torchrun --nproc_per_node=2 --master_port=29664 bench/ulysses.py \
+        --transport copy_engine --head-chunks 2 1
+      summary train_sp2_copy_engine train_sp2_nccl ulysses_full ;;
     curves1)  # 1 GPU: fast paths vs torch references over 200 steps (one rank: per-layer casts, no FSDP)
       stamp "phase curves1"
       loss_curves

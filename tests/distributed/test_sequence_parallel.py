@@ -18,8 +18,8 @@ from veofast.distributed.sequence_parallel import (
     DEFAULT_HEAD_CHUNKS,
     UlyssesAttention,
     apply_sequence_parallel,
-    resolve_transport,
     default_head_chunks,
+    resolve_transport,
     shard_micro_batch,
     ulysses_kv_replication,
 )
@@ -195,10 +195,12 @@ def test_sp2_head_chunks_match_sp1(tmp_path):
 
 
 def test_transport_resolution():
-    # CPU runs (and SP=1) always take NCCL's path (gloo's all_to_all_single); explicit values are checked and kept
+    # CPU runs (and SP=1) take NCCL's path (gloo's all_to_all_single); explicit values are checked and kept
     cpu = SimpleNamespace(device_type="cpu", sp_size=2, sp_group=None)
     assert resolve_transport("auto", cpu) == "nccl"
     assert resolve_transport("auto", SimpleNamespace(device_type="cuda", sp_size=1, sp_group=None)) == "nccl"
-    assert resolve_transport("copy_engine", cpu) == "copy_engine"
+    assert resolve_transport("copy_engine", SimpleNamespace(device_type="cuda", sp_size=2)) == "copy_engine"
+    with pytest.raises(ValueError, match="'copy_engine' moves CUDA tensors"):
+        resolve_transport("copy_engine", cpu)
     with pytest.raises(ValueError, match="transport must be one of"):
         resolve_transport("ring", cpu)

@@ -312,10 +312,13 @@ def resolve_transport(transport: str, ps) -> str:
     copy engines then move the all-to-alls over NVLink without taking SMs from the attention they hide behind:
     on 2xH200 they hid 61-67% of it where NCCL hid 3-4%), else ``"nccl"``; other values are checked and kept.
     Collective over ``ps.sp_group`` when it has to look (every rank of it must call)."""
+    on_cuda = getattr(ps, "device_type", "cpu") == "cuda"
     if transport != "auto":
         check_transport(transport)
+        if transport == "copy_engine" and not on_cuda:
+            raise ValueError("ulysses_transport 'copy_engine' moves CUDA tensors between GPUs; this run is on the CPU")
         return transport
-    if getattr(ps, "device_type", "cpu") != "cuda" or ps.sp_size == 1:
+    if not on_cuda or ps.sp_size == 1:
         return "nccl"
     hosts = [None] * ps.sp_size
     dist.all_gather_object(hosts, socket.gethostname(), group=ps.sp_group)
