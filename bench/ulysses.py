@@ -163,14 +163,13 @@ def set_mode(layer, mode: str, transport: str | None = None, head_chunks: int | 
 
 
 def chunk_counts(layer, requested: list[int] | None) -> list[int]:
-    """The ``--head-chunks`` counts (default: the layer's automatic count, then 1), each checked on the layer."""
+    """The ``--head-chunks`` counts (default: 2 if the layer's local KV heads allow it, and 1), each checked on the
+    layer."""
     (module,) = [m for m in layer.modules() if isinstance(m, UlyssesAttention)]
-    counts = requested or [module.head_chunks, 1]
-    counts = list(dict.fromkeys(counts))
-    auto = module.head_chunks
+    counts = list(dict.fromkeys(requested or ([2] if module.local_kv_heads % 2 == 0 else []) + [1]))
     for c in counts:
         module.head_chunks = c  # ValueError for a count that does not divide the local KV heads
-    module.head_chunks = auto
+    module.head_chunks = 1
     return counts
 
 
@@ -394,7 +393,7 @@ def main() -> None:
     parser.add_argument("--transport", default="nccl", choices=TRANSPORTS,
                         help="what carries the all-to-alls: NCCL kernels or the copy engines (symmetric memory)")
     parser.add_argument("--head-chunks", type=int, nargs="+", default=None, metavar="N",
-                        help="chunk counts of the head-chunked pipeline to compare (default: the automatic one and 1)")
+                        help="chunk counts of the head-chunked pipeline to compare (default: 2 and 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     code, rank = 0, 0

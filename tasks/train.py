@@ -177,7 +177,7 @@ def main() -> None:
         enable_gradient_checkpointing=train.enable_gradient_checkpointing, init_device=train.init_device,
         enable_fsdp_offload=train.enable_fsdp_offload, basic_modules=args.model.basic_modules,
         enable_compile=train.compile, global_load_balancing=train.global_load_balancing,
-        ulysses_transport=train.ulysses_transport, seed=train.seed,
+        ulysses_transport=train.ulysses_transport, ulysses_head_chunks=train.ulysses_head_chunks, seed=train.seed,
     )
     optimizer = build_optimizer(
         model, lr=train.lr, weight_decay=train.weight_decay, betas=(train.adam_beta1, train.adam_beta2),

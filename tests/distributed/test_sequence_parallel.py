@@ -15,10 +15,8 @@ import torch
 from dist_launch import torchrun
 
 from veofast.distributed.sequence_parallel import (
-    DEFAULT_HEAD_CHUNKS,
     UlyssesAttention,
     apply_sequence_parallel,
-    default_head_chunks,
     resolve_transport,
     shard_micro_batch,
     ulysses_kv_replication,
@@ -118,24 +116,18 @@ def ulysses(heads: int, kv_heads: int, sp: int, **kwargs) -> UlyssesAttention:
 
 
 def test_head_chunks_default_and_errors():
-    assert DEFAULT_HEAD_CHUNKS == 2
-    assert [default_head_chunks(kv) for kv in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 1, 2, 2, 2, 2]
-    assert ulysses(32, 8, 2).head_chunks == 2  # the 7B shape at SP=2: 4 local KV heads
-    assert ulysses(16, 8, 4).head_chunks == 2
-    assert ulysses(4, 1, 2).head_chunks == 1  # a replicated KV head: one local KV head
-    layer = ulysses(32, 8, 2, head_chunks=2)
+    assert ulysses(32, 8, 2).head_chunks == 1  # unchunked unless asked
+    layer = ulysses(32, 8, 2, head_chunks=2)  # the 7B shape at SP=2: 4 local KV heads
     assert layer.head_chunks == 2 and "head_chunks=2" in repr(layer)
     layer.head_chunks = 4
-    layer.head_chunks = None
-    assert layer.head_chunks == 2
     with pytest.raises(ValueError, match=r"head_chunks must be an int >= 1 that divides the 4 KV head\(s\)"):
         ulysses(32, 8, 2, head_chunks=3)
     with pytest.raises(ValueError, match=r"divides the 1 KV head\(s\).*1 KV heads x 2 replicas"):
         ulysses(4, 1, 2, head_chunks=2)
-    for bad in (0, -2, 8, 2.0, True, "2"):
+    for bad in (0, -2, 8, 2.0, True, "2", None):
         with pytest.raises(ValueError, match="head_chunks"):
             layer.head_chunks = bad
-    assert layer.head_chunks == 2  # unchanged by the failed assignments
+    assert layer.head_chunks == 4  # unchanged by the failed assignments
     model = build_foundation_model(config_overrides={**TINY, "num_attention_heads": 8, "num_key_value_heads": 4})
     with pytest.raises(ValueError, match="head_chunks"):
         apply_sequence_parallel(model, SimpleNamespace(sp_size=2, sp_group=None), head_chunks=4)

@@ -50,10 +50,6 @@ from .ulysses_comm import (
 IGNORE_INDEX = -100
 _KNOWN_KEYS = {"input_ids", "labels", "shift_labels", "position_ids", "cu_seqlens", "max_seqlen",
                "num_label_tokens", "attention_mask"}
-# head_chunks=None: this many chunks (or the largest divisor of the local KV heads below it). The one knob of the
-# chunked pipeline, set by bench/ulysses.py --head-chunks on 2xH200 (7B layer, 64k tokens, copy-engine transport):
-# 2 chunks hid 67% of the all-to-all time, 1 chunk 61%, 4 chunks 34% (each exchange then costs more than it hides).
-DEFAULT_HEAD_CHUNKS = 2
 
 
 # ------------------------------------------------------------------------------------------------------- data side
@@ -142,11 +138,6 @@ def ulysses_kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> i
     return sp_size // num_kv_heads
 
 
-def default_head_chunks(local_kv_heads: int) -> int:
-    """``head_chunks`` for ``None``: the largest divisor of ``local_kv_heads`` at most ``DEFAULT_HEAD_CHUNKS``."""
-    return max(c for c in range(1, min(local_kv_heads, DEFAULT_HEAD_CHUNKS) + 1) if local_kv_heads % c == 0)
-
-
 class UlyssesAttention(nn.Module):
     """``Attention`` over a sequence split across an SP group: same submodules, same parameter names.
 
@@ -155,9 +146,11 @@ class UlyssesAttention(nn.Module):
 
     After the all-to-alls a rank holds ``heads / sp`` query heads and ``kv_heads * kv_repeat / sp`` (the "local
     KV heads") KV heads. ``head_chunks = C`` splits them into ``C`` chunks of whole GQA groups: chunk ``c`` holds
-    local KV heads ``[c * kv / C, (c + 1) * kv / C)`` and their query heads (so ``C`` must divide the local KV heads;
-    ``None``: ``default_head_chunks``, ``DEFAULT_HEAD_CHUNKS`` or the largest divisor below it). ``C = 1`` is the
-    unchunked schedule.
+    local KV heads ``[c * kv / C, (c + 1) * kv / C)`` and their query heads (so ``C`` must divide the local KV heads).
+    ``C = 1`` (the default) is the unchunked schedule. On 2xH200 (7B layer, 64k tokens, copy-engine transport)
+    chunking did not pay: smaller exchanges cost more in all (4.2 ms for 2 chunks against 2.7 unchunked), and the
+    unchunked overlap already hid 61-72% of the all-to-all time against 24-67% for 2 chunks (``bench/ulysses.py
+    --head-chunks``; runs vary by a few ms).
 
     Forward, each all-to-all hidden by what follows it (``ulysses_comm`` has the launch/wait nodes):
 
@@ -187,7 +180,7 @@ class UlyssesAttention(nn.Module):
     """
 
     def __init__(self, attn: Attention, group, sp_size: int, *, comm_mode: str = "async", comm_transport: str = "nccl",
-                 head_chunks: int | None = None):
+                 head_chunks: int = 1):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
@@ -224,19 +217,17 @@ class UlyssesAttention(nn.Module):
 
     @property
     def head_chunks(self) -> int:
-        """How many chunks of this rank's heads the pipeline runs (assign ``None`` for the default)."""
+        """How many chunks of this rank's heads the pipeline runs."""
         return self._head_chunks
 
     @head_chunks.setter
-    def head_chunks(self, chunks: int | None) -> None:
-        if chunks is None:
-            chunks = default_head_chunks(self.local_kv_heads)
+    def head_chunks(self, chunks: int) -> None:
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or self.local_kv_heads % chunks:
             raise ValueError(
                 f"UlyssesAttention: head_chunks must be an int >= 1 that divides the {self.local_kv_heads} KV head(s) "
                 f"each of the {self.sp_size} ranks holds ({self.num_kv_heads} KV heads"
                 + (f" x {self.kv_repeat} replicas" if self.kv_repeat > 1 else "")
-                + f" / ulysses_size {self.sp_size}), got {chunks!r}; use None for the default"
+                + f" / ulysses_size {self.sp_size}), got {chunks!r}"
             )
         self._head_chunks = chunks
 
@@ -326,12 +317,12 @@ def resolve_transport(transport: str, ps) -> str:
 
 
 def apply_sequence_parallel(
-    model: nn.Module, ps, *, comm_mode: str = "async", head_chunks: int | None = None, transport: str = "auto"
+    model: nn.Module, ps, *, comm_mode: str = "async", head_chunks: int = 1, transport: str = "auto"
 ) -> nn.Module:
     """Make ``model`` run on its SP rank's slice of each micro-batch (in place; before FSDP; meta is fine).
 
     Every ``Attention`` becomes a ``UlyssesAttention`` over ``ps.sp_group`` (``ps.sp_size`` ranks) with
-    ``head_chunks`` (None: the default for its head counts) and the all-to-all ``transport`` (``"auto"``:
+    ``head_chunks`` and the all-to-all ``transport`` (``"auto"``:
     ``resolve_transport``); every ``SparseMoeBlock`` averages its router
     statistics over the group. Raises ValueError if the head counts do not split over ``ps.sp_size`` ranks (see
     ``ulysses_kv_replication``), ``head_chunks`` does not divide a layer's local KV heads, or the model has no

@@ -63,6 +63,7 @@ def build_parallelize_model(
     enable_compile: bool = False,
     global_load_balancing: bool = False,
     ulysses_transport: str = "auto",
+    ulysses_head_chunks: int = 1,
     seed: int = 0,
 ) -> nn.Module:
     """Parallelise ``model`` according to ``get_parallel_state()`` and return it (FSDP2 wraps in place).
@@ -72,7 +73,8 @@ def build_parallelize_model(
     computes in bf16 on CUDA (on CPU it stays fp32, logged once). ``enable_fsdp_offload`` keeps shards and
     optimizer state on the CPU. ``init_device`` is the device the model was built on.
     ``global_load_balancing`` forms an MoE model's load-balancing loss over all data-parallel ranks.
-    ``ulysses_transport`` carries the Ulysses all-to-alls (``sequence_parallel.resolve_transport``).
+    ``ulysses_transport`` carries the Ulysses all-to-alls (``sequence_parallel.resolve_transport``);
+    ``ulysses_head_chunks`` pipelines them in chunks of heads (``sequence_parallel.UlyssesAttention``).
     """
     ps = get_parallel_state()
     if ps.tp_enabled:
@@ -96,7 +98,7 @@ def build_parallelize_model(
     if ps.sp_enabled:
         from .sequence_parallel import apply_sequence_parallel
 
-        apply_sequence_parallel(model, ps, transport=ulysses_transport)
+        apply_sequence_parallel(model, ps, transport=ulysses_transport, head_chunks=ulysses_head_chunks)
     if global_load_balancing and not apply_global_load_balancing(model, ps) and model.config.is_moe:
         _log_once("the load-balancing loss stays per rank (one data-parallel rank, or sequence parallelism on)")
     if enable_compile:

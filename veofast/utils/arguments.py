@@ -100,6 +100,11 @@ class TrainingArguments:
     pipeline_parallel_size: int = field(default=1)
     context_parallel_size: int = field(default=1)
     ulysses_parallel_size: int = field(default=1)
+    ulysses_head_chunks: int = field(
+        default=1,
+        metadata={"help": "Chunks of whole GQA groups pipelined through the Ulysses all-to-alls (must divide the KV "
+                  "heads per SP rank); 1: unchunked."},
+    )
     ulysses_transport: Literal["auto", "nccl", "copy_engine"] = field(
         default="auto",
         metadata={"help": "What carries the Ulysses all-to-alls: the GPUs' copy engines (no SMs taken from the "
@@ -170,7 +175,8 @@ class TrainingArguments:
         self.global_rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        for name in ("micro_batch_size", "num_train_epochs", "ulysses_parallel_size", "expert_parallel_size"):
+        for name in ("micro_batch_size", "num_train_epochs", "ulysses_parallel_size", "ulysses_head_chunks",
+                     "expert_parallel_size"):
             if getattr(self, name) < 1:
                 raise ArgumentError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.rmpad and self.rmpad_with_pos_ids:

@@ -1,9 +1,9 @@
 """``train_steps_worker`` on a tiny llama with enough KV heads for the head-chunked Ulysses pipeline.
 
 Usage: torchrun ... sp_chunks_train_worker.py OUT_JSON llama_chunked [key=value ...]: the keys of
-``train_steps_worker`` plus ``chunks=C``: every ``UlyssesAttention`` the run builds (with the default
-``head_chunks``) must have ``C`` chunks. The model has 16 query / 8 KV heads, so with SP=2 each rank holds 4 KV
-heads and the default is 2 chunks of two GQA groups (4 query heads, 2 KV heads) each.
+``train_steps_worker`` plus ``chunks=C``: ``apply_sequence_parallel`` is asked for ``head_chunks=C``, and every
+``UlyssesAttention`` the run builds must have ``C`` chunks. The model has 16 query / 8 KV heads, so with SP=2 each
+rank holds 4 KV heads (C = 2: two chunks of two GQA groups, 4 query heads and 2 KV heads each).
 """
 
 import sys
@@ -20,7 +20,7 @@ base.TINY["llama_chunked"] = {"model_type": "llama", "vocab_size": 97, "hidden_s
 
 def checked_apply(apply, chunks: int):
     def apply_and_check(model, ps, **kwargs):
-        model = apply(model, ps, **kwargs)
+        model = apply(model, ps, **{**kwargs, "head_chunks": chunks})
         found = [m.head_chunks for m in model.modules() if isinstance(m, sequence_parallel.UlyssesAttention)]
         if not found or any(c != chunks for c in found):
             raise AssertionError(f"expected every UlyssesAttention with head_chunks={chunks}, got {found}")
