@@ -112,12 +112,12 @@ class AllToAll(Exchange):
         self.output_splits, self.input_splits = output_splits, input_splits
 
     def run(self, x, reverse):
-        output_splits, input_splits = (self.input_splits, self.output_splits) if reverse else self.splits()
+        if reverse:
+            output_splits, input_splits = self.input_splits, self.output_splits
+        else:
+            output_splits, input_splits = self.output_splits, self.input_splits
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
         return out, dist.all_to_all_single(out, x, output_splits, input_splits, group=self.group, async_op=True)
-
-    def splits(self) -> tuple[list[int], list[int]]:
-        return self.output_splits, self.input_splits
 
 
 class ReduceScatter(Exchange):
