@@ -238,7 +238,7 @@ def _dkdv_loop_packed(
 
 
 @triton.jit
-def _dkdv_loop(
+def _dkdv_loop_heads(
     dk,
     dv,
     k,
@@ -266,7 +266,6 @@ def _dkdv_loop(
     hi,
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    PACK: tl.constexpr,
     MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
@@ -275,14 +274,7 @@ def _dkdv_loop(
 ):
     """Accumulate query blocks ``lo .. hi`` of every query head of the GQA group into dk, dv (BLOCK_N, HEAD_DIM)
     fp32, in one flat loop (heads inner; nesting a head loop around the block loops costs registers). Scores are
-    transposed (BLOCK_N, BLOCK_M). k/v: the key tile; ``cols``: (BLOCK_N,) document-local key indices. With
-    ``PACK`` (the group size, > 1) the heads are packed into the rows instead (``_dkdv_loop_packed``)."""
-    if PACK > 1:
-        return _dkdv_loop_packed(
-            dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, total_q, q_start, stride_qt, stride_dot, cols, seqlen_q,
-            seqlen_k, off, window_left, window_right, qk_scale, lo, hi,
-            BLOCK_M, HEAD_DIM, PACK, MASKED, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
-        )  # fmt: skip
+    transposed (BLOCK_N, BLOCK_M). k/v: the key tile; ``cols``: (BLOCK_N,) document-local key indices."""
     offs_m = tl.arange(0, BLOCK_M)
     mb = lo
     g = lo * 0
@@ -319,6 +311,60 @@ def _dkdv_loop(
         wrap = g == group_size
         mb += wrap.to(tl.int32)
         g = tl.where(wrap, 0, g)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_loop(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    kv_head,
+    group_size,
+    total_q,
+    q_start,
+    stride_qt,
+    stride_qh,
+    stride_dot,
+    stride_doh,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    off,
+    window_left,
+    window_right,
+    qk_scale,
+    lo,
+    hi,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PACK: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk, dv (BLOCK_N, HEAD_DIM) fp32 plus the contributions of query blocks ``lo .. hi`` of every query head of the
+    GQA group: ``_dkdv_loop_packed`` when ``PACK`` (the group size, > 1) packs the heads into the rows of each step,
+    else ``_dkdv_loop_heads`` (one narrow step per head and block)."""
+    if PACK > 1:
+        dk, dv = _dkdv_loop_packed(
+            dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, total_q, q_start, stride_qt, stride_dot, cols, seqlen_q,
+            seqlen_k, off, window_left, window_right, qk_scale, lo, hi,
+            BLOCK_M, HEAD_DIM, PACK, MASKED, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        dk, dv = _dkdv_loop_heads(
+            dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh, stride_dot,
+            stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, lo, hi,
+            BLOCK_M, HEAD_DIM, MASKED, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
+        )  # fmt: skip
     return dk, dv
 
 
