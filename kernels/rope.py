@@ -1,12 +1,16 @@
 """Triton kernel of rotary position embedding (HF ``rotate_half`` convention) for q and k in one launch.
 
 Each program takes ``tokens`` consecutive tokens: it loads their positions, computes ``cos``/``sin`` of
-``position * inv_freq`` in fp32 once (no cos/sin tensors exist in memory), then walks all q heads and all k heads
-of those tokens, ``heads`` heads per step, rotating the first half of ``head_dim`` against the second. A step
-loads and stores ``(heads, tokens, head_dim / 2)`` tiles, each row of a tile being one contiguous half of a head;
+``position * inv_freq`` in fp32 once (no cos/sin tensors exist in memory), then walks the q heads and k heads of
+those tokens, ``heads`` heads per step, rotating the first half of ``head_dim`` against the second. A step loads
+and stores ``(heads, tokens, head_dim / 2)`` tiles, each row of a tile being one contiguous half of a head;
 ``stages > 1`` lets Triton prefetch the next heads while the current ones are rotated. The transcendental math is
-paid once per program for its tokens (by as few threads per value as the layout allows), not once per head. The
-backward is the same kernel rotating by the negative angle.
+paid once per program for its tokens (by as few threads per value as the layout allows), not once per head.
+
+The grid is (token blocks, ``groups``): the steps of a token block (the q steps, then the k steps) are dealt
+round-robin to ``groups`` programs, so ``groups=1`` walks all heads in one program and ``groups`` >= the number of
+steps gives each program one step (more programs, each with all its loads in flight at once; cos/sin are then
+recomputed per program). The backward is the same kernel rotating by the negative angle.
 
 Tunables per head-dim class live in ``CONFIGS``; ``rotary`` takes ``config=`` to override them
 (``bench/small_ops.py --sections sweep`` uses it; ``candidates()`` lists configs worth timing).
@@ -20,12 +24,13 @@ import triton.language as tl
 
 # Per head-dim class, keyed by BLOCK_HALF = next_power_of_2(head_dim / 2) (the smallest key >= it applies; wider
 # heads use the last entry):
-# tokens = tokens per program, heads = heads per step, warps = warps per program, stages = pipelining depth of the
-# loop over heads.
+# tokens = tokens per program, heads = heads per step (a power of 2), warps = warps per program, stages = pipelining
+# depth of the loop over heads, groups = programs per token block sharing its head steps (capped at the number of
+# steps; 1: one program walks all heads).
 CONFIGS: dict[int, dict[str, int]] = {
-    32: {"tokens": 32, "heads": 4, "warps": 8, "stages": 1},  # H200 sweep: 3.10 TB/s geo-mean (d64)
-    64: {"tokens": 32, "heads": 2, "warps": 8, "stages": 1},  # H200 sweep: 3.41 TB/s geo-mean (d128)
-    128: {"tokens": 2, "heads": 8, "warps": 4, "stages": 2},
+    32: {"tokens": 32, "heads": 4, "warps": 8, "stages": 1, "groups": 1},  # H200 sweep: 3.10 TB/s geo-mean (d64)
+    64: {"tokens": 32, "heads": 2, "warps": 8, "stages": 1, "groups": 1},  # H200 sweep: 3.41 TB/s geo-mean (d128)
+    128: {"tokens": 2, "heads": 8, "warps": 4, "stages": 2, "groups": 1},
 }
 
 
@@ -35,6 +40,7 @@ def _rotate_heads(
     out_ptr,
     tokens,
     token_mask,
+    first_step,
     n_heads,
     half,
     stride_xt,
@@ -46,9 +52,11 @@ def _rotate_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     STAGES: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
-    """Rotate heads [0, n_heads) of ``tokens`` (BLOCK_T,) int64, BLOCK_H heads per step; cos, sin: (1, BLOCK_T,
-    BLOCK_HALF) fp32. out[..., :half] = x1 * cos - x2 * sin; out[..., half:] = x2 * cos + x1 * sin.
+    """Rotate the heads of ``tokens`` (BLOCK_T,) int64 in steps of BLOCK_H heads: steps ``first_step``,
+    ``first_step + GROUPS``, ... of [0, n_heads); cos, sin: (1, BLOCK_T, BLOCK_HALF) fp32.
+    out[..., :half] = x1 * cos - x2 * sin; out[..., half:] = x2 * cos + x1 * sin.
 
     Tiles are (heads, tokens, dims): Triton spreads a warp's threads over dims, then tokens, then heads, so few
     threads share a (token, dim) and cos/sin (computed in the same layout) are duplicated across few threads.
@@ -58,7 +66,7 @@ def _rotate_heads(
     out_rows = out_ptr + tokens[None, :, None] * stride_ot + dims
     row_mask = token_mask[None, :, None] & (dims < half)
     out_ty = out_ptr.dtype.element_ty
-    for first in tl.range(0, n_heads, BLOCK_H, num_stages=STAGES):
+    for first in tl.range(first_step * BLOCK_H, n_heads, GROUPS * BLOCK_H, num_stages=STAGES):
         heads = (first + tl.arange(0, BLOCK_H))[:, None, None]
         mask = row_mask & (heads < n_heads)
         x_first = x_rows + heads * stride_xh
@@ -95,6 +103,7 @@ def _rotary_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     STAGES: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < n_tokens
@@ -106,11 +115,21 @@ def _rotary_kernel(
     cos = tl.cos(freqs) * cos_scale
     sin = tl.sin(freqs) * sin_scale
     tokens = tokens.to(tl.int64)
+    # Steps 0 .. n_q_steps - 1 rotate q heads, the next ones k heads; program ``group`` takes the steps that are
+    # ``group`` modulo GROUPS (all of them when GROUPS is 1).
+    if GROUPS == 1:
+        q_step = 0
+        k_step = 0
+    else:
+        group = tl.program_id(1)
+        q_step = group
+        k_step = (group + GROUPS - tl.cdiv(n_q_heads, BLOCK_H) % GROUPS) % GROUPS
     _rotate_heads(
         q_ptr,
         q_out_ptr,
         tokens,
         token_mask,
+        q_step,
         n_q_heads,
         half,
         stride_qt,
@@ -122,12 +141,14 @@ def _rotary_kernel(
         BLOCK_H,
         BLOCK_HALF,
         STAGES,
+        GROUPS,
     )
     _rotate_heads(
         k_ptr,
         k_out_ptr,
         tokens,
         token_mask,
+        k_step,
         n_k_heads,
         half,
         stride_kt,
@@ -139,6 +160,7 @@ def _rotary_kernel(
         BLOCK_H,
         BLOCK_HALF,
         STAGES,
+        GROUPS,
     )
 
 
@@ -157,17 +179,34 @@ def config_for(head_dim: int, override: dict | None = None) -> dict[str, int]:
 
 
 def candidates(head_dim: int) -> list[dict[str, int]]:
-    """Configs worth timing at ``head_dim`` (the sweep of bench/small_ops.py): the current one, then steps of 2k and
-    4k elements (heads x tokens x head_dim / 2) at 16 elements per thread (two 16-byte vectors per load), with and
-    without prefetching the next heads. More tokens per program: fewer threads compute the same cos/sin value (a
-    warp spreads over dims, then tokens, then heads), but there are fewer programs."""
+    """Configs worth timing at ``head_dim`` (the sweep of bench/small_ops.py), the current one first; tiles of
+    ``tokens x heads x head_dim / 2`` elements with 16 or 32 elements per thread (2 or 4 16-byte vectors per load).
+
+    - a few steps of 2k elements with 2-8 heads and 4 warps (the best family of the sweeps before these configs);
+    - many programs: 1, 2 or 4 tokens per program (T / tokens programs, so an SM holds many programs and many loads
+      in flight) with 8-64 heads per step (32 and more: all q heads of a token in one step), 1-4 warps (fewer
+      threads per program: each thread rotates several heads with the same cos/sin values); for 4 tokens also
+      with prefetching of the next heads;
+    - one step per program (``groups`` capped at the number of steps): 8 heads of 1k-4k elements.
+    """
     block_half = _block_half(head_dim)
     configs = [config_for(head_dim)]
-    for elements in (2048, 4096):
-        for tokens in (2, 4, 8, 16, 32):
-            heads = elements // (tokens * block_half)
-            if 2 <= heads <= 8:
-                configs += [{"tokens": tokens, "heads": heads, "warps": elements // 512, "stages": s} for s in (1, 2)]
+    base = {"stages": 1, "groups": 1}
+    for tokens in (8, 16, 32):
+        heads = 2048 // (tokens * block_half)
+        if 2 <= heads <= 8:
+            configs.append({"tokens": tokens, "heads": heads, "warps": 4, **base})
+    for tokens in (1, 2, 4):
+        for heads in (8, 16, 32, 64):
+            elements = tokens * heads * block_half
+            if elements in (1024, 2048) or (tokens == 1 and heads == 64):
+                for warps in [w for w in (elements // 1024, elements // 512) if 1 <= w <= 8]:
+                    configs.append({"tokens": tokens, "heads": heads, "warps": warps, **base})
+                    if tokens == 4 and warps == elements // 1024:
+                        configs.append({"tokens": tokens, "heads": heads, "warps": warps, "stages": 2, "groups": 1})
+    for elements in (1024, 2048, 4096):
+        tokens = max(1, elements // (8 * block_half))
+        configs.append({"tokens": tokens, "heads": 8, "warps": elements // 1024, "stages": 1, "groups": 64})
     unique = []
     for config in configs:
         if config not in unique:
@@ -198,7 +237,9 @@ def rotary(
     if n_tokens == 0:
         return q_out, k_out
     cfg = config_for(head_dim, config)
-    _rotary_kernel[(triton.cdiv(n_tokens, cfg["tokens"]),)](
+    n_steps = triton.cdiv(n_q_heads, cfg["heads"]) + triton.cdiv(n_k_heads, cfg["heads"])
+    groups = max(1, min(cfg.get("groups", 1), n_steps))
+    _rotary_kernel[(triton.cdiv(n_tokens, cfg["tokens"]), groups)](
         q,
         k,
         q_out,
@@ -223,6 +264,7 @@ def rotary(
         BLOCK_H=cfg["heads"],
         BLOCK_HALF=_block_half(head_dim),
         STAGES=cfg["stages"],
+        GROUPS=groups,
         num_warps=cfg["warps"],
     )
     return q_out, k_out

@@ -86,28 +86,47 @@ def test_triton_interpreter_strided_inputs():
     check_against_reference(11, 4, 2, 32, torch.float32, 1.0, "cpu", "triton", fused_qkv=True)
 
 
+def check_kernel_config(config, n_tokens, n_q, n_k, head_dim):
+    """rotary() at ``config``, forward and inverse (the backward), against float64 (fp32 inputs)."""
+    from veofast.kernels.rope import rotary
+
+    gen = torch.Generator().manual_seed(n_tokens * 100 + head_dim)
+    q, k = torch.randn(n_tokens, n_q, head_dim, generator=gen), torch.randn(n_tokens, n_k, head_dim, generator=gen)
+    pos, inv_freq = packed_positions(n_tokens, gen, "cpu"), inv_freq_for(head_dim, "cpu")
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    outs64 = apply_rotary_reference(q64, k64, pos, inv_freq, scaling=0.75)
+    for got, want in zip(rotary(q, k, pos, inv_freq, 0.75, False, config=config), outs64, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    grads64 = torch.autograd.grad(outs64, [q64, k64], [dq.double(), dk.double()])
+    for got, want in zip(rotary(dq, dk, pos, inv_freq, 0.75, True, config=config), grads64, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config} inverse: {m}")
+
+
 @pytest.mark.parametrize(
     "config",
     [
         {"tokens": 4, "heads": 2, "warps": 2, "stages": 2},  # partial token block, head count not a multiple
         {"tokens": 1, "heads": 8, "warps": 4, "stages": 1},  # one token per program, more head slots than heads
+        # head steps dealt to programs: q steps 0-2, k steps 3-4 over 3 programs (2, 2 and 1 steps each)
+        {"tokens": 4, "heads": 2, "warps": 1, "stages": 2, "groups": 3},
+        {"tokens": 2, "heads": 1, "warps": 1, "stages": 1, "groups": 64},  # one head per program, capped at 8
     ],
 )
 def test_triton_interpreter_kernel_configs(config):
-    """The launcher at configs other than the pinned ones (the GPU sweep times these), both directions, vs float64."""
-    from veofast.kernels.rope import rotary
+    """The launcher at configs other than the pinned ones, both directions, vs float64."""
+    check_kernel_config(config, 13, 5, 3, 32)
 
-    gen = torch.Generator().manual_seed(5)
-    q, k = torch.randn(13, 5, 32, generator=gen), torch.randn(13, 3, 32, generator=gen)
-    pos, inv_freq = packed_positions(13, gen, "cpu"), inv_freq_for(32, "cpu")
-    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
-    outs64 = apply_rotary_reference(q64, k64, pos, inv_freq, scaling=0.75)
-    for got, want in zip(rotary(q, k, pos, inv_freq, 0.75, False, config=config), outs64, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    dq, dk = torch.randn_like(q), torch.randn_like(k)
-    grads64 = torch.autograd.grad(outs64, [q64, k64], [dq.double(), dk.double()])
-    for got, want in zip(rotary(dq, dk, pos, inv_freq, 0.75, True, config=config), grads64, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_triton_interpreter_sweep_candidates(head_dim):
+    """Every config that the GPU sweep times (``candidates()``) at an odd size, both directions, vs float64. Warps
+    and stages do not change what the interpreter runs: one config per (tokens, heads, groups)."""
+    from veofast.kernels.rope import candidates
+
+    tiles = {(c["tokens"], c["heads"], c.get("groups", 1)): c for c in candidates(head_dim)}
+    for config in tiles.values():
+        check_kernel_config(config, 23, 5, 3, head_dim)
 
 
 def test_rotation_by_position_is_relative():
