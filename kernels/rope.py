@@ -184,7 +184,7 @@ def candidates(head_dim: int) -> list[dict[str, int]]:
 
     - a few steps of 2k elements with 2-8 heads and 4 warps (the best family of the sweeps before these configs);
     - many programs: 1, 2 or 4 tokens per program (T / tokens programs, so an SM holds many programs and many loads
-      in flight) with 8-64 heads per step (32 and more: all q heads of a token in one step), 1-4 warps (fewer
+      in flight) with 8-64 heads per step (32 and more: all q heads of a token in one step), 1-8 warps (fewer
       threads per program: each thread rotates several heads with the same cos/sin values); for 4 tokens also
       with prefetching of the next heads;
     - one step per program (``groups`` capped at the number of steps): 8 heads of 1k-4k elements.
