@@ -232,26 +232,23 @@ def check_no_host_sync(lengths, hq, hk, d):
 # Alternatives to the kernels/attention.py CONFIGS entry of each (kernel, head dim), 16-bit inputs. The entry itself
 # is always swept first. Shapes: head dim 128 at the anchor mix, head dim 64 as one 8192-token document
 # (the Llama-3.2-1B training shape).
-# (block_m, block_n, num_warps, num_stages, tma, split_mask, pack_gqa); both sweep shapes have GQA groups of 4, so a
-# packed dK/dV step holds 4 * block_m query rows (the packed candidates compile for sm_90 without spilling, or
-# nearly: triton 3.9 ptxas)
 SWEEP_ALTERNATIVES = {
     ("fwd", 64): [(128, 64, 8, 3, True), (128, 64, 8, 4, True)],
-    ("fwd", 128): [(128, 64, 8, 3, False), (128, 64, 8, 3, True)],
+    ("fwd", 128): [(128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 128, 8, 2, True)],
     ("dq", 64): [(128, 64, 8, 2, True), (64, 64, 4, 3, True)],
-    ("dq", 128): [(64, 64, 4, 2, True)],
+    ("dq", 128): [(64, 64, 4, 2, True), (128, 64, 8, 2, True)],
     ("dkdv", 64): [
-        (64, 64, 4, 3, True),
-        (16, 64, 4, 3, True, True, True),
-        (16, 64, 8, 3, True, True, True),
-        (16, 128, 8, 2, True, True, True),
-        (32, 64, 4, 3, True, True, True),
+        (64, 128, 8, 2, True),
+        (128, 64, 8, 2, True),
+        (64, 64, 4, 4, True),
+        (32, 64, 4, 3, True),
+        (64, 64, 4, 3, True, False),
     ],
     ("dkdv", 128): [
+        (128, 64, 8, 2, True),
+        (64, 64, 4, 3, True),
         (32, 128, 8, 3, True),
-        (16, 64, 8, 2, True, True, True),
-        (16, 64, 4, 3, True, True, True),
-        (16, 128, 8, 2, True, True, True),
+        (64, 128, 8, 2, True, False),
     ],
 }
 KERNELS = ("fwd", "dq", "dkdv")
@@ -278,7 +275,7 @@ def sweep_setup(smoke: bool) -> dict:
     from veofast.kernels.attention import CONFIGS, Config
 
     def as_tuple(c):
-        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask, c.pack_gqa)
+        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask)
 
     def candidates(kernel, d):  # the CONFIGS entry first, no duplicates
         specs = [as_tuple(CONFIGS[(kernel, d, 16)])] + [as_tuple(Config(*s)) for s in SWEEP_ALTERNATIVES[kernel, d]]
@@ -528,7 +525,6 @@ def _time_kernels(setup, data, checks, deadline, lines, rows) -> None:
     for kernel, (spec, _) in best.items():
         c = _config(spec)
         flags = f", tma={c.tma}" + ("" if c.split_mask or kernel != "dkdv" else ", split_mask=False")
-        flags += ", pack_gqa=True" if c.pack_gqa else ""
         lines.append(
             f'  pin ("{kernel}", {head_dim}, 16): Config({c.block_m}, {c.block_n}, {c.num_warps}, '
             f"{c.num_stages}{flags}),"

@@ -38,8 +38,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 class Config:
     """Launch choices of one kernel. ``block_m``: query rows per tile or step, ``block_n``: keys per tile or step;
     ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
-    query blocks; ``pack_gqa`` (dK/dV only): pack a GQA group's query heads into the rows of each step (used when
-    the group size is a power of two up to 8 and each token's heads are contiguous; a no-op without GQA)."""
+    query blocks."""
 
     block_m: int
     block_n: int
@@ -47,11 +46,9 @@ class Config:
     num_stages: int
     tma: bool = False
     split_mask: bool = True
-    pack_gqa: bool = False
 
     def __str__(self) -> str:
         flags = ("-tma" if self.tma else "-ptr") + ("" if self.split_mask else "-onemask")
-        flags += "-pack" if self.pack_gqa else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
@@ -108,29 +105,19 @@ def _tma_blocker(*tensors: torch.Tensor) -> str | None:
     return None
 
 
-def _operands(
-    config: Config, block_rows: list[int], *tensors: torch.Tensor, block_heads: list[int] | None = None
-) -> tuple[list, bool]:
+def _operands(config: Config, block_rows: list[int], *tensors: torch.Tensor) -> tuple[list, bool]:
     """The kernel's load operands and whether they are TMA descriptors (tensor ``i`` tiled by ``block_rows[i]``
-    tokens and ``block_heads[i]`` heads, default 1): descriptors when the config asks for TMA and the tensors allow
-    it, else the tensors (pointers)."""
+    tokens): descriptors when the config asks for TMA and the tensors allow it, else the tensors (pointers)."""
     if not config.tma:
         return list(tensors), False
     blocker = _tma_blocker(*tensors)
     if blocker is not None:
         _log_once(f"loading through pointers instead of TMA: {blocker}")
         return list(tensors), False
-    heads = block_heads or [1] * len(tensors)
     return [
-        TensorDescriptor(t, [t.shape[0], t.shape[1] * t.shape[2]], [t.stride(0), 1], [rows, n * t.shape[2]])
-        for t, rows, n in zip(tensors, block_rows, heads, strict=True)
+        TensorDescriptor(t, [t.shape[0], t.shape[1] * t.shape[2]], [t.stride(0), 1], [rows, t.shape[2]])
+        for t, rows in zip(tensors, block_rows, strict=True)
     ], True
-
-
-def _packable(group: int, *tensors: torch.Tensor) -> bool:
-    """Whether a GQA group of ``group`` query heads can be packed into tile rows: a power of two up to 8 (the
-    packed tile is reshaped), with each token's heads contiguous in every tensor."""
-    return 1 < group <= 8 and group & (group - 1) == 0 and all(t.stride(1) == t.shape[2] for t in tensors)
 
 
 def _tile_table(cu_tiled, cu_q, cu_k, total: int, max_seqlen: int, block: int, reverse: bool):
@@ -338,9 +325,7 @@ def attention_bwd_dkdv(
         _heavy_last(window_left, window_right),
     )
     bm, bn = config.block_m, config.block_n
-    group = num_heads // num_kv_heads
-    pack = group if config.pack_gqa and _packable(group, q, dout) else 1
-    loads, use_tma = _operands(config, [bm, bn, bn, bm], q, k, v, dout, block_heads=[pack, 1, 1, pack])
+    loads, use_tma = _operands(config, [bm, bn, bn, bm], q, k, v, dout)
     _launch(
         _attn_bwd_dkdv_kernel,
         num_slots * num_kv_heads,
@@ -373,7 +358,6 @@ def attention_bwd_dkdv(
         num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         SPLIT_MASK=config.split_mask,
-        PACK=pack,
         USE_TMA=use_tma,
         **_mask_flags(window_left, window_right, q.dtype),
     )

@@ -171,74 +171,7 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_loop_packed(
-    dk,
-    dv,
-    k,
-    v,
-    Q,
-    DO,
-    LSE,
-    DELTA,
-    kv_head,
-    total_q,
-    q_start,
-    stride_qt,
-    stride_dot,
-    cols,
-    seqlen_q,
-    seqlen_k,
-    off,
-    window_left,
-    window_right,
-    qk_scale,
-    lo,
-    hi,
-    BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    GROUP: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """``_dkdv_loop`` with the GQA group packed into the rows (PackGQA): the ``GROUP`` query heads of a KV head
-    sit side by side in memory, so one ``(BLOCK_M, GROUP * HEAD_DIM)`` load holds them all, and viewed as
-    ``(BLOCK_M * GROUP, HEAD_DIM)`` its row ``r`` is query ``m0 + r // GROUP`` of head ``kv_head * GROUP +
-    r % GROUP``. Each step then runs four dots ``GROUP`` times wider instead of ``GROUP`` narrow steps."""
-    offs_r = tl.arange(0, BLOCK_M * GROUP)
-    token = offs_r // GROUP
-    head = kv_head * GROUP + offs_r % GROUP
-    col = kv_head * GROUP * HEAD_DIM
-    for mb in range(lo, hi):
-        m0 = mb * BLOCK_M
-        q_row = q_start + m0
-        q = _load_rows(Q, q_row, col, stride_qt, seqlen_q - m0, BLOCK_M, GROUP * HEAD_DIM, MASKED, USE_TMA)
-        do = _load_rows(DO, q_row, col, stride_dot, seqlen_q - m0, BLOCK_M, GROUP * HEAD_DIM, MASKED, USE_TMA)
-        q = tl.reshape(q, (BLOCK_M * GROUP, HEAD_DIM))
-        do = tl.reshape(do, (BLOCK_M * GROUP, HEAD_DIM))
-        rows = m0 + token
-        row_ok = rows < seqlen_q  # LSE = +inf (P = 0) past the document, which TMA tiles may reach
-        stats = head.to(tl.int64) * total_q + q_start + rows
-        lse2 = tl.load(LSE + stats, mask=row_ok, other=float("inf")) * LOG2E
-        delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
-        if MASKED:
-            keep = _visible(
-                rows[None, :], cols[:, None], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
-            )
-            p_t = tl.where(keep, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_loop_heads(
+def _dkdv_loop(
     dk,
     dv,
     k,
@@ -314,60 +247,6 @@ def _dkdv_loop_heads(
     return dk, dv
 
 
-@triton.jit
-def _dkdv_loop(
-    dk,
-    dv,
-    k,
-    v,
-    Q,
-    DO,
-    LSE,
-    DELTA,
-    kv_head,
-    group_size,
-    total_q,
-    q_start,
-    stride_qt,
-    stride_qh,
-    stride_dot,
-    stride_doh,
-    cols,
-    seqlen_q,
-    seqlen_k,
-    off,
-    window_left,
-    window_right,
-    qk_scale,
-    lo,
-    hi,
-    BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    PACK: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dk, dv (BLOCK_N, HEAD_DIM) fp32 plus the contributions of query blocks ``lo .. hi`` of every query head of the
-    GQA group: ``_dkdv_loop_packed`` when ``PACK`` (the group size, > 1) packs the heads into the rows of each step,
-    else ``_dkdv_loop_heads`` (one narrow step per head and block)."""
-    if PACK > 1:
-        dk, dv = _dkdv_loop_packed(
-            dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, total_q, q_start, stride_qt, stride_dot, cols, seqlen_q,
-            seqlen_k, off, window_left, window_right, qk_scale, lo, hi,
-            BLOCK_M, HEAD_DIM, PACK, MASKED, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
-        )  # fmt: skip
-    else:
-        dk, dv = _dkdv_loop_heads(
-            dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh, stride_dot,
-            stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, lo, hi,
-            BLOCK_M, HEAD_DIM, MASKED, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
-        )  # fmt: skip
-    return dk, dv
-
-
 @triton.jit(do_not_specialize=["num_kv_heads", "num_slots", "total_q", "window_left", "window_right", "group_size"])
 def _attn_bwd_dkdv_kernel(
     Q,
@@ -405,14 +284,11 @@ def _attn_bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     SPLIT_MASK: tl.constexpr,
-    PACK: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one BLOCK_N key tile of one KV head, summed over its query-head group. Without ``SPLIT_MASK`` all
-    query blocks go through one masked loop (smaller code, fewer registers). ``PACK``: 1, or the group size when
-    the group's query heads are packed into the rows of each step (the Q and dO loads are then
-    ``(BLOCK_M, PACK * HEAD_DIM)`` tiles)."""
+    query blocks go through one masked loop (smaller code, fewer registers)."""
     pid = tl.program_id(0)
     slot = pid // num_kv_heads
     kv_head = pid - slot * num_kv_heads
@@ -438,25 +314,25 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _dkdv_loop(
             dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh, stride_dot,
             stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, b_lo, b_hi,
-            BLOCK_M, HEAD_DIM, PACK, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
+            BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
     else:
         if HAS_RIGHT:  # the causal diagonal
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh,
                 stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, b_lo, f_lo,
-                BLOCK_M, HEAD_DIM, PACK, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
+                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
             )
         dk, dv = _dkdv_loop(
             dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh, stride_dot,
             stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, f_lo, f_hi,
-            BLOCK_M, HEAD_DIM, PACK, False, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
+            BLOCK_M, HEAD_DIM, False, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
         )
         if HAS_LEFT or not USE_TMA:  # the left window edge, a partial last query block
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, Q, DO, LSE, DELTA, kv_head, group_size, total_q, q_start, stride_qt, stride_qh,
                 stride_dot, stride_doh, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, f_hi, b_hi,
-                BLOCK_M, HEAD_DIM, PACK, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
+                BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
             )
     # fmt: on
 

@@ -28,8 +28,9 @@ import triton.language as tl
 # depth of the loop over heads, groups = programs per token block sharing its head steps (capped at the number of
 # steps; 1: one program walks all heads).
 CONFIGS: dict[int, dict[str, int]] = {
-    32: {"tokens": 32, "heads": 4, "warps": 8, "stages": 1, "groups": 1},  # H200 sweep: 3.10 TB/s geo-mean (d64)
-    64: {"tokens": 32, "heads": 2, "warps": 8, "stages": 1, "groups": 1},  # H200 sweep: 3.41 TB/s geo-mean (d128)
+    # H200 sweep (bench/small_ops.py, 2026-11-29): one token per program, all its heads in one or two steps
+    32: {"tokens": 1, "heads": 32, "warps": 2, "stages": 1, "groups": 1},  # 3.46 TB/s geo-mean (d64), 1.11x before
+    64: {"tokens": 1, "heads": 16, "warps": 2, "stages": 1, "groups": 1},  # 3.75 TB/s geo-mean (d128), 1.09x before
     128: {"tokens": 2, "heads": 8, "warps": 4, "stages": 2, "groups": 1},
 }
 

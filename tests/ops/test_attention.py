@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import pytest
@@ -139,8 +138,8 @@ def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, wind
     _check_against_reference(lens_q, lens_k or lens_q, hq, hk, d, dtype, causal=causal, window_size=window_size)
 
 
-# (block_m, block_n, num_warps, num_stages, tma, split_mask, pack_gqa) of the fwd, dq and dkdv kernels: every load
-# path and loop structure, block shapes that do not divide the documents.
+# (block_m, block_n, num_warps, num_stages, tma, split_mask) of the fwd, dq and dkdv kernels: every load path and
+# loop structure, block shapes that do not divide the documents.
 @pytest.mark.parametrize(
     "configs, causal, window_size",
     [
@@ -149,12 +148,6 @@ def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, wind
             [(32, 16, 4, 1, True), (16, 16, 4, 1), (32, 16, 4, 1, True, False)], False, (6, 3), id="tma-window"
         ),
         pytest.param([(16, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1, False, False)], False, (9, -1), id="onemask-left"),
-        pytest.param([(16, 32, 4, 1, True), (32, 16, 4, 1, True), (16, 32, 4, 1, True, True, True)], True, (-1, -1),
-                     id="pack-tma"),
-        pytest.param([(16, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1, False, True, True)], False, (6, 3),
-                     id="pack-ptr-window"),
-        pytest.param([(16, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1, True, False, True)], True, (9, -1),
-                     id="pack-onemask-left"),
     ],
 )
 def test_kernel_configs_match_reference(configs, causal, window_size):
@@ -162,15 +155,6 @@ def test_kernel_configs_match_reference(configs, causal, window_size):
     _check_against_reference(
         lens, lens, 4, 2, 16, torch.float32, causal=causal, window_size=window_size, configs=configs
     )
-
-
-@pytest.mark.parametrize("hq, hk, dtype", [(8, 2, torch.float16), (8, 1, torch.float32), (6, 2, torch.float32)])
-def test_packed_gqa_dkdv_matches_reference(hq, hk, dtype):
-    """dK/dV with the GQA group packed into the rows: groups of 4 and 8; a group of 3 is not a power of two and
-    runs unpacked."""
-    lens = [1, 17, 0, 29]
-    configs = [(16, 16, 4, 1, True), (16, 16, 4, 1, True), (16, 16, 4, 1, True, True, True)]
-    _check_against_reference(lens, lens, hq, hk, 16, dtype, causal=True, configs=configs)
 
 
 def test_negative_softmax_scale():
@@ -296,17 +280,6 @@ GPU_LENS = [1, 17, 97, 128, 0, 129, 1025, 300]
 @pytest.mark.parametrize("hq, hk", [(8, 8), (8, 2), (8, 1)])
 def test_gpu_causal(d, hq, hk):
     _check_against_reference(GPU_LENS, GPU_LENS, hq, hk, d, torch.bfloat16, causal=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("hq, hk", [(8, 2), (8, 1)])
-def test_gpu_packed_gqa_dkdv(d, hq, hk):
-    from veofast.kernels.attention import default_config
-
-    configs = [dataclasses.astuple(default_config(kernel, d, torch.bfloat16)) for kernel in ("fwd", "dq")]
-    configs.append((16, 64, 8, 2, True, True, True))  # 64 packed rows per step
-    _check_against_reference(GPU_LENS, GPU_LENS, hq, hk, d, torch.bfloat16, causal=True, configs=configs)
 
 
 @pytest.mark.gpu
