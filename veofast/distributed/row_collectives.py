@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 # torch 2.13 renamed all_gather_into_tensor (same signature); the GPU image has an older torch
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def host_row_counts(num_rows: int, host_group: dist.ProcessGroup) -> list[int]:
@@ -34,7 +34,7 @@ def host_row_counts(num_rows: int, host_group: dist.ProcessGroup) -> list[int]:
     the device group, so that nothing waits for the device."""
     mine = torch.tensor([num_rows], dtype=torch.int64)
     counts = torch.empty(dist.get_world_size(host_group), dtype=torch.int64)
-    _all_gather_single(counts, mine, group=host_group)
+    all_gather_single(counts, mine, group=host_group)
     return counts.tolist()
 
 
@@ -50,7 +50,7 @@ def all_gather_rows(x: torch.Tensor, max_rows: int, group: dist.ProcessGroup, pa
     """Non-differentiable ``gather_rows`` (e.g. for integer ids), padding with ``pad_value``."""
     x = _pad_rows(x, max_rows, pad_value)
     out = x.new_empty((dist.get_world_size(group) * max_rows, *x.shape[1:]))
-    _all_gather_single(out, x, group=group)
+    all_gather_single(out, x, group=group)
     return out
 
 
@@ -132,7 +132,7 @@ class ReduceScatter(Exchange):
         size = dist.get_world_size(self.group)
         if reverse:
             out = x.new_empty((size * self.max_rows, *x.shape[1:]))
-            return out, _all_gather_single(out, x, group=self.group, async_op=True)
+            return out, all_gather_single(out, x, group=self.group, async_op=True)
         out = x.new_empty((self.max_rows, *x.shape[1:]))
         return out, dist.reduce_scatter_tensor(out, x, group=self.group, async_op=True)
 

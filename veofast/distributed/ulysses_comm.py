@@ -35,11 +35,10 @@ import torch
 import torch.distributed as dist
 
 from .copy_engine_a2a import copy_engine_for
+from .row_collectives import all_gather_single
 
 COMM_MODES = ("async", "sync", "skip")
 TRANSPORTS = ("nccl", "copy_engine")
-# torch 2.13 renamed all_gather_into_tensor (same signature); the GPU image has an older torch
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def check_comm_mode(mode: str) -> None:
@@ -314,7 +313,7 @@ def gather_sequence_start(x: torch.Tensor, group: dist.ProcessGroup | None, mode
     if mode == "skip":
         return x.repeat(size), None
     out = x.new_empty((size * x.shape[0],))
-    work = _all_gather_single(out, x.contiguous(), group=group, async_op=mode == "async")
+    work = all_gather_single(out, x.contiguous(), group=group, async_op=mode == "async")
     return out, work
 
 
