@@ -74,6 +74,8 @@ def test_subclass_adds_arguments(config_file):
         (["stray"], r"unexpected argument 'stray'"),
         (["--train.global_batch_size", "3"], r"global_batch_size 3 must be a multiple"),
         (["--train.rmpad", "true", "--train.rmpad_with_pos_ids", "true"], r"exclusive"),
+        (["--train.ulysses_head_chunks", "0"], r"train.ulysses_head_chunks must be >= 1, got 0"),
+        (["--train.ulysses_transport", "ring"], r"train.ulysses_transport: must be one of"),
     ],
 )
 def test_bad_command_line(config_file, argv, message):
