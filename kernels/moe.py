@@ -20,25 +20,6 @@ def _tile(width: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _gate_up_tile(
-    h_ptr, end_ptr, M, inter, stride_h, HAS_END: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr
-):
-    """This program's tile: rows (BLOCK_M,) int64, cols (BLOCK_I,), the mask of elements that exist (rows before
-    ``M``, or with ``HAS_END`` before the device count at ``end_ptr``: later rows hold no data) and the gate and
-    up values (BLOCK_M, BLOCK_I) in fp32."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    row_ok = rows < M
-    if HAS_END:
-        row_ok = row_ok & (rows < tl.load(end_ptr))
-    mask = row_ok[:, None] & (cols < inter)[None, :]
-    h = h_ptr + rows[:, None] * stride_h + cols[None, :]
-    gate = tl.load(h, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h + inter, mask=mask, other=0.0).to(tl.float32)
-    return rows, cols, mask, gate, up
-
-
-@triton.jit
 def _swiglu_fwd_kernel(
     h_ptr,
     a_ptr,
@@ -52,7 +33,15 @@ def _swiglu_fwd_kernel(
     BLOCK_I: tl.constexpr,
 ):
     """a[m, i] = silu(h[m, i]) * h[m, inter + i]."""
-    rows, cols, mask, gate, up = _gate_up_tile(h_ptr, end_ptr, M, inter, stride_h, HAS_END, BLOCK_M, BLOCK_I)
+    if HAS_END:  # rows from the device count at end_ptr on hold no data
+        if tl.program_id(0) * BLOCK_M >= tl.load(end_ptr):
+            return
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < M)[:, None] & (cols < inter)[None, :]
+    h = h_ptr + rows[:, None] * stride_h + cols[None, :]
+    gate = tl.load(h, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h + inter, mask=mask, other=0.0).to(tl.float32)
     a = gate * tl.sigmoid(gate) * up
     tl.store(a_ptr + rows[:, None] * stride_a + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
@@ -75,7 +64,15 @@ def _swiglu_bwd_kernel(
     BLOCK_I: tl.constexpr,
 ):
     """grad_h = (grad_a * up * silu'(gate), grad_a * silu(gate)); also a = silu(gate) * up (recomputed)."""
-    rows, cols, mask, gate, up = _gate_up_tile(h_ptr, end_ptr, M, inter, stride_h, HAS_END, BLOCK_M, BLOCK_I)
+    if HAS_END:  # rows from the device count at end_ptr on hold no data
+        if tl.program_id(0) * BLOCK_M >= tl.load(end_ptr):
+            return
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < M)[:, None] & (cols < inter)[None, :]
+    h = h_ptr + rows[:, None] * stride_h + cols[None, :]
+    gate = tl.load(h, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h + inter, mask=mask, other=0.0).to(tl.float32)
     grad_a = tl.load(grad_a_ptr + rows[:, None] * stride_ga + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
