@@ -92,7 +92,7 @@ from .row_collectives import (
     exchange_start,
     exchange_wait,
     gather_rows,
-    host_row_counts,
+    host_all_gather,
 )
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
@@ -141,9 +141,9 @@ class ExpertParallelDispatcher:
     ``check_ids``: raise ValueError on expert ids out of range on every rank before any row moves (the all-to-all
     dispatch always does; the all-gather dispatch then syncs with the device once; the models pass False, their
     router's ids are in range). ``side``: an optional callable returning ``(T, H)`` (e.g. the shared expert), run
-    while the combine is in
-    flight (and its backward while the combine's gradient is) and added to the output. Every rank of ``group`` must
-    call it the same number of times (it runs collectives). See the module docstring for the protocol.
+    while the combine is in flight (and its backward while the combine's gradient is) and added to the output.
+    Every rank of ``group`` must call it the same number of times (it runs collectives). See the module docstring
+    for the protocol.
     """
 
     def __init__(
@@ -273,10 +273,9 @@ class ExpertParallelDispatcher:
         host sync on a GPU) each rank's flag for ids out of range travels with its token count, so every rank
         raises before any device collective."""
         bad_ids = check_ids and bool(((topk_ids < 0) | (topk_ids >= self.num_experts)).any())
-        counts_and_flags = host_row_counts(2 * hidden.shape[0] + bad_ids, self.host_group)
-        counts = [c // 2 for c in counts_and_flags]
-        if any(c % 2 for c in counts_and_flags):
-            raise self._bad_id_error([j for j, c in enumerate(counts_and_flags) if c % 2])
+        counts, flags = zip(*host_all_gather([hidden.shape[0], int(bad_ids)], self.host_group), strict=True)
+        if any(flags):
+            raise self._bad_id_error([j for j, flag in enumerate(flags) if flag])
         padded = max(counts)
         all_ids = all_gather_rows(topk_ids, padded, self.group, pad_value=-1)  # padding rows route nowhere
         out = moe_ffn(

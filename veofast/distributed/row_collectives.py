@@ -1,6 +1,6 @@
 """Differentiable collectives over the rows of tensors, for expert parallelism's token dispatches.
 
-``P`` ranks each hold ``n_i`` rows; ``sizes = [n_0, ..., n_{P-1}]`` are known on every host (``host_row_counts``
+``P`` ranks each hold ``n_i`` rows; ``sizes = [n_0, ..., n_{P-1}]`` are known on every host (``host_all_gather``
 exchanges them through a CPU group, so the device never waits for the host), and ``m = max(sizes)``.
 
 - ``gather_rows(x (n_r, ...), m, group) -> (P * m, ...)``: block ``j`` holds rank ``j``'s rows, padded with zeros
@@ -29,13 +29,13 @@ import torch.nn.functional as F
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def host_row_counts(num_rows: int, host_group: dist.ProcessGroup) -> list[int]:
-    """Every rank's ``num_rows`` (a host int), exchanged over ``host_group``: a CPU (gloo) group with the ranks of
-    the device group, so that nothing waits for the device."""
-    mine = torch.tensor([num_rows], dtype=torch.int64)
-    counts = torch.empty(dist.get_world_size(host_group), dtype=torch.int64)
-    all_gather_single(counts, mine, group=host_group)
-    return counts.tolist()
+def host_all_gather(values: list[int], host_group: dist.ProcessGroup) -> list[list[int]]:
+    """Every rank's ``values`` (host ints, as many on every rank), exchanged over ``host_group``: a CPU (gloo)
+    group with the ranks of the device group, so that nothing waits for the device. Row ``j`` is rank ``j``'s."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    gathered = torch.empty(dist.get_world_size(host_group) * len(values), dtype=torch.int64)
+    all_gather_single(gathered, mine, group=host_group)
+    return gathered.view(-1, len(values)).tolist()
 
 
 def _pad_rows(x: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
