@@ -286,8 +286,12 @@ def rope_case(n_tokens: int, n_q: int, n_k: int, head_dim: int, compile_backend:
 
         return rot(q), rot(k)
 
+    def veofast(q, k):  # in place, as the models call it, except on leaves that require grad (the fwd+bwd rows)
+        inplace = not (q.requires_grad and q.is_leaf)
+        return apply_rotary(q, k, position_ids, inv_freq, inplace=inplace, backend="triton")
+
     providers = {
-        "veofast": lambda q, k: apply_rotary(q, k, position_ids, inv_freq, backend="triton"),
+        "veofast": veofast,
         "torch": hf_rope,
         "torch.compile": torch.compile(hf_rope, dynamic=False, backend=compile_backend),
     }

@@ -223,9 +223,11 @@ def rotary(
     scaling: float,
     inverse: bool,
     *,
+    inplace: bool = False,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the rotation; returns fresh contiguous (q_out, k_out).
+    """Launch the rotation; returns (q_out, k_out): fresh contiguous tensors, or q and k themselves, rotated in
+    place, with ``inplace`` (each program reads a token's heads before it writes them, so this is safe).
 
     q: (T, Hq, D), k: (T, Hk, D), each with unit stride in D (any token/head strides); position_ids: (T,)
     contiguous int32/int64; inv_freq: (D/2,) contiguous fp32. ``inverse`` rotates by the negative angle
@@ -233,8 +235,11 @@ def rotary(
     """
     n_tokens, n_q_heads, head_dim = q.shape
     n_k_heads = k.shape[1]
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if inplace:
+        q_out, k_out = q, k
+    else:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if n_tokens == 0:
         return q_out, k_out
     cfg = config_for(head_dim, config)

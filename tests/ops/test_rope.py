@@ -34,17 +34,20 @@ def packed_positions(n_tokens, gen, device, max_position=4096):
     return pos.to(device)
 
 
-def run(q, k, pos, inv_freq, grads, scaling, backend, cast=None):
+def run(q, k, pos, inv_freq, grads, scaling, backend, cast=None, inplace=False):
     leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k)]
     if backend == "reference":
         outs = apply_rotary_reference(*leaves, pos, inv_freq, scaling=scaling)
-    else:
-        outs = apply_rotary(*leaves, pos, inv_freq, scaling=scaling, backend=backend)
+    else:  # in place: on non-leaf copies (``1 * x``), as the models rotate their projection outputs
+        operands = [1 * t for t in leaves] if inplace else leaves
+        outs = apply_rotary(*operands, pos, inv_freq, scaling=scaling, inplace=inplace, backend=backend)
     loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, grads, strict=True))
     return outs, torch.autograd.grad(loss, leaves)
 
 
-def check_against_reference(n_tokens, n_q, n_k, head_dim, dtype, scaling, device, backend, *, fused_qkv=False):
+def check_against_reference(
+    n_tokens, n_q, n_k, head_dim, dtype, scaling, device, backend, *, fused_qkv=False, inplace=False
+):
     seed = n_tokens * 1000 + n_q * 100 + head_dim
     gen = torch.Generator(device=device).manual_seed(seed)
     randn = lambda *s: torch.randn(*s, generator=gen, device=device).to(dtype)
@@ -58,7 +61,7 @@ def check_against_reference(n_tokens, n_q, n_k, head_dim, dtype, scaling, device
     inv_freq = inv_freq_for(head_dim, device)
     grads = [randn(n_tokens, n_q, head_dim), randn(n_tokens, n_k, head_dim)]
 
-    outs, dgrads = run(q, k, pos, inv_freq, grads, scaling, backend)
+    outs, dgrads = run(q, k, pos, inv_freq, grads, scaling, backend, inplace=inplace)
     outs_ref, dgrads_ref = run(q, k, pos, inv_freq, grads, scaling, "reference")
     outs64, dgrads64 = run(q, k, pos, inv_freq, grads, scaling, "reference", cast=torch.float64)
     for name, a, b, c in zip(
@@ -164,6 +167,54 @@ def test_compiles(backend):
         torch.testing.assert_close(a, b)
 
 
+def _rope_operands(q_leaf, k_leaf, layout):
+    """Non-leaf q, k computed from the leaves (as projection outputs are) in ``layout``: fresh tensors, (T, heads, d)
+    views of one fused qkv output (the models' ``proj(x).view(...)``), or with head_dim not the unit-stride axis (the
+    in-place path then rotates a copy and writes it back)."""
+    n_tokens, n_q, d = q_leaf.shape
+    if layout == "fused_qkv_views":
+        fused = torch.cat([q_leaf.reshape(n_tokens, -1), k_leaf.reshape(n_tokens, -1)], dim=1) * 1.5
+        return fused[:, : n_q * d].view(n_tokens, n_q, d), fused[:, n_q * d :].view(n_tokens, -1, d)
+    q, k = q_leaf * 1.5, k_leaf - 0.25
+    if layout == "dim_strided":
+        return q.transpose(0, 2).contiguous().transpose(0, 2), k.transpose(0, 2).contiguous().transpose(0, 2)
+    return q, k
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout", ["fresh", "fused_qkv_views", "dim_strided"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_inplace_matches_out_of_place(backend, layout, compiled):
+    """inplace=True returns q and k themselves holding the out-of-place result; gradients through it match too,
+    eager and compiled."""
+    gen = torch.Generator().manual_seed(7)
+    q0, k0 = torch.randn(9, 4, 16, generator=gen), torch.randn(9, 2, 16, generator=gen)
+    pos, inv_freq = packed_positions(9, torch.Generator().manual_seed(3), "cpu"), inv_freq_for(16, "cpu")
+    grads = [torch.randn(9, 4, 16, generator=gen), torch.randn(9, 2, 16, generator=gen)]
+
+    def step(q_leaf, k_leaf, inplace):
+        q, k = _rope_operands(q_leaf, k_leaf, layout)
+        q_out, k_out = apply_rotary(q, k, pos, inv_freq, scaling=0.8, inplace=inplace, backend=backend)
+        assert (q_out is q and k_out is k) == inplace
+        return q_out, k_out, (q_out * grads[0]).sum() + (k_out * grads[1]).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q0, k0)]
+    want = step(*leaves, False)
+    want_grads = torch.autograd.grad(want[2], leaves)
+    run = torch.compile(step, backend="aot_eager", fullgraph=True) if compiled else step
+    got = run(*leaves, True)
+    got_grads = torch.autograd.grad(got[2], leaves)
+    for a, b in zip(got[:2] + got_grads, want[:2] + want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inplace_on_a_leaf_that_requires_grad_raises(backend):
+    q, k = torch.randn(3, 2, 8, requires_grad=True), torch.randn(3, 1, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        apply_rotary(q, k, torch.arange(3), inv_freq_for(8, "cpu"), inplace=True, backend=backend)
+
+
 Q, K, POS, FREQ = torch.ones(4, 2, 8), torch.ones(4, 1, 8), torch.arange(4), inv_freq_for(8, "cpu")
 
 
@@ -182,6 +233,7 @@ Q, K, POS, FREQ = torch.ones(4, 2, 8), torch.ones(4, 1, 8), torch.arange(4), inv
         (dict(inv_freq=FREQ[:3]), "inv_freq must be a float32"),
         (dict(inv_freq=FREQ.bfloat16()), "inv_freq must be a float32"),
         (dict(scaling="1"), "scaling must be a float"),
+        (dict(inplace=1), "inplace must be a bool"),
         (dict(backend="fast"), "backend must be one of"),
         (dict(q=Q.double(), k=K.double(), backend="triton"), "triton backend takes"),
     ],
@@ -197,10 +249,12 @@ def test_bad_inputs_raise(kwargs, match):
     "n_tokens, n_q, n_k, head_dim", [(16384, 32, 8, 128), (8192, 32, 8, 64), (4099, 16, 2, 128), (97, 5, 1, 96)]
 )
 @pytest.mark.parametrize("scaling", [1.0, 0.8])
-def test_gpu_bf16_matches_reference(n_tokens, n_q, n_k, head_dim, scaling):
-    check_against_reference(n_tokens, n_q, n_k, head_dim, torch.bfloat16, scaling, "cuda", "auto")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_bf16_matches_reference(n_tokens, n_q, n_k, head_dim, scaling, inplace):
+    check_against_reference(n_tokens, n_q, n_k, head_dim, torch.bfloat16, scaling, "cuda", "auto", inplace=inplace)
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_strided_inputs():
-    check_against_reference(4096, 32, 8, 128, torch.bfloat16, 1.0, "cuda", "auto", fused_qkv=True)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_bf16_strided_inputs(inplace):
+    check_against_reference(4096, 32, 8, 128, torch.bfloat16, 1.0, "cuda", "auto", fused_qkv=True, inplace=inplace)

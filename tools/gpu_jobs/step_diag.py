@@ -4,7 +4,10 @@ For each (model, provider) named on the command line it builds the runner exactl
 1. runs one step under ``torch.cuda.set_sync_debug_mode("error")`` and prints the project frames of the first
    host-device sync, if any;
 2. times steps (wall); wall well above the profiled kernel total means the host cannot keep the GPU busy;
-3. profiles one step and prints the top CUDA kernels and the top CPU ops by self time.
+3. profiles one step and prints the top CUDA kernels and the top CPU ops by self time;
+4. from the same profile, the GPU's idle time between kernels, by the user-level op that launched the kernel after
+   each idle gap (the outermost ``aten::``/``veofast::`` op or labelled region under the step): what the host was
+   doing while the GPU waited.
 
 Usage (one GPU): python tools/gpu_jobs/step_diag.py moe:veofast moe:transformers+veofast dense:veofast
 """
@@ -61,6 +64,42 @@ def _wall_ms(runner, steps: int = 6) -> float:
     return statistics.median(walls)
 
 
+_LABEL_PREFIXES = ("Optimizer.", "autograd::engine", "veofast::", "aten::")
+
+
+def _launcher_label(op) -> str:
+    """The outermost op above (or at) ``op`` whose name starts with one of ``_LABEL_PREFIXES``: an optimizer step,
+    a backward node, a veofast op or a top-level aten op; else ``op``'s own name."""
+    chain = []
+    while op is not None:
+        chain.append(op.name)
+        op = op.cpu_parent
+    return next((name for name in reversed(chain) if name.startswith(_LABEL_PREFIXES)), chain[0])[:90]
+
+
+def _idle_gaps(events, min_us: float = 10.0, top: int = 12) -> list[str]:
+    """GPU idle time between consecutive kernels (gaps >= ``min_us``), summed by the label of the op that launched
+    the kernel after each gap."""
+    launcher = {}
+    for e in events:
+        for k in getattr(e, "kernels", None) or []:
+            launcher[(k.name, k.time_range.start)] = e
+    kernels = sorted((e for e in events if str(e.device_type).endswith("CUDA")), key=lambda e: e.time_range.start)
+    by_label: dict[str, list[float]] = {}
+    end = None
+    for k in kernels:
+        if end is not None and k.time_range.start - end >= min_us:
+            op = launcher.get((k.name, k.time_range.start))
+            label = _launcher_label(op) if op is not None else f"(kernel {k.name[:60]})"
+            by_label.setdefault(label, []).append(k.time_range.start - end)
+        end = k.time_range.end if end is None else max(end, k.time_range.end)
+    total = sum(sum(v) for v in by_label.values()) / 1e3
+    lines = [f"  GPU idle in gaps >= {min_us:.0f} us: {total:.2f} ms; by the op launching the next kernel (ms, gaps):"]
+    for label, gaps in sorted(by_label.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"    {sum(gaps) / 1e3:7.2f} {len(gaps):5d}  {label}")
+    return lines
+
+
 def _profile(runner, top: int = 22) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -83,6 +122,7 @@ def _profile(runner, top: int = 22) -> str:
     lines.append(f"  kernel launches {launches}; top CPU ops by self time (ms, calls):")
     for e in cpu[:14]:
         lines.append(f"    {e.self_cpu_time_total / 1e3:7.2f} {e.count:5d}  {e.key[:110]}")
+    lines += _idle_gaps(prof.events())
     return "\n".join(lines)
 
 

@@ -272,6 +272,8 @@ class UlyssesAttention(nn.Module):
         for c in range(chunks):
             q = wait_heads_to_sequence(*flying["q"][c], d)
             k = wait_heads_to_sequence(*flying["k"][c], d)
+            # Out of place: q and k are views of the all-to-all's custom-Function output, which autograd
+            # forbids modifying in place.
             q, k = apply_rotary(q, k, positions, inv_freq, scaling=rope_scaling, backend=self.backend)
             v = wait_heads_to_sequence(*flying["v"][c], d)
             out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,

@@ -61,7 +61,8 @@ class Attention(nn.Module):
         v = self.v_proj(hidden).view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, position_ids, inv_freq, scaling=rope_scaling, backend=self.backend)
+        # In place: q and k are fresh projection (or qk-norm) outputs that nothing else reads.
+        q, k = apply_rotary(q, k, position_ids, inv_freq, scaling=rope_scaling, inplace=True, backend=self.backend)
         return q, k, v
 
     def forward(

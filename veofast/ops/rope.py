@@ -8,7 +8,9 @@ position.
 
 The Triton kernel computes cos/sin in registers in fp32 and rounds the rotated value once; HF (and the reference)
 round cos/sin to the input dtype and do the multiply-adds in it, so in bf16 the two differ by about one bf16
-rounding. The kernel writes fresh outputs (q and k are left as they are), so it is safe under autograd.
+rounding. By default the kernel writes fresh outputs; ``inplace=True`` rotates q and k in their own storage (what
+the models do: their q and k are projection outputs that nothing else reads), which saves the outputs' memory and
+half of the memory traffic's footprint. The backward needs neither q nor k, so both forms are differentiable.
 """
 
 import torch
@@ -106,6 +108,41 @@ def _backward_rotary(ctx, dq, dk):
 _rotary_op.register_autograd(_backward_rotary, setup_context=_setup_rotary)
 
 
+def _no_heads(x: torch.Tensor) -> torch.Tensor:
+    """A (T, 0, D) view of ``x``: the launcher's second tensor when one tensor is rotated alone."""
+    return x[:, :0]
+
+
+@torch.library.custom_op("veofast::rotary_", mutates_args=("x",))
+def _rotary_inplace_op(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> None:
+    from veofast.kernels.rope import rotary
+
+    position_ids, inv_freq = position_ids.contiguous(), inv_freq.contiguous()
+    if x.stride(-1) == 1:
+        rotary(x, _no_heads(x), position_ids, inv_freq, scaling, False, inplace=True)
+    else:  # the kernel needs unit stride along head_dim: rotate a copy, then write it back
+        x.copy_(rotary(x.contiguous(), _no_heads(x), position_ids, inv_freq, scaling, False)[0])
+
+
+class _RotaryInPlace(torch.autograd.Function):
+    """The in-place rotation of one tensor under autograd (one tensor per Function, so that it may be a view, as
+    the models' ``proj(x).view(T, heads, d)`` is); its backward is the out-of-place inverse rotation."""
+
+    @staticmethod
+    def forward(ctx, x, position_ids, inv_freq, scaling):
+        _rotary_inplace_op(x, position_ids, inv_freq, scaling)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(position_ids, inv_freq)
+        ctx.scaling = scaling
+        return x
+
+    @staticmethod
+    def backward(ctx, dx):
+        position_ids, inv_freq = ctx.saved_tensors
+        dx, _ = _rotary_op(dx, _no_heads(dx), position_ids, inv_freq, ctx.scaling, True)
+        return dx, None, None, None
+
+
 def apply_rotary(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,18 +150,29 @@ def apply_rotary(
     inv_freq: torch.Tensor,
     *,
     scaling: float = 1.0,
+    inplace: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by their tokens' positions; differentiable in q and k.
 
     q: (T, Hq, D), k: (T, Hk, D) (Hq may differ from Hk; any strides); position_ids: (T,) int32/int64, e.g. packed
     documents restarting at 0; inv_freq: (D/2,) fp32; scaling multiplies cos and sin (HF's ``attention_scaling``).
-    Returns new tensors (q_out, k_out) shaped like q and k. ``backend``: ``"auto"`` (Triton on CUDA), ``"triton"``
-    or ``"torch"``.
+    Returns (q_out, k_out) shaped like q and k: new tensors, or with ``inplace=True`` q and k themselves, rotated
+    in place (autograd then treats it like any in-place op: q and k must not be leaves that require grad, nor
+    tensors that an earlier op saved for its backward). ``backend``: ``"auto"`` (Triton on CUDA), ``"triton"`` or
+    ``"torch"``.
     """
     _check(q, k, position_ids, inv_freq, scaling)
+    if not isinstance(inplace, bool):
+        raise ValueError(f"apply_rotary: inplace must be a bool, got {inplace!r}")
     if resolve_backend("apply_rotary", backend, q.device) == "torch":
-        return apply_rotary_reference(q, k, position_ids, inv_freq, scaling=scaling)
+        q_out, k_out = apply_rotary_reference(q, k, position_ids, inv_freq, scaling=scaling)
+        return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
     if q.dtype not in _TRITON_DTYPES:
         raise ValueError(f"apply_rotary: the triton backend takes q and k in {_TRITON_DTYPES}, got {q.dtype}")
+    if inplace:
+        scaling = float(scaling)
+        return _RotaryInPlace.apply(q, position_ids, inv_freq, scaling), _RotaryInPlace.apply(
+            k, position_ids, inv_freq, scaling
+        )
     return _rotary_op(q, k, position_ids, inv_freq, float(scaling), False)
