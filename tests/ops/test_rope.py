@@ -215,6 +215,19 @@ def test_inplace_on_a_leaf_that_requires_grad_raises(backend):
         apply_rotary(q, k, torch.arange(3), inv_freq_for(8, "cpu"), inplace=True, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("saved", ["q", "k"])
+def test_inplace_on_a_tensor_saved_for_backward_is_detected(backend, saved):
+    """Autograd's version check sees the in-place rotation of q and of k: a backward that needs their old values
+    raises instead of silently using the rotated ones."""
+    q_leaf, k_leaf = torch.randn(3, 2, 8, requires_grad=True), torch.randn(3, 1, 8, requires_grad=True)
+    q, k = q_leaf * 1.0, k_leaf * 1.0
+    uses_old = (q if saved == "q" else k).pow(2).sum()  # pow saves its input
+    apply_rotary(q, k, torch.arange(3), inv_freq_for(8, "cpu"), inplace=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        uses_old.backward()
+
+
 Q, K, POS, FREQ = torch.ones(4, 2, 8), torch.ones(4, 1, 8), torch.arange(4), inv_freq_for(8, "cpu")
 
 

@@ -3,11 +3,11 @@
 For each (model, provider) named on the command line it builds the runner exactly as ``bench/train.py`` does, then
 1. runs one step under ``torch.cuda.set_sync_debug_mode("error")`` and prints the project frames of the first
    host-device sync, if any;
-2. times steps (wall); wall well above the profiled kernel total means the host cannot keep the GPU busy;
+2. times steps (wall, and the host's enqueue time); wall well above the profiled kernel total means the host
+   cannot keep the GPU busy;
 3. profiles one step and prints the top CUDA kernels and the top CPU ops by self time;
-4. from the same profile, the GPU's idle time between kernels, by the user-level op that launched the kernel after
-   each idle gap (the outermost ``aten::``/``veofast::`` op or labelled region under the step): what the host was
-   doing while the GPU waited.
+4. from the same profile, the GPU's idle time between kernels, by the kernels on either side of each gap: where in
+   the step the host fell behind.
 
 Usage (one GPU): python tools/gpu_jobs/step_diag.py moe:veofast moe:transformers+veofast dense:veofast
 """
@@ -52,51 +52,36 @@ def _sync_stacks(runner) -> list[str]:
     return stacks
 
 
-def _wall_ms(runner, steps: int = 6) -> float:
-    """Median wall time of one step; compare with the profiled kernel total to see host-bound gaps."""
-    walls = []
+def _wall_ms(runner, steps: int = 6) -> tuple[float, float]:
+    """Median (wall time, host enqueue time) of one step in ms: the wall time to compare with the profiled kernel
+    total, the host's time to issue the step (until ``step()`` returns, before the final sync) to see how far
+    ahead of the GPU the host runs."""
+    walls, hosts = [], []
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         runner.step()
+        hosts.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(walls)
+    return statistics.median(walls), statistics.median(hosts)
 
 
-_LABEL_PREFIXES = ("Optimizer.", "autograd::engine", "veofast::", "aten::")
-
-
-def _launcher_label(op) -> str:
-    """The outermost op above (or at) ``op`` whose name starts with one of ``_LABEL_PREFIXES``: an optimizer step,
-    a backward node, a veofast op or a top-level aten op; else ``op``'s own name."""
-    chain = []
-    while op is not None:
-        chain.append(op.name)
-        op = op.cpu_parent
-    return next((name for name in reversed(chain) if name.startswith(_LABEL_PREFIXES)), chain[0])[:90]
-
-
-def _idle_gaps(events, min_us: float = 10.0, top: int = 12) -> list[str]:
-    """GPU idle time between consecutive kernels (gaps >= ``min_us``), summed by the label of the op that launched
-    the kernel after each gap."""
-    launcher = {}
-    for e in events:
-        for k in getattr(e, "kernels", None) or []:
-            launcher[(k.name, k.time_range.start)] = e
+def _idle_gaps(events, min_us: float = 10.0, top: int = 14) -> list[str]:
+    """GPU idle time between consecutive kernels (gaps >= ``min_us``), summed by the pair (kernel before the gap,
+    kernel after it): the names say where in the step the host fell behind."""
     kernels = sorted((e for e in events if str(e.device_type).endswith("CUDA")), key=lambda e: e.time_range.start)
-    by_label: dict[str, list[float]] = {}
-    end = None
+    by_pair: dict[str, list[float]] = {}
+    end, before = None, ""
     for k in kernels:
         if end is not None and k.time_range.start - end >= min_us:
-            op = launcher.get((k.name, k.time_range.start))
-            label = _launcher_label(op) if op is not None else f"(kernel {k.name[:60]})"
-            by_label.setdefault(label, []).append(k.time_range.start - end)
-        end = k.time_range.end if end is None else max(end, k.time_range.end)
-    total = sum(sum(v) for v in by_label.values()) / 1e3
-    lines = [f"  GPU idle in gaps >= {min_us:.0f} us: {total:.2f} ms; by the op launching the next kernel (ms, gaps):"]
-    for label, gaps in sorted(by_label.items(), key=lambda kv: -sum(kv[1]))[:top]:
-        lines.append(f"    {sum(gaps) / 1e3:7.2f} {len(gaps):5d}  {label}")
+            by_pair.setdefault(f"{before[:50]}  ->  {k.name[:50]}", []).append(k.time_range.start - end)
+        if end is None or k.time_range.end >= end:
+            end, before = k.time_range.end, k.name
+    total = sum(sum(v) for v in by_pair.values()) / 1e3
+    lines = [f"  GPU idle in gaps >= {min_us:.0f} us: {total:.2f} ms; by (kernel before -> kernel after) (ms, gaps):"]
+    for pair, gaps in sorted(by_pair.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"    {sum(gaps) / 1e3:7.2f} {len(gaps):5d}  {pair}")
     return lines
 
 
@@ -139,7 +124,8 @@ def main() -> None:
             for _ in range(3):
                 runner.step()
             torch.cuda.synchronize()
-            print(f"  step wall {_wall_ms(runner):.1f} ms (median of 6)", flush=True)
+            wall, host = _wall_ms(runner)
+            print(f"  step wall {wall:.1f} ms, host enqueue {host:.1f} ms (medians of 6)", flush=True)
             print(_profile(runner), flush=True)
             print(
                 "  first sync (last: it may leave the step half done):",

@@ -9,8 +9,9 @@ position.
 The Triton kernel computes cos/sin in registers in fp32 and rounds the rotated value once; HF (and the reference)
 round cos/sin to the input dtype and do the multiply-adds in it, so in bf16 the two differ by about one bf16
 rounding. By default the kernel writes fresh outputs; ``inplace=True`` rotates q and k in their own storage (what
-the models do: their q and k are projection outputs that nothing else reads), which saves the outputs' memory and
-half of the memory traffic's footprint. The backward needs neither q nor k, so both forms are differentiable.
+the models do: their q and k are projection outputs that nothing else reads), in one launch: it saves the outputs'
+memory, and the data it rewrites is still in L2 (H200, T=8192, 32/8 heads, d=64: 3.90 TB/s in place, 3.27 out of
+place). The backward needs neither q nor k, so both forms are differentiable.
 """
 
 import torch
@@ -108,39 +109,55 @@ def _backward_rotary(ctx, dq, dk):
 _rotary_op.register_autograd(_backward_rotary, setup_context=_setup_rotary)
 
 
-def _no_heads(x: torch.Tensor) -> torch.Tensor:
-    """A (T, 0, D) view of ``x``: the launcher's second tensor when one tensor is rotated alone."""
-    return x[:, :0]
-
-
-@torch.library.custom_op("veofast::rotary_", mutates_args=("x",))
-def _rotary_inplace_op(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> None:
+@torch.library.custom_op("veofast::rotary_", mutates_args=("q", "k"))
+def _rotary_inplace_op(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float
+) -> None:
     from veofast.kernels.rope import rotary
 
     position_ids, inv_freq = position_ids.contiguous(), inv_freq.contiguous()
-    if x.stride(-1) == 1:
-        rotary(x, _no_heads(x), position_ids, inv_freq, scaling, False, inplace=True)
-    else:  # the kernel needs unit stride along head_dim: rotate a copy, then write it back
-        x.copy_(rotary(x.contiguous(), _no_heads(x), position_ids, inv_freq, scaling, False)[0])
+    if q.stride(-1) == 1 and k.stride(-1) == 1:
+        rotary(q, k, position_ids, inv_freq, scaling, False, inplace=True)
+    else:  # the kernel needs unit stride along head_dim: rotate copies, then write them back
+        q_out, k_out = rotary(q.contiguous(), k.contiguous(), position_ids, inv_freq, scaling, False)
+        q.copy_(q_out)
+        k.copy_(k_out)
 
 
-class _RotaryInPlace(torch.autograd.Function):
-    """The in-place rotation of one tensor under autograd (one tensor per Function, so that it may be a view, as
-    the models' ``proj(x).view(T, heads, d)`` is); its backward is the out-of-place inverse rotation."""
+def _inverse_rotation(ctx, dx: torch.Tensor) -> tuple:
+    """The gradient of an in-place rotation: the out-of-place inverse rotation of ``dx`` (alone: no k heads)."""
+    position_ids, inv_freq = ctx.saved_tensors
+    dx, _ = _rotary_op(dx, dx[:, :0], position_ids, inv_freq, ctx.scaling, True)
+    return dx, None, None, None, None
+
+
+class _RotateQAndK(torch.autograd.Function):
+    """Rotates q and k in place in one launch and returns q. Autograd allows a Function that modifies a view (the
+    models' ``proj(x).view(T, heads, d)``) in place only with a single output, so k is handed to ``_RotatedK``
+    right after, which marks it modified and owns its gradient."""
 
     @staticmethod
-    def forward(ctx, x, position_ids, inv_freq, scaling):
-        _rotary_inplace_op(x, position_ids, inv_freq, scaling)
-        ctx.mark_dirty(x)
+    def forward(ctx, q, k, position_ids, inv_freq, scaling):
+        _rotary_inplace_op(q, k, position_ids, inv_freq, scaling)
+        ctx.mark_dirty(q)
         ctx.save_for_backward(position_ids, inv_freq)
         ctx.scaling = scaling
-        return x
+        return q
+
+    backward = staticmethod(_inverse_rotation)
+
+
+class _RotatedK(torch.autograd.Function):
+    """k, already rotated in place by ``_RotateQAndK``: marks it modified; its backward is the inverse rotation."""
 
     @staticmethod
-    def backward(ctx, dx):
-        position_ids, inv_freq = ctx.saved_tensors
-        dx, _ = _rotary_op(dx, _no_heads(dx), position_ids, inv_freq, ctx.scaling, True)
-        return dx, None, None, None
+    def forward(ctx, k, position_ids, inv_freq, scaling, _q):
+        ctx.mark_dirty(k)
+        ctx.save_for_backward(position_ids, inv_freq)
+        ctx.scaling = scaling
+        return k
+
+    backward = staticmethod(_inverse_rotation)
 
 
 def apply_rotary(
@@ -172,7 +189,6 @@ def apply_rotary(
         raise ValueError(f"apply_rotary: the triton backend takes q and k in {_TRITON_DTYPES}, got {q.dtype}")
     if inplace:
         scaling = float(scaling)
-        return _RotaryInPlace.apply(q, position_ids, inv_freq, scaling), _RotaryInPlace.apply(
-            k, position_ids, inv_freq, scaling
-        )
+        q = _RotateQAndK.apply(q, k, position_ids, inv_freq, scaling)
+        return q, _RotatedK.apply(k, position_ids, inv_freq, scaling, q)
     return _rotary_op(q, k, position_ids, inv_freq, float(scaling), False)
