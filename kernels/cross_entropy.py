@@ -15,11 +15,14 @@ device value on the host, so there is no host-device synchronisation.
 Measured on an H200 (bf16, forward + backward of the public op, 10% of labels ignored; "floor" = 6NHV FLOP at the
 784 TFLOP/s of ANCHORS.md): at N=16384, H=4096, V=151936 (floor 78.0 ms) the three GEMMs alone, unchunked on cuBLAS,
 take 90.6 ms (logits / grad_hidden / grad_weight at 709 / 656 / 664 TFLOP/s; an 8192^3 matmul ran at 698 TFLOP/s
-in the same run), so 84 ms (93% of the floor's rate) is out of reach with cuBLAS GEMMs. This pass takes 98.7 ms
-with 256 MiB chunks (0.22 GiB extra memory), liger-kernel 103.3 ms (0.15 GiB), torch.compile of the eager loss
-91.5 ms (4.64 GiB). Triton GEMMs in place of cuBLAS, a logits GEMM whose epilogue wrote per-block softmax
-statistics (740 TFLOP/s; the row kernel then read the logits once) or a grad_weight GEMM accumulating with TMA
-reduce-adds, changed the total by under 1%, within noise, so they are not kept. At N=8192, H=2048, V=128256:
+in the same run), so 84 ms (93% of the floor's rate) is out of reach with cuBLAS GEMMs. This pass takes 98.4 ms
+with 256 MiB chunks (0.22 GiB extra memory), liger-kernel 103.2 ms (0.15 GiB), torch.compile of the eager loss
+93.4 ms (4.64 GiB) (one run, 2026-11-29). Per 832-row chunk: logits 1.45 ms, grad_hidden 1.50 ms, grad_weight 1.40
+ms for the first chunk and 1.73 ms for the others (the GEMM re-reads and re-writes grad_weight), the row kernel
+0.28 ms (0.35 ms with a running max per logit, which made it exp-bound). Triton GEMMs in place of cuBLAS, a logits
+GEMM whose epilogue wrote per-block softmax statistics (740 TFLOP/s; the row kernel then read the logits once) or a
+grad_weight GEMM accumulating with TMA reduce-adds, changed the total by under 1%, within noise, so they are not
+kept. At N=8192, H=2048, V=128256:
 21.2 ms (floor 16.5) against torch.compile 22.1 and liger 28.5. At N=4096, H=4096, V=151936 (floor 19.5 ms) the
 tokens go in one chunk (N <= H, see ``DEFAULT_CHUNK_BYTES``): 21.8 ms (1.12x the floor, 1.16 GiB extra, as
 torch.compile's) against torch.compile 22.6 and liger 54.5, where six 256 MiB chunks took 25.3 ms.
@@ -46,6 +49,9 @@ MAX_BLOCK_V = 4096
 
 # A finite "minus infinity": keeps exp(m_old - m_new) free of (-inf) - (-inf) = nan.
 _NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
+# Neighbouring logits that share one running max in the logsumexp pass (``_row_lse``); the vocab block is at least
+# this wide.
+_ROW_GROUP: tl.constexpr = tl.constexpr(16)
 
 
 def chunk_rows(
@@ -73,11 +79,15 @@ def _softcap(x, softcap):
 
 @triton.jit
 def _row_lse(row_ptr, V, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One pass over a row of logits: (logsumexp, sum) of the (soft-capped) logits; sum is 0 without smoothing."""
-    offs = tl.arange(0, BLOCK_V)
-    m_vec = tl.full([BLOCK_V], _NEG_BIG, tl.float32)
-    s_vec = tl.zeros([BLOCK_V], tl.float32)
-    sum_vec = tl.zeros([BLOCK_V], tl.float32)
+    """One pass over a row of logits: (logsumexp, sum) of the (soft-capped) logits; sum is 0 without smoothing.
+
+    Each block of BLOCK_V logits is viewed as (BLOCK_V / G, G), G = ``_ROW_GROUP``; every group of G neighbours
+    (held by a few threads) keeps a running max and sum, rescaled once per block: about one exp per logit. (A
+    running max per logit costs two, and the exp unit, not memory, then bounds the pass: 2.2 TB/s on an H200.)"""
+    offs = tl.arange(0, BLOCK_V // _ROW_GROUP)[:, None] * _ROW_GROUP + tl.arange(0, _ROW_GROUP)[None, :]
+    m_vec = tl.full([BLOCK_V // _ROW_GROUP], _NEG_BIG, tl.float32)
+    s_vec = tl.zeros([BLOCK_V // _ROW_GROUP], tl.float32)
+    sum_vec = tl.zeros([BLOCK_V // _ROW_GROUP], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
@@ -85,10 +95,10 @@ def _row_lse(row_ptr, V, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.c
         if HAS_SOFTCAP:
             x = _softcap(x, softcap)
         if HAS_SMOOTHING:
-            sum_vec += tl.where(mask, x, 0.0)
+            sum_vec += tl.sum(tl.where(mask, x, 0.0), axis=1)
         x = tl.where(mask, x, _NEG_BIG)
-        m_new = tl.maximum(m_vec, x)
-        s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
+        m_new = tl.maximum(m_vec, tl.max(x, axis=1))
+        s_vec = s_vec * tl.exp(m_vec - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m_vec = m_new
     m = tl.max(m_vec, axis=0)
     return m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0)), tl.sum(sum_vec, axis=0)
@@ -185,10 +195,10 @@ def ce_rows(
     """
     rows, vocab = logits.shape
     assert logits.stride(1) == 1 and labels.is_contiguous() and loss.is_contiguous() and z.is_contiguous()
-    assert programs >= 0 and block_v >= 1
+    assert programs >= 0 and block_v >= _ROW_GROUP
     if rows == 0:
         return
-    block = min(block_v, triton.next_power_of_2(vocab))
+    block = max(_ROW_GROUP, min(block_v, triton.next_power_of_2(vocab)))
     _ce_rows_kernel[(min(programs, rows) if programs else rows,)](
         logits,
         logits.stride(0),
