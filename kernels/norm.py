@@ -241,16 +241,20 @@ def rms_norm_fwd(
     eps: float,
     out_dtype: torch.dtype,
     *,
+    shape: tuple[int, ...] | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward.
 
     x, residual: (N, H) contiguous; weight: (H,). Returns y (N, H) in ``out_dtype`` and, with a residual,
-    h = x + residual (N, H) in x's dtype (else None). config: overrides of ``CONFIGS["fwd"]``.
+    h = x + residual (N, H) in x's dtype (else None). ``shape``: the shape to allocate them in instead of (N, H)
+    (contiguous, N * H elements: the kernel only sees memory), so that callers need no view of them.
+    config: overrides of ``CONFIGS["fwd"]``.
     """
     n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
-    h = torch.empty_like(x) if residual is not None else None
+    shape = shape or (n_rows, n_cols)
+    y = torch.empty(shape, dtype=out_dtype, device=x.device)
+    h = torch.empty(shape, dtype=x.dtype, device=x.device) if residual is not None else None
     if n_rows == 0:
         return y, h
     cfg = config_for("fwd", n_cols, config)
@@ -280,16 +284,18 @@ def rms_norm_bwd(
     dh_out: torch.Tensor | None,
     eps: float,
     *,
+    shape: tuple[int, ...] | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward.
 
     dy: (N, H) gradient of y; h: (N, H) the normalised input; dh_out: (N, H) gradient of the returned residual
-    sum, or None; all contiguous. Returns dx (N, H) in h's dtype (also the residual's gradient) and dweight (H,)
-    in weight's dtype, accumulated in fp32. config: overrides of ``CONFIGS["bwd"]``.
+    sum, or None; all contiguous. Returns dx (N, H) in h's dtype (also the residual's gradient), allocated in
+    ``shape`` when given (as in ``rms_norm_fwd``), and dweight (H,) in weight's dtype, accumulated in fp32.
+    config: overrides of ``CONFIGS["bwd"]``.
     """
     n_rows, n_cols = h.shape
-    dx = torch.empty_like(h)
+    dx = torch.empty(shape or (n_rows, n_cols), dtype=h.dtype, device=h.device)
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
     cfg = config_for("bwd", n_cols, config)

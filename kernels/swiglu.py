@@ -107,11 +107,14 @@ def _launch(kind: str, n_rows: int, n_cols: int, override: dict | None) -> tuple
     return grid, block_m, block_n, cfg["warps"]
 
 
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """gate, up: (N, I) with unit column stride (any row stride). Returns silu(gate) * up, (N, I) contiguous.
+def swiglu_fwd(
+    gate: torch.Tensor, up: torch.Tensor, *, shape: tuple[int, ...] | None = None, config: dict | None = None
+) -> torch.Tensor:
+    """gate, up: (N, I) with unit column stride (any row stride). Returns silu(gate) * up, (N, I) contiguous, or
+    allocated in ``shape`` (contiguous, N * I elements: the kernel only sees memory), so that callers need no view.
     config: overrides of ``CONFIGS["fwd"]``."""
     n_rows, n_cols = gate.shape
-    y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    y = torch.empty(shape or (n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     if y.numel() == 0:
         return y
     grid, block_m, block_n, num_warps = _launch("fwd", n_rows, n_cols, config)
@@ -122,12 +125,17 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, config: dict | None = No
 
 
 def swiglu_bwd(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, config: dict | None = None
+    dy: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    *,
+    shape: tuple[int, ...] | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy, gate, up: (N, I) with unit column stride. Returns (dgate, dup), each (N, I) contiguous.
-    config: overrides of ``CONFIGS["bwd"]``."""
+    """dy, gate, up: (N, I) with unit column stride. Returns (dgate, dup), each (N, I) contiguous, or allocated in
+    ``shape`` (as in ``swiglu_fwd``). config: overrides of ``CONFIGS["bwd"]``."""
     n_rows, n_cols = gate.shape
-    dgate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    dgate = torch.empty(shape or (n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     dup = torch.empty_like(dgate)
     if dgate.numel() == 0:
         return dgate, dup

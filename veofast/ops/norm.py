@@ -71,8 +71,8 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     from veofast.kernels.norm import rms_norm_fwd
 
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    y, _ = rms_norm_fwd(_rows(x), weight.contiguous(), None, eps, out_dtype)
-    return y.view(x.shape)
+    y, _ = rms_norm_fwd(_rows(x), weight.contiguous(), None, eps, out_dtype, shape=x.shape)
+    return y
 
 
 @_rms_norm_op.register_fake
@@ -87,8 +87,7 @@ def _add_rms_norm_op(
     from veofast.kernels.norm import rms_norm_fwd
 
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    y, h = rms_norm_fwd(_rows(x), weight.contiguous(), _rows(residual), eps, out_dtype)
-    return y.view(x.shape), h.view(x.shape)
+    return rms_norm_fwd(_rows(x), weight.contiguous(), _rows(residual), eps, out_dtype, shape=x.shape)
 
 
 @_add_rms_norm_op.register_fake
@@ -103,8 +102,7 @@ def _rms_norm_backward_op(
     from veofast.kernels.norm import rms_norm_bwd
 
     dh_rows = _rows(dh_out) if dh_out is not None else None
-    dx, dweight = rms_norm_bwd(_rows(dy), _rows(h), weight.contiguous(), dh_rows, eps)
-    return dx.view(h.shape), dweight
+    return rms_norm_bwd(_rows(dy), _rows(h), weight.contiguous(), dh_rows, eps, shape=h.shape)
 
 
 @_rms_norm_backward_op.register_fake

@@ -42,7 +42,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from veofast.kernels.swiglu import swiglu_fwd
 
-    return swiglu_fwd(_rows(gate), _rows(up)).view(gate.shape)
+    return swiglu_fwd(_rows(gate), _rows(up), shape=gate.shape)
 
 
 @_swiglu_op.register_fake
@@ -54,8 +54,7 @@ def _(gate, up):
 def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from veofast.kernels.swiglu import swiglu_bwd
 
-    dgate, dup = swiglu_bwd(_rows(dy), _rows(gate), _rows(up))
-    return dgate.view(gate.shape), dup.view(gate.shape)
+    return swiglu_bwd(_rows(dy), _rows(gate), _rows(up), shape=gate.shape)
 
 
 @_swiglu_backward_op.register_fake
