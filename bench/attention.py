@@ -7,19 +7,25 @@
 - ``flex``: FlexAttention compiled, with a document-causal block mask built once per shape (inputs laid out
   ``(1, H, T, D)`` outside the timing);
 - ``sdpa_loop``: SDPA (flash) called once per document;
+- ``sdpa_cudnn``: SDPA on cuDNN's fused attention over a (documents, heads, length, dim) batch, where all documents
+  have one length (the uniform shapes): the strongest peer there. It has no packed path here: its ragged layout
+  (``aten._cudnn_attention_forward`` with ``cum_seq_q``) took 50-75 ms per call in torch 2.11 (a graph build each
+  call), and torch's own ``varlen_attn`` keeps it switched off;
 - ``reference``: ``varlen_attention_reference``, at the small shape only.
 
 FLOPs count the causal pairs only: fwd = 4 * head_dim * num_q_heads * sum(L (L + 1) / 2), fwd+bwd = 3.5 * fwd.
 Shapes: the anchor mix, uniform documents of 512/2048/8192/32768 tokens, head_dim 64 and 256 at the anchor mix,
-a 1-token document among long ones, and a small mix. Also checks that a veofast fwd+bwd never syncs with the
-host, and the output difference against ``sdpa_loop``. A failing provider is reported, not fatal.
+one 8192-token document with head_dim 64 (the Llama-3.2-1B training shape), a 1-token document among long ones,
+and a small mix (``--shapes`` picks some by name, ``--providers`` some providers). Also checks that a veofast
+fwd+bwd never syncs with the host, and the output difference against ``sdpa_loop``. A failing provider is
+reported, not fatal.
 
 ``--sweep`` (the GPU job ``tools/gpu_jobs/attention.sh``) decides the kernel configs instead: each candidate of
 ``SWEEP_ALTERNATIVES`` and the pinned ``CONFIGS`` entry is checked against float64 in worker processes, then timed
 kernel by kernel at the anchor mix (head_dim 128) and at one 8192-token document (head_dim 64, the Llama-3.2-1B
 training shape), next to veofast's public op, FlexAttention and torch's varlen_attn; ``--smoke`` runs it on CPU.
 
-    python bench/attention.py [--quick] [--repeats 20]
+    python bench/attention.py [--quick] [--repeats 20] [--shapes uniform-8192,dense-d64] [--providers veofast,flex]
     python bench/attention.py --sweep [--budget-s 190] [--workers 12] [--smoke]
 """
 
@@ -37,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,6 +80,7 @@ def shapes(quick: bool) -> list[tuple[str, list[int], int, int, int]]:
     return [
         ("anchor", anchor, 32, 8, 128),
         *[(f"uniform-{n}", [n] * (TOTAL // n), 32, 8, 128) for n in (512, 2048, 8192, 32768)],
+        ("dense-d64", [8192], 32, 8, 64),
         ("anchor-d64", anchor, 32, 8, 64),
         ("anchor-d256", anchor, 32, 8, 256),
         ("one-token-doc", [8192, 8192, 1, 8191, 8192], 32, 8, 128),
@@ -138,11 +146,28 @@ def make_sdpa_loop(q, k, v, lengths, cu):
     return run
 
 
+def make_sdpa_cudnn(q, k, v, lengths, cu):
+    """cuDNN SDPA over a (documents, heads, length, dim) batch of equal-length documents; the output goes back to
+    (tokens, heads, dim) inside the timed call, as a caller of a packed layout would need it."""
+    docs, length = len(lengths), lengths[0]
+
+    def batch(t):  # (T, H, D) -> strided (docs, H, length, D) view
+        return t.view(docs, length, t.shape[1], t.shape[2]).transpose(1, 2)
+
+    def run(q, k, v):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).reshape(q.shape)
+
+    return run
+
+
 PROVIDERS = {
     "veofast": make_veofast,
     "torch_varlen": make_torch_varlen,
     "flex": make_flex,
     "sdpa_loop": make_sdpa_loop,
+    "sdpa_cudnn": make_sdpa_cudnn,
     "reference": make_reference,
 }
 HEAD_MAJOR = {"flex"}  # providers that take (1, H, T, D) instead of (T, H, D)
@@ -171,7 +196,14 @@ def measure(fn, q, k, v, dout, fwd_flops, repeats, row) -> torch.Tensor:
     return out
 
 
-def bench_shape(name, lengths, hq, hk, d, repeats, rows):
+def applies(provider: str, name: str, lengths: list[int]) -> bool:
+    """The reference runs at the small shape only; cuDNN's batch needs documents of one length."""
+    if provider == "reference":
+        return name.startswith("small")
+    return provider != "sdpa_cudnn" or len(set(lengths)) == 1
+
+
+def bench_shape(name, lengths, hq, hk, d, repeats, rows, providers=tuple(PROVIDERS)):
     total = sum(lengths)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(total, h, d, device="cuda", dtype=DTYPE, generator=gen) for h in (hq, hk, hk, hq))
@@ -179,7 +211,7 @@ def bench_shape(name, lengths, hq, hk, d, repeats, rows):
     fwd_flops = 4 * d * hq * sum(n * (n + 1) // 2 for n in lengths)
     outputs = {}
     for provider, make in PROVIDERS.items():
-        if provider == "reference" and not name.startswith("small"):
+        if provider not in providers or not applies(provider, name, lengths):
             continue
         row = {
             "shape": name,
@@ -577,6 +609,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the anchor and the small mix only")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--shapes", help="comma-separated shape names (default: all of the run)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {list(PROVIDERS)}")
     parser.add_argument("--sweep", action="store_true", help="the GPU job: check and time every candidate config")
     parser.add_argument("--smoke", action="store_true", help="with --sweep: tiny shapes on CPU (Triton interpreter)")
     parser.add_argument("--budget-s", type=float, default=190.0, help="with --sweep: stop starting work after this")
@@ -589,10 +623,16 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
+    plan = shapes(args.quick and not args.shapes)
+    names, providers = [row[0] for row in plan], args.providers.split(",")
+    chosen = args.shapes.split(",") if args.shapes else names
+    for flag, given, allowed in (("shapes", chosen, names), ("providers", providers, list(PROVIDERS))):
+        if set(given) - set(allowed):
+            parser.error(f"--{flag}: unknown {sorted(set(given) - set(allowed))}; choose from {allowed}")
     rows: list[dict] = []
-    for name, lengths, hq, hk, d in shapes(args.quick):
+    for name, lengths, hq, hk, d in [row for row in plan if row[0] in chosen]:
         print(f"--- {name}: {len(lengths)} docs, {sum(lengths)} tokens, heads {hq}/{hk}, head_dim {d}", flush=True)
-        bench_shape(name, lengths, hq, hk, d, args.repeats, rows)
+        bench_shape(name, lengths, hq, hk, d, args.repeats, rows, providers)
         torch.cuda.empty_cache()
     check_no_host_sync(anchor_lengths(), 32, 8, 128)
     print()
