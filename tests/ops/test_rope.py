@@ -247,6 +247,7 @@ Q, K, POS, FREQ = torch.ones(4, 2, 8), torch.ones(4, 1, 8), torch.arange(4), inv
         (dict(inv_freq=FREQ.bfloat16()), "inv_freq must be a float32"),
         (dict(scaling="1"), "scaling must be a float"),
         (dict(inplace=1), "inplace must be a bool"),
+        (dict(k=Q, inplace=True), "must be different tensors"),
         (dict(backend="fast"), "backend must be one of"),
         (dict(q=Q.double(), k=K.double(), backend="triton"), "triton backend takes"),
     ],

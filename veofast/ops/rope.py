@@ -182,6 +182,8 @@ def apply_rotary(
     _check(q, k, position_ids, inv_freq, scaling)
     if not isinstance(inplace, bool):
         raise ValueError(f"apply_rotary: inplace must be a bool, got {inplace!r}")
+    if inplace and q is k:
+        raise ValueError("apply_rotary: with inplace=True, q and k must be different tensors (it would rotate twice)")
     if resolve_backend("apply_rotary", backend, q.device) == "torch":
         q_out, k_out = apply_rotary_reference(q, k, position_ids, inv_freq, scaling=scaling)
         return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
