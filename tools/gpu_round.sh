@@ -47,7 +47,7 @@ for phase in "${phases[@]}"; do
     jobs)  # per-area jobs on GPUs 0-3 (the packer on the CPU beside them), then the diagnostics on the freed GPUs
       stamp "phase jobs"
       job packer "" 150 bash tools/gpu_jobs/packer.sh &
-      job attention 0 330 bash tools/gpu_jobs/attention.sh &
+      job attention 0 430 bash tools/gpu_jobs/attention.sh &
       job small_ops 1 330 bash tools/gpu_jobs/small_ops.sh &
       job moe 3 330 bash tools/gpu_jobs/moe.sh &
       wait
@@ -78,7 +78,7 @@ for phase in "${phases[@]}"; do
       summary train gpu_tests attention_bench moe_ep fsdp2 cross_entropy ;;
     explore)  # the attention sweep (GPU 0), the MoE job (GPU 1), Ulysses under NCCL CTA caps (GPUs 2,3)
       stamp "phase explore"
-      job attention 0 330 bash tools/gpu_jobs/attention.sh &
+      job attention 0 430 bash tools/gpu_jobs/attention.sh &
       job moe 1 330 bash tools/gpu_jobs/moe.sh &
       job ulysses_ctas 2,3 330 bash tools/gpu_jobs/ulysses_ctas.sh &
       wait
