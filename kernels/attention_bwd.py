@@ -286,9 +286,11 @@ def _attn_bwd_dkdv_kernel(
     SPLIT_MASK: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TILE_STORE: tl.constexpr,
 ):
     """dK, dV of one BLOCK_N key tile of one KV head, summed over its query-head group. Without ``SPLIT_MASK`` all
-    query blocks go through one masked loop (smaller code, fewer registers)."""
+    query blocks go through one masked loop (smaller code, fewer registers). ``TILE_STORE``: the stores address the
+    tile from one int64 base with int32 offsets (fewer live registers next to the two accumulators)."""
     pid = tl.program_id(0)
     slot = pid // num_kv_heads
     kv_head = pid - slot * num_kv_heads
@@ -337,14 +339,24 @@ def _attn_bwd_dkdv_kernel(
     # fmt: on
 
     col_ok = (cols < seqlen_k)[:, None]
-    k_rows = k_start.to(tl.int64) + cols
-    tl.store(
-        DK + k_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-        (dk * sm_scale).to(DK.dtype.element_ty),
-        mask=col_ok,
-    )
-    tl.store(
-        DV + k_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=col_ok,
-    )
+    if TILE_STORE:  # offsets within the tile stay below BLOCK_N * stride: int32
+        tile_row = (k_start + n0).to(tl.int64)
+        in_tile = tl.arange(0, BLOCK_N)[:, None]
+        dv_tile = DV + tile_row * stride_dvt + kv_head * stride_dvh
+        tl.store(dv_tile + (in_tile * stride_dvt + offs_d[None, :]), dv.to(DV.dtype.element_ty), mask=col_ok)
+        dk_tile = DK + tile_row * stride_dkt + kv_head * stride_dkh
+        tl.store(
+            dk_tile + (in_tile * stride_dkt + offs_d[None, :]), (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok
+        )
+    else:
+        k_rows = k_start.to(tl.int64) + cols
+        tl.store(
+            DK + k_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+            (dk * sm_scale).to(DK.dtype.element_ty),
+            mask=col_ok,
+        )
+        tl.store(
+            DV + k_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=col_ok,
+        )

@@ -138,8 +138,8 @@ def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, wind
     _check_against_reference(lens_q, lens_k or lens_q, hq, hk, d, dtype, causal=causal, window_size=window_size)
 
 
-# (block_m, block_n, num_warps, num_stages, tma, split_mask) of the fwd, dq and dkdv kernels: every load path and
-# loop structure, block shapes that do not divide the documents.
+# (block_m, block_n, num_warps, num_stages, tma, split_mask, tile_store) of the fwd, dq and dkdv kernels: every load
+# path, loop structure and store path, block shapes that do not divide the documents.
 @pytest.mark.parametrize(
     "configs, causal, window_size",
     [
@@ -148,6 +148,15 @@ def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, wind
             [(32, 16, 4, 1, True), (16, 16, 4, 1), (32, 16, 4, 1, True, False)], False, (6, 3), id="tma-window"
         ),
         pytest.param([(16, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1, False, False)], False, (9, -1), id="onemask-left"),
+        pytest.param(
+            [(16, 32, 4, 1, True), (32, 16, 4, 1, True), (16, 32, 4, 1, True, True, True)],
+            True,
+            (-1, -1),
+            id="tilestore",
+        ),
+        pytest.param(
+            [(16, 16, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1, False, False, True)], False, (2, 5), id="tilestore-ptr"
+        ),
     ],
 )
 def test_kernel_configs_match_reference(configs, causal, window_size):
