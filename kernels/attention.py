@@ -39,8 +39,9 @@ class Config:
     """Launch choices of one kernel. ``block_m``: query rows per tile or step, ``block_n``: keys per tile or step;
     ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
     query blocks; ``tile_store`` (dK/dV only): store dK and dV through one int64 tile base and int32 offsets within
-    the tile instead of a tile of int64 pointers (an sm_90 compile of the d=128 kernel spills 296 instead of 1040
-    bytes; not yet timed, so no pinned config uses it)."""
+    the tile instead of a tile of int64 pointers (an sm_90 compile with triton 3.9 spills 216 instead of 1040 bytes
+    at the pinned d=128 config and needs 168 instead of 244 registers at d=64; not yet timed on the GPU's triton
+    3.6, so no pinned config uses it)."""
 
     block_m: int
     block_n: int
