@@ -38,10 +38,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 class Config:
     """Launch choices of one kernel. ``block_m``: query rows per tile or step, ``block_n``: keys per tile or step;
     ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
-    query blocks; ``tile_store`` (dK/dV only): store dK and dV through one int64 tile base and int32 offsets within
-    the tile instead of a tile of int64 pointers (an sm_90 compile with triton 3.9 spills 216 instead of 1040 bytes
-    at the pinned d=128 config and needs 168 instead of 244 registers at d=64; not yet timed on the GPU's triton
-    3.6, so no pinned config uses it)."""
+    query blocks; ``tile_store`` (forward and dK/dV): store the output tiles through one int64 tile base and int32
+    offsets within the tile instead of a tile of int64 pointers (for dK/dV an sm_90 compile with triton 3.9 spills
+    216 instead of 1040 bytes at the pinned d=128 config and needs 168 instead of 244 registers at d=64; not yet
+    timed on the GPU's triton 3.6, so no pinned config uses it)."""
 
     block_m: int
     block_n: int
@@ -222,6 +222,7 @@ def varlen_attention_fwd(
         num_heads // k.shape[1],
         HEAD_DIM=head_dim,
         NEG_SCALE=softmax_scale < 0,
+        TILE_STORE=config.tile_store,
         USE_TMA=use_tma,
         **_mask_flags(window_left, window_right, q.dtype),
     )

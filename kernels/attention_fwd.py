@@ -266,6 +266,7 @@ def _attn_fwd_kernel(
     NEG_SCALE: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TILE_STORE: tl.constexpr,
 ):
     """OUT = softmax(Q K^T * scale) V for one BLOCK_M query tile of one head; LSE (num_q_heads, total_q) fp32,
     natural log, +inf for a query that sees no key (its output row is 0)."""
@@ -315,9 +316,14 @@ def _attn_fwd_kernel(
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
     row_ok = rows < seqlen_q
     q_rows = q_start.to(tl.int64) + rows
-    tl.store(
-        OUT + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-        out.to(OUT.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    if TILE_STORE:  # one int64 tile base, int32 offsets within the tile (below BLOCK_M * stride)
+        out_tile = OUT + (q_start + m0).to(tl.int64) * stride_ot + head * stride_oh
+        in_tile = tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :]
+        tl.store(out_tile + in_tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(
+            OUT + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
     tl.store(LSE + head.to(tl.int64) * total_q + q_rows, lse, mask=row_ok)

@@ -149,13 +149,16 @@ def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, wind
         ),
         pytest.param([(16, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1, False, False)], False, (9, -1), id="onemask-left"),
         pytest.param(
-            [(16, 32, 4, 1, True), (32, 16, 4, 1, True), (16, 32, 4, 1, True, True, True)],
+            [(16, 32, 4, 1, True, True, True), (32, 16, 4, 1, True), (16, 32, 4, 1, True, True, True)],
             True,
             (-1, -1),
             id="tilestore",
         ),
         pytest.param(
-            [(16, 16, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1, False, False, True)], False, (2, 5), id="tilestore-ptr"
+            [(32, 16, 4, 1, False, True, True), (16, 16, 4, 1), (32, 16, 4, 1, False, False, True)],
+            False,
+            (2, 5),
+            id="tilestore-ptr",
         ),
     ],
 )
