@@ -22,11 +22,12 @@ reported, not fatal.
 
 ``--sweep`` (the GPU job ``tools/gpu_jobs/attention.sh``) decides the kernel configs instead: each candidate of
 ``SWEEP_ALTERNATIVES`` and the pinned ``CONFIGS`` entry is checked against float64 in worker processes, then timed
-kernel by kernel at the anchor mix (head_dim 128) and at one 8192-token document (head_dim 64, the Llama-3.2-1B
-training shape), next to veofast's public op, FlexAttention and torch's varlen_attn; ``--smoke`` runs it on CPU.
+kernel by kernel at the anchor mix (head_dim 128 and 256) and at one 8192-token document (head_dim 64, the
+Llama-3.2-1B training shape), next to veofast's public op, FlexAttention and torch's varlen_attn; ``--head-dims``
+picks some of these shapes, ``--smoke`` runs it on CPU.
 
     python bench/attention.py [--quick] [--repeats 20] [--shapes uniform-8192,dense-d64] [--providers veofast,flex]
-    python bench/attention.py --sweep [--budget-s 190] [--workers 12] [--smoke]
+    python bench/attention.py --sweep [--budget-s 190] [--workers 12] [--head-dims 64,128] [--smoke]
 """
 
 from __future__ import annotations
@@ -292,6 +293,25 @@ SWEEP_ALTERNATIVES = {
         (64, 128, 8, 2, True, True, True),  # tile_store: spills 216 instead of 1040 bytes (triton 3.9)
         (32, 128, 8, 3, True, True, True),
     ],
+    ("fwd", 256): [(128, 32, 8, 3, False), (128, 32, 8, 3, True), (64, 64, 4, 3, True), (64, 32, 4, 3, True)],
+    ("dq", 256): [
+        (64, 32, 4, 3, False),
+        (64, 64, 8, 2, True),
+        (128, 32, 8, 2, True),
+        (64, 32, 8, 3, True),
+        (128, 64, 8, 2, True),
+        (64, 64, 4, 2, True),
+    ],
+    ("dkdv", 256): [
+        (32, 32, 8, 2, False, False),
+        (32, 32, 8, 2, True, False),
+        (32, 64, 8, 2, True),
+        (32, 64, 8, 3, True),
+        (64, 32, 8, 2, True),
+        (32, 64, 8, 2, False),
+        (16, 64, 4, 2, True),
+        (32, 64, 8, 2, True, False),
+    ],
 }
 KERNELS = ("fwd", "dq", "dkdv")
 RAW_FLOPS = {"fwd": 1.0, "dq": 1.5, "dkdv": 2.0}  # matmul work of each kernel, in forward FLOPs
@@ -331,7 +351,11 @@ def sweep_setup(smoke: bool) -> dict:
     return {
         "device": "cuda",
         "dtype": DTYPE,
-        "shapes": {128: ("anchor", anchor_lengths(), 32, 8), 64: ("dense-d64", [8192], 32, 8)},
+        "shapes": {
+            128: ("anchor", anchor_lengths(), 32, 8),
+            64: ("dense-d64", [8192], 32, 8),
+            256: ("anchor-d256", anchor_lengths(), 32, 8),
+        },
         "check": ([1, 17, 97, 0, 128, 129, 1025, 300, 223], 8, 2),  # odd lengths, an empty document; GQA 4
         "candidates": {key: candidates(*key) for key in SWEEP_ALTERNATIVES},
         "peers": ["torch_varlen", "flex"],
@@ -579,12 +603,19 @@ def _time_kernels(setup, data, checks, deadline, lines, rows) -> None:
         )
 
 
-def sweep(smoke: bool, budget_s: float, workers: int) -> None:
+def sweep(smoke: bool, budget_s: float, workers: int, head_dims: list[int] | None = None) -> None:
     """The GPU job: check every candidate config, then time the table, torch's varlen_attn and the configs per
-    shape, FlexAttention last (its compilation must not starve the sweep); print a summary."""
+    shape, FlexAttention last (its compilation must not starve the sweep); print a summary. ``head_dims``: the
+    sweep shapes to run (default all)."""
     start = time.monotonic()
     deadline = start + budget_s
     setup = sweep_setup(smoke)
+    if head_dims:
+        unknown = sorted(set(head_dims) - set(setup["shapes"]))
+        if unknown:
+            raise SystemExit(f"--head-dims: no sweep shape for {unknown}; choose from {sorted(setup['shapes'])}")
+        setup["shapes"] = {d: shape for d, shape in setup["shapes"].items() if d in head_dims}
+        setup["candidates"] = {key: specs for key, specs in setup["candidates"].items() if key[1] in head_dims}
     checks = _run_checks(setup, smoke, workers, start + budget_s * 0.5)
     for check in checks:
         record(SUITE, {"check": "config_vs_float64", **check})
@@ -631,11 +662,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="with --sweep: tiny shapes on CPU (Triton interpreter)")
     parser.add_argument("--budget-s", type=float, default=190.0, help="with --sweep: stop starting work after this")
     parser.add_argument("--workers", type=int, default=12, help="with --sweep: processes that check configs")
+    parser.add_argument("--head-dims", help="with --sweep: comma-separated head dims of the sweep shapes to run")
     args = parser.parse_args()
     if args.sweep:
         if args.smoke:
             os.environ["TRITON_INTERPRET"] = "1"  # before any triton import, here and in the spawned workers
-        sweep(args.smoke, args.budget_s, args.workers)
+        head_dims = [int(d) for d in args.head_dims.split(",")] if args.head_dims else None
+        sweep(args.smoke, args.budget_s, args.workers, head_dims)
         return
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")

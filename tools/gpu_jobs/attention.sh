@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU job of packed varlen attention (issue 6): <= 420 s on one H200 from the repo root, veofast installed.
-#   1. bench/attention.py --sweep: every candidate config of the forward, dQ and dK/dV kernels (head dims 64 and
+#   1. bench/attention.py --sweep --head-dims 64,128: every candidate config of the forward, dQ and dK/dV kernels (head dims 64 and
 #      128; the kernels/attention.py CONFIGS entry first, marked *) is checked in bf16 against float64 (out, dq, dk,
 #      dv on odd varlen documents with an empty one, GQA 4) by parallel worker processes, which also compile
 #      FlexAttention; then, in one process, veofast (public op, pinned configs), FlexAttention (compiled,
@@ -26,7 +26,7 @@ if [ "${ATTENTION_SMOKE:-0}" = 1 ]; then
   SWEEP_CAP=600
 else
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv,noheader | tee -a "$LOG"
-  SWEEP=(--budget-s 165 --workers 12)
+  SWEEP=(--budget-s 165 --workers 12 --head-dims 64,128)
   SWEEP_CAP=185
 fi
 
