@@ -108,3 +108,19 @@ def test_one_rank_training_builds_a_plain_module():
         assert not any(isinstance(p, DTensor) or p.is_meta for p in model.parameters())
     finally:
         destroy_parallel_state()
+
+
+@pytest.mark.gpu
+def test_gpu_gradient_casts_match_the_bf16_gradients():
+    """On CUDA the fp32 gradients of parameters with at least a million elements come from the Triton cast, the
+    smaller ones from torch's copy: both the same bits as the bf16 model's gradients in fp32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 8)).cuda()
+    in_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    cast_parameters_for_compute(model, [model[0]], torch.bfloat16)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    model(x).float().square().sum().backward()
+    in_bf16(x).float().square().sum().backward()
+    for param, ref in zip(model.parameters(), in_bf16.parameters(), strict=True):
+        assert param.dtype == param.grad.dtype == torch.float32
+        assert torch.equal(param.grad, ref.grad.float())

@@ -9,8 +9,9 @@ sharded gradient. That is 28 bytes of memory traffic per parameter and step, whe
 reduce_dtype=fp32)`` with only the casts. Units are the modules FSDP would wrap (decoder layers) plus the root
 for every parameter outside them. A forward pre-hook on a unit replaces the unit's own parameters by their bf16
 casts for the length of the unit's forward, and a forward hook (also run when the forward raises) puts the fp32
-parameters back. The casts are ``Tensor.to``, so autograd casts each bf16 gradient back to fp32 and accumulates
-it into the fp32 parameter's ``.grad``. Activation checkpointing recomputes a layer through its ``__call__``, so
+parameters back. Each cast is ``Tensor.to`` forward; its backward casts the bf16 gradient back to fp32 (on CUDA
+with a Triton kernel, ``kernels/cast.py``: twice as fast as torch's copy there) and autograd accumulates it into
+the fp32 parameter's ``.grad``. Activation checkpointing recomputes a layer through its ``__call__``, so
 the hooks cast again then, as FSDP re-gathers a resharded unit. Outside a forward the model holds its fp32
 parameters: state dicts, checkpoints, the optimizer and gradient clipping see nothing different.
 
@@ -21,6 +22,25 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+_KERNEL_MIN_NUMEL = 1 << 20  # smaller gradients (norm weights) cost more to launch a kernel for than to copy
+
+
+class _CastForCompute(torch.autograd.Function):
+    """``param.to(dtype)``; the backward returns the gradient in the parameter's dtype."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.param_dtype = param.dtype
+        return param.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if grad.is_cuda and grad.is_contiguous() and grad.numel() >= _KERNEL_MIN_NUMEL:
+            from veofast.kernels.cast import cast_contiguous
+
+            return cast_contiguous(grad, ctx.param_dtype), None
+        return grad.to(ctx.param_dtype), None
 
 
 class _UnitCast:
@@ -38,7 +58,8 @@ class _UnitCast:
             param = owner._parameters[name]
             originals.append(param)
             if id(param) not in casts:
-                casts[id(param)] = param.to(self.dtype)
+                same = param.dtype == self.dtype
+                casts[id(param)] = param if same else _CastForCompute.apply(param, self.dtype)
             owner._parameters[name] = casts[id(param)]
         self.saved.append(originals)
 
