@@ -20,6 +20,19 @@ def _tile(width: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _load_gate_up(h_ptr, M, inter, stride_h, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    """This program's tile: row indices (BLOCK_M,) int64, column indices (BLOCK_I,), the in-bounds mask, and the
+    gate and up halves of ``h`` as fp32 (BLOCK_M, BLOCK_I) (0 out of bounds)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < M)[:, None] & (cols < inter)[None, :]
+    h = h_ptr + rows[:, None] * stride_h + cols[None, :]
+    gate = tl.load(h, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h + inter, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, gate, up
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     h_ptr,
     a_ptr,
@@ -36,12 +49,7 @@ def _swiglu_fwd_kernel(
     if HAS_END:  # rows from the device count at end_ptr on hold no data
         if tl.program_id(0) * BLOCK_M >= tl.load(end_ptr):
             return
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows < M)[:, None] & (cols < inter)[None, :]
-    h = h_ptr + rows[:, None] * stride_h + cols[None, :]
-    gate = tl.load(h, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h + inter, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, gate, up = _load_gate_up(h_ptr, M, inter, stride_h, BLOCK_M, BLOCK_I)
     a = gate * tl.sigmoid(gate) * up
     tl.store(a_ptr + rows[:, None] * stride_a + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
@@ -67,12 +75,7 @@ def _swiglu_bwd_kernel(
     if HAS_END:  # rows from the device count at end_ptr on hold no data
         if tl.program_id(0) * BLOCK_M >= tl.load(end_ptr):
             return
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows < M)[:, None] & (cols < inter)[None, :]
-    h = h_ptr + rows[:, None] * stride_h + cols[None, :]
-    gate = tl.load(h, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h + inter, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, gate, up = _load_gate_up(h_ptr, M, inter, stride_h, BLOCK_M, BLOCK_I)
     grad_a = tl.load(grad_a_ptr + rows[:, None] * stride_ga + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
