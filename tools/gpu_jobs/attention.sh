@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU job of packed varlen attention (issue 6): <= 420 s on one H200 from the repo root, veofast installed.
-#   1. bench/attention.py --sweep --head-dims 64,128: every candidate config of the forward, dQ and dK/dV kernels (head dims 64 and
-#      128; the kernels/attention.py CONFIGS entry first, marked *) is checked in bf16 against float64 (out, dq, dk,
+#   1. bench/attention.py --sweep --head-dims 64,128: every candidate config of the forward, dQ and dK/dV kernels
+#      (head dims 64 and 128; the kernels/attention.py CONFIGS entry first, marked *; head dim 256 is swept alone,
+#      --head-dims 256, when its kernels change) is checked in bf16 against float64 (out, dq, dk,
 #      dv on odd varlen documents with an empty one, GQA 4) by parallel worker processes, which also compile
 #      FlexAttention; then, in one process, veofast (public op, pinned configs), FlexAttention (compiled,
 #      document-causal block mask) and torch varlen_attn (window (-1, 0)) are timed fwd and fwd+bwd at the anchor
