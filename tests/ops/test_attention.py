@@ -295,6 +295,13 @@ def test_gpu_causal(d, hq, hk):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [16, 32])
+def test_gpu_small_head_dims(d):
+    """Head dims 16 and 32 run the 64 class's tile configs with narrower tiles."""
+    _check_against_reference(GPU_LENS, GPU_LENS, 8, 2, d, torch.bfloat16, causal=True)
+
+
+@pytest.mark.gpu
 def test_gpu_fp16():
     _check_against_reference(GPU_LENS, GPU_LENS, 8, 2, 128, torch.float16, causal=True)
 
