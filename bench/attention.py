@@ -268,47 +268,37 @@ def check_no_host_sync(lengths, hq, hk, d):
 SWEEP_ALTERNATIVES = {
     ("fwd", 64): [(64, 64, 4, 4, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True), (64, 64, 4, 4, True, True, True)],
     ("fwd", 128): [
+        (64, 32, 4, 3, True),
         (128, 32, 8, 3, True),
-        (64, 32, 4, 2, True),
-        (64, 32, 4, 4, True),
-        (64, 64, 4, 3, True),
-        (128, 32, 8, 4, True),
+        (64, 64, 4, 2, True),
+        (64, 64, 4, 4, True),
+        (64, 128, 4, 2, True),
         (128, 64, 8, 3, False),
-        (128, 64, 8, 3, True),
-        (128, 32, 8, 3, True, True, True),  # tile_store: fewer live registers at the output store
+        (64, 64, 4, 3, True),
     ],
     ("fwd", 256): [(128, 32, 8, 3, False), (128, 32, 8, 3, True), (64, 64, 4, 3, True), (64, 32, 4, 3, True)],
-    ("dq", 64): [(128, 64, 8, 2, True), (64, 64, 4, 3, True), (64, 32, 4, 3, True)],
-    ("dq", 128): [
-        (64, 64, 4, 2, True),
-        (128, 64, 8, 4, True),
-        (64, 128, 4, 2, True),
-        (32, 64, 4, 2, True),
-        (64, 32, 4, 2, True),
-    ],
+    ("dq", 64): [(128, 64, 8, 3, True), (64, 32, 4, 3, True)],
+    ("dq", 128): [(128, 64, 8, 3, True), (64, 64, 4, 2, True), (64, 32, 4, 2, True)],
     ("dq", 256): [(64, 32, 4, 3, False), (128, 32, 8, 2, True), (64, 64, 4, 2, True)],
+    # dK/dV: (block_m, block_n, warps, stages, tma, split_mask, tile_store, q_rows)
     ("dkdv", 64): [
-        (32, 64, 4, 3, True),
-        (32, 64, 4, 2, True),
+        (32, 128, 4, 3, True),
         (32, 128, 4, 2, True),
-        (32, 128, 4, 4, True),
-        (64, 64, 4, 4, True),
-        (16, 128, 4, 3, True),
-        (32, 128, 4, 3, True, True, True),  # tile_store
+        (64, 64, 4, 4, True, True, False, True),
+        (64, 64, 4, 3, True, True, True, True),  # tile_store
+        (128, 128, 8, 2, True, True, False, True),
     ],
     ("dkdv", 128): [
-        (64, 128, 8, 2, True),
-        (32, 64, 4, 2, True),
-        (32, 128, 8, 3, True),
-        (64, 64, 4, 2, True, False),
-        (64, 64, 4, 2, True, True, True),  # tile_store
-        (64, 64, 4, 3, True),
+        (64, 64, 4, 2, True),
+        (64, 64, 4, 2, True, True, True, True),  # tile_store
+        (64, 64, 4, 2, True, False, False, True),
+        (64, 64, 4, 3, True, True, False, True),
     ],
     ("dkdv", 256): [
-        (32, 32, 8, 2, False, False),
         (32, 64, 8, 2, True),
         (32, 64, 8, 3, True),
-        (32, 64, 8, 2, True, False),
+        (64, 32, 4, 2, True, True, False, True),
+        (128, 32, 8, 2, True, True, False, True),
     ],
 }
 KERNELS = ("fwd", "dq", "dkdv")
@@ -340,7 +330,7 @@ def sweep_setup(smoke: bool) -> dict:
     from veofast.kernels.attention import CONFIGS, Config
 
     def as_tuple(c):
-        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask, c.tile_store)
+        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask, c.tile_store, c.q_rows)
 
     def candidates(kernel, d):  # the CONFIGS entry first, no duplicates
         specs = [as_tuple(CONFIGS[(kernel, d, 16)])] + [as_tuple(Config(*s)) for s in SWEEP_ALTERNATIVES[kernel, d]]
@@ -595,6 +585,7 @@ def _time_kernels(setup, data, checks, deadline, lines, rows) -> None:
         c = _config(spec)
         flags = f", tma={c.tma}" + ("" if c.split_mask or kernel != "dkdv" else ", split_mask=False")
         flags += ", tile_store=True" if c.tile_store else ""
+        flags += ", q_rows=True" if c.q_rows else ""
         lines.append(
             f'  pin ("{kernel}", {head_dim}, 16): Config({c.block_m}, {c.block_n}, {c.num_warps}, '
             f"{c.num_stages}{flags}),"

@@ -40,8 +40,11 @@ class Config:
     ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
     query blocks; ``tile_store`` (forward and dK/dV): store the output tiles through one int64 tile base and int32
     offsets within the tile instead of a tile of int64 pointers (for dK/dV an sm_90 compile with triton 3.9 spills
-    216 instead of 1040 bytes at the pinned d=128 config and needs 168 instead of 244 registers at d=64; on the
-    H200 with triton 3.6 it times within 1% of the pointer tiles, so the pinned configs leave it off)."""
+    216 instead of 1040 bytes at an earlier d=128 config and needs 168 instead of 244 registers at d=64; on the
+    H200 with triton 3.6 it times within 1% of the pointer tiles, and 1.6% faster for the d=128 forward, the one
+    pinned config that uses it); ``q_rows``
+    (dK/dV only): score tiles of (queries, keys), as in the forward, instead of (keys, queries) (see
+    ``attention_bwd._dkdv_loop``)."""
 
     block_m: int
     block_n: int
@@ -50,10 +53,12 @@ class Config:
     tma: bool = False
     split_mask: bool = True
     tile_store: bool = False
+    q_rows: bool = False
 
     def __str__(self) -> str:
         flags = ("-tma" if self.tma else "-ptr") + ("" if self.split_mask else "-onemask")
         flags += "-tilestore" if self.tile_store else ""
+        flags += "-qrows" if self.q_rows else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
@@ -63,13 +68,13 @@ class Config:
 CONFIGS: dict[tuple[str, int, int], Config] = {
     # head dims 128 and 256: timed at the packed anchor shape; head dim 64: at one 8192-token document (32/8 heads)
     ("fwd", 64, 16): Config(64, 128, 4, 2, tma=True),
-    ("fwd", 128, 16): Config(64, 32, 4, 3, tma=True),
+    ("fwd", 128, 16): Config(64, 64, 4, 3, tma=True, tile_store=True),
     ("fwd", 256, 16): Config(128, 64, 8, 2, tma=True),
-    ("dq", 64, 16): Config(128, 64, 8, 3, tma=True),
-    ("dq", 128, 16): Config(128, 64, 8, 3, tma=True),
+    ("dq", 64, 16): Config(64, 64, 4, 3, tma=True),
+    ("dq", 128, 16): Config(128, 64, 8, 4, tma=True),
     ("dq", 256, 16): Config(64, 32, 4, 3, tma=True),
-    ("dkdv", 64, 16): Config(32, 128, 4, 3, tma=True),
-    ("dkdv", 128, 16): Config(64, 64, 4, 2, tma=True),
+    ("dkdv", 64, 16): Config(64, 64, 4, 3, tma=True, q_rows=True),
+    ("dkdv", 128, 16): Config(64, 64, 4, 2, tma=True, q_rows=True),
     ("dkdv", 256, 16): Config(64, 64, 8, 2, tma=True),
     **{(kernel, d, 32): Config(64, 32, 4, 2) for kernel in ("fwd", "dq") for d in (64, 128)},
     **{(kernel, 256, 32): Config(32, 32, 4, 2) for kernel in ("fwd", "dq")},
@@ -364,6 +369,7 @@ def attention_bwd_dkdv(
         HEAD_DIM=head_dim,
         SPLIT_MASK=config.split_mask,
         TILE_STORE=config.tile_store,
+        Q_ROWS=config.q_rows,
         USE_TMA=use_tma,
         **_mask_flags(window_left, window_right, q.dtype),
     )

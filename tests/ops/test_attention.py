@@ -138,8 +138,8 @@ def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, wind
     _check_against_reference(lens_q, lens_k or lens_q, hq, hk, d, dtype, causal=causal, window_size=window_size)
 
 
-# (block_m, block_n, num_warps, num_stages, tma, split_mask, tile_store) of the fwd, dq and dkdv kernels: every load
-# path, loop structure and store path, block shapes that do not divide the documents.
+# (block_m, block_n, num_warps, num_stages, tma, split_mask, tile_store, q_rows) of the fwd, dq and dkdv kernels:
+# every load path, loop structure, score orientation and store path, block shapes that do not divide the documents.
 @pytest.mark.parametrize(
     "configs, causal, window_size",
     [
@@ -159,6 +159,18 @@ def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, wind
             False,
             (2, 5),
             id="tilestore-ptr",
+        ),
+        pytest.param(
+            [(16, 32, 4, 1, True), (32, 16, 4, 1, True), (16, 32, 4, 1, True, True, False, True)],
+            True,
+            (-1, -1),
+            id="qrows",
+        ),
+        pytest.param(
+            [(16, 16, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1, False, False, False, True)],
+            False,
+            (6, 3),
+            id="qrows-ptr-window",
         ),
     ],
 )

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import resolve_backend
+from ._eager import direct, with_autograd
 
 __all__ = ["varlen_attention", "varlen_attention_reference"]
 
@@ -197,8 +198,7 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op("veofast::varlen_attention_fwd", mutates_args=())
-def _fwd_op(
+def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -225,6 +225,9 @@ def _fwd_op(
     )
 
 
+_fwd_op = torch.library.custom_op("veofast::varlen_attention_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _fwd_fake(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right
@@ -234,8 +237,7 @@ def _fwd_fake(
     )
 
 
-@torch.library.custom_op("veofast::varlen_attention_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_impl(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,6 +270,9 @@ def _bwd_op(
     )
 
 
+_bwd_op = torch.library.custom_op("veofast::varlen_attention_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd_op.register_fake
 def _bwd_fake(
     dout,
@@ -287,6 +292,9 @@ def _bwd_fake(
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
+_bwd = direct(_bwd_op, _bwd_impl)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars = inputs
     out, lse = output
@@ -296,11 +304,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.scalars)
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.scalars)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("veofast::varlen_attention_fwd", _backward, setup_context=_setup_context)
+_fwd = with_autograd(_fwd_op, _fwd_impl, _backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------- public
@@ -359,5 +367,5 @@ def varlen_attention(
         _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
     left, right = _window(causal, tuple(window_size))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    out, _ = _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right)
+    out, _ = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right)
     return out

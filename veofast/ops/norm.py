@@ -12,6 +12,7 @@ least as close to the exact value; the two differ by about one rounding of the o
 import torch
 
 from veofast.ops._backend import resolve_backend
+from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -66,8 +67,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
-@torch.library.custom_op("veofast::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     from veofast.kernels.norm import rms_norm_fwd
 
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
@@ -75,13 +75,15 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return y
 
 
+_rms_norm_op = torch.library.custom_op("veofast::rms_norm", _rms_norm_impl, mutates_args=())
+
+
 @_rms_norm_op.register_fake
 def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
-@torch.library.custom_op("veofast::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(
+def _add_rms_norm_impl(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from veofast.kernels.norm import rms_norm_fwd
@@ -90,13 +92,15 @@ def _add_rms_norm_op(
     return rms_norm_fwd(_rows(x), weight.contiguous(), _rows(residual), eps, out_dtype, shape=x.shape)
 
 
+_add_rms_norm_op = torch.library.custom_op("veofast::add_rms_norm", _add_rms_norm_impl, mutates_args=())
+
+
 @_add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(x.shape)
 
 
-@torch.library.custom_op("veofast::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(
+def _rms_norm_backward_impl(
     dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_out: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from veofast.kernels.norm import rms_norm_bwd
@@ -105,9 +109,15 @@ def _rms_norm_backward_op(
     return rms_norm_bwd(_rows(dy), _rows(h), weight.contiguous(), dh_rows, eps, shape=h.shape)
 
 
+_rms_norm_backward_op = torch.library.custom_op("veofast::rms_norm_backward", _rms_norm_backward_impl, mutates_args=())
+
+
 @_rms_norm_backward_op.register_fake
 def _(dy, h, weight, dh_out, eps):
     return h.new_empty(h.shape), weight.new_empty(weight.shape)
+
+
+_rms_norm_backward = direct(_rms_norm_backward_op, _rms_norm_backward_impl)
 
 
 def _setup_rms_norm(ctx, inputs, output):
@@ -118,7 +128,7 @@ def _setup_rms_norm(ctx, inputs, output):
 
 def _backward_rms_norm(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx, dweight = _rms_norm_backward_op(dy, x, weight, None, ctx.eps)
+    dx, dweight = _rms_norm_backward(dy, x, weight, None, ctx.eps)
     return dx, dweight if ctx.needs_input_grad[1] else None, None
 
 
@@ -130,12 +140,12 @@ def _setup_add_rms_norm(ctx, inputs, output):
 
 def _backward_add_rms_norm(ctx, dy, dh_out):
     h, weight = ctx.saved_tensors
-    dh, dweight = _rms_norm_backward_op(dy, h, weight, dh_out, ctx.eps)
+    dh, dweight = _rms_norm_backward(dy, h, weight, dh_out, ctx.eps)
     return dh, dh, dweight if ctx.needs_input_grad[2] else None, None
 
 
-_rms_norm_op.register_autograd(_backward_rms_norm, setup_context=_setup_rms_norm)
-_add_rms_norm_op.register_autograd(_backward_add_rms_norm, setup_context=_setup_add_rms_norm)
+_rms_norm = with_autograd(_rms_norm_op, _rms_norm_impl, _backward_rms_norm, _setup_rms_norm)
+_add_rms_norm = with_autograd(_add_rms_norm_op, _add_rms_norm_impl, _backward_add_rms_norm, _setup_add_rms_norm)
 
 
 def rms_norm(
@@ -157,5 +167,5 @@ def rms_norm(
         return rms_norm_reference(x, weight, eps, residual=residual)
     _check_triton(x, weight)
     if residual is None:
-        return _rms_norm_op(x, weight, float(eps))
-    return _add_rms_norm_op(x, residual, weight, float(eps))
+        return _rms_norm(x, weight, float(eps))
+    return _add_rms_norm(x, residual, weight, float(eps))

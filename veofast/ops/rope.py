@@ -17,6 +17,7 @@ place). The backward needs neither q nor k, so both forms are differentiable.
 import torch
 
 from veofast.ops._backend import resolve_backend
+from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -80,13 +81,15 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("veofast::rotary", mutates_args=())
-def _rotary_op(
+def _rotary_impl(
     q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from veofast.kernels.rope import rotary
 
     return rotary(_unit_stride(q), _unit_stride(k), position_ids.contiguous(), inv_freq.contiguous(), scaling, inverse)
+
+
+_rotary_op = torch.library.custom_op("veofast::rotary", _rotary_impl, mutates_args=())
 
 
 @_rotary_op.register_fake
@@ -102,15 +105,14 @@ def _setup_rotary(ctx, inputs, output):
 
 def _backward_rotary(ctx, dq, dk):
     position_ids, inv_freq = ctx.saved_tensors
-    dq, dk = _rotary_op(dq, dk, position_ids, inv_freq, ctx.scaling, not ctx.inverse)
+    dq, dk = _rotary(dq, dk, position_ids, inv_freq, ctx.scaling, not ctx.inverse)
     return dq, dk, None, None, None, None
 
 
-_rotary_op.register_autograd(_backward_rotary, setup_context=_setup_rotary)
+_rotary = with_autograd(_rotary_op, _rotary_impl, _backward_rotary, _setup_rotary)
 
 
-@torch.library.custom_op("veofast::rotary_", mutates_args=("q", "k"))
-def _rotary_inplace_op(
+def _rotary_inplace_impl(
     q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float
 ) -> None:
     from veofast.kernels.rope import rotary
@@ -124,10 +126,15 @@ def _rotary_inplace_op(
         k.copy_(k_out)
 
 
+_rotary_inplace = direct(
+    torch.library.custom_op("veofast::rotary_", _rotary_inplace_impl, mutates_args=("q", "k")), _rotary_inplace_impl
+)
+
+
 def _inverse_rotation(ctx, dx: torch.Tensor) -> tuple:
     """The gradient of an in-place rotation: the out-of-place inverse rotation of ``dx`` (alone: no k heads)."""
     position_ids, inv_freq = ctx.saved_tensors
-    dx, _ = _rotary_op(dx, dx[:, :0], position_ids, inv_freq, ctx.scaling, True)
+    dx, _ = _rotary(dx, dx[:, :0], position_ids, inv_freq, ctx.scaling, True)
     return dx, None, None, None, None
 
 
@@ -138,7 +145,7 @@ class _RotateQAndK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, position_ids, inv_freq, scaling):
-        _rotary_inplace_op(q, k, position_ids, inv_freq, scaling)
+        _rotary_inplace(q, k, position_ids, inv_freq, scaling)
         ctx.mark_dirty(q)
         ctx.save_for_backward(position_ids, inv_freq)
         ctx.scaling = scaling
@@ -193,4 +200,4 @@ def apply_rotary(
         scaling = float(scaling)
         q = _RotateQAndK.apply(q, k, position_ids, inv_freq, scaling)
         return q, _RotatedK.apply(k, position_ids, inv_freq, scaling, q)
-    return _rotary_op(q, k, position_ids, inv_freq, float(scaling), False)
+    return _rotary(q, k, position_ids, inv_freq, float(scaling), False)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from veofast.ops._backend import resolve_backend
+from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -38,11 +39,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-@torch.library.custom_op("veofast::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from veofast.kernels.swiglu import swiglu_fwd
 
     return swiglu_fwd(_rows(gate), _rows(up), shape=gate.shape)
+
+
+_swiglu_op = torch.library.custom_op("veofast::swiglu", _swiglu_impl, mutates_args=())
 
 
 @_swiglu_op.register_fake
@@ -50,16 +53,21 @@ def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("veofast::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_backward_impl(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from veofast.kernels.swiglu import swiglu_bwd
 
     return swiglu_bwd(_rows(dy), _rows(gate), _rows(up), shape=gate.shape)
 
 
+_swiglu_backward_op = torch.library.custom_op("veofast::swiglu_backward", _swiglu_backward_impl, mutates_args=())
+
+
 @_swiglu_backward_op.register_fake
 def _(dy, gate, up):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+_swiglu_backward = direct(_swiglu_backward_op, _swiglu_backward_impl)
 
 
 def _setup_swiglu(ctx, inputs, output):
@@ -68,10 +76,10 @@ def _setup_swiglu(ctx, inputs, output):
 
 def _backward_swiglu(ctx, dy):
     gate, up = ctx.saved_tensors
-    return _swiglu_backward_op(dy, gate, up)
+    return _swiglu_backward(dy, gate, up)
 
 
-_swiglu_op.register_autograd(_backward_swiglu, setup_context=_setup_swiglu)
+_swiglu = with_autograd(_swiglu_op, _swiglu_impl, _backward_swiglu, _setup_swiglu)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -85,4 +93,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
         return swiglu_reference(gate, up)
     if gate.dtype not in _TRITON_DTYPES:
         raise ValueError(f"swiglu: the triton backend takes gate and up in {_TRITON_DTYPES}, got {gate.dtype}")
-    return _swiglu_op(gate, up)
+    return _swiglu(gate, up)

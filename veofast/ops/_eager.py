@@ -1,0 +1,60 @@
+"""Eager calls of veofast's custom ops without the dispatcher's per-call cost.
+
+Each op is a ``torch.library.custom_op`` (with ``register_autograd`` where it is differentiable): that is what
+torch.compile, fake tensors and tensor subclasses need. In plain eager mode the dispatcher only adds host time: a
+two-tensor custom op with registered autograd costs about 72 us per call on the host, a plain
+``torch.autograd.Function`` with the same body 17 us (CPU, torch 2.13). In the forward of the dense 1B training
+step the host barely keeps ahead of the GPU. Measured on an H200 (same machine, alternating runs): one profiled step
+left the GPU idle 16-24 ms in gaps through the custom ops and 1.7-1.9 ms with this path, and the host enqueued a
+step in 84-112 ms instead of 113-116 ms; the unprofiled step time stayed within its run-to-run noise (162-175 ms).
+``direct`` and ``with_autograd`` return callables that run the op's own implementation (through a plain
+autograd.Function for the differentiable ones) when the call is plain eager, and the custom op otherwise: while
+torch.compile traces, under a dispatch mode (fake tensors, make_fx), or for tensor subclasses (DTensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args: tuple) -> bool:
+    """Whether a call with ``args`` needs nothing from the dispatcher beyond the op's implementation."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, torch.Tensor))
+
+
+def direct(op: Callable, impl: Callable) -> Callable:
+    """The custom op ``op`` (implemented by ``impl``, no autograd) as a callable that runs ``impl`` in plain eager
+    calls."""
+
+    def call(*args):
+        return impl(*args) if _plain_eager(args) else op(*args)
+
+    return call
+
+
+def with_autograd(op, impl: Callable, backward: Callable, setup_context: Callable) -> Callable:
+    """Register ``backward``/``setup_context`` (``register_autograd`` signatures) on the custom op ``op``
+    (implemented by ``impl``) and return it as a callable that runs plain eager calls through an
+    ``autograd.Function`` with the same forward, setup_context and backward."""
+    op.register_autograd(backward, setup_context=setup_context)
+    function = type(
+        f"{impl.__name__}_eager",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(impl),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
+
+    def call(*args):
+        return function.apply(*args) if _plain_eager(args) else op(*args)
+
+    return call
