@@ -31,6 +31,18 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+def _split_heads(projected: torch.Tensor, heads: int) -> torch.Tensor:
+    """``projected (N, heads * d)`` -> ``(N, heads, d)`` on the same storage, for RoPE to rotate in place.
+
+    Not an autograd view (``aten._unsafe_view``, as ``torch.matmul`` uses internally): an in-place op on a view makes
+    autograd rebuild the base's graph (a CopySlices node and an as_strided replay), which in the backward clones the
+    projection output, zero-fills another of its size and copies into both (4 fewer copies, 2 fewer clones and 2
+    fewer zero fills per layer; the dense 1B step on an H200 measured 162.3 / 157.9 ms with this and 160.8 /
+    160.6 ms without, alternating runs: within the run-to-run noise). Sound here because nothing else reads the
+    projection output and the projection's backward does not save it."""
+    return torch.ops.aten._unsafe_view(projected, (projected.shape[0], heads, projected.shape[1] // heads))
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings, causal within each packed document."""
 
@@ -56,8 +68,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden (N, H)`` -> ``q (N, heads, d)``, ``k, v (N, kv_heads, d)`` with qk-norm and RoPE applied."""
         n = hidden.shape[0]
-        q = self.q_proj(hidden).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(n, self.num_kv_heads, self.head_dim)
+        q = _split_heads(self.q_proj(hidden), self.num_heads)
+        k = _split_heads(self.k_proj(hidden), self.num_kv_heads)
         v = self.v_proj(hidden).view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
