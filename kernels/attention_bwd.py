@@ -25,37 +25,6 @@ from .attention_fwd import LOG2E, _block_range, _load_rows, _tile, _visible
 
 
 @triton.jit
-def _probs(
-    q,
-    k,
-    lse2,
-    rows,
-    cols,
-    seqlen_q,
-    seqlen_k,
-    off,
-    window_left,
-    window_right,
-    qk_scale,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """P (BLOCK_M, BLOCK_N) fp32 of the query tile q (BLOCK_M, HEAD_DIM) and key tile k (BLOCK_N, HEAD_DIM), from
-    the forward's LSE (lse2: (BLOCK_M,), log2 units); with ``MASKED`` 0 where document-local query ``rows`` do not
-    see key ``cols`` ((BLOCK_M,) and (BLOCK_N,))."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.exp2(s * qk_scale - lse2[:, None])
-    if MASKED:
-        keep = _visible(
-            rows[:, None], cols[None, :], seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
-        )
-        p = tl.where(keep, p, 0.0)
-    return p
-
-
-@triton.jit
 def _dq_loop(
     dq,
     q,
@@ -93,10 +62,21 @@ def _dq_loop(
         n0 = nb * BLOCK_N
         k = _load_rows(K, k_row + n0, k_col, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
         v = _load_rows(V, k_row + n0, v_col, stride_vt, seqlen_k - n0, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
-        p = _probs(
-            q, k, lse2, rows, n0 + offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-            MASKED, HAS_LEFT, HAS_RIGHT, DOT_PRECISION,
-        )  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = _visible(
+                rows[:, None],
+                (n0 + offs_n)[None, :],
+                seqlen_q,
+                seqlen_k,
+                off,
+                window_left,
+                window_right,
+                HAS_LEFT,
+                HAS_RIGHT,
+            )
+            p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -254,10 +234,21 @@ def _dkdv_loop(
         lse2 = tl.load(LSE + stats, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
         if Q_ROWS:  # scores (BLOCK_M, BLOCK_N): wide score matmuls, P and dS transposed for the accumulations
-            p = _probs(
-                q, k, lse2, m0 + offs_m, cols, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                MASKED, HAS_LEFT, HAS_RIGHT, DOT_PRECISION,
-            )  # fmt: skip
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            p = tl.exp2(s * qk_scale - lse2[:, None])
+            if MASKED:
+                keep = _visible(
+                    (m0 + offs_m)[:, None],
+                    cols[None, :],
+                    seqlen_q,
+                    seqlen_k,
+                    off,
+                    window_left,
+                    window_right,
+                    HAS_LEFT,
+                    HAS_RIGHT,
+                )
+                p = tl.where(keep, p, 0.0)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
