@@ -56,6 +56,13 @@ def test_fake_tensors_go_through_the_custom_op():
     assert y.shape == (4, 3, 24)
 
 
+def test_meta_tensors_go_through_the_custom_op():
+    gate, up = torch.empty(4, 24, device="meta"), torch.empty(4, 24, device="meta")
+    assert not _eager._plain_eager((gate, up))
+    y = swiglu(gate, up, backend="triton")
+    assert y.shape == (4, 24) and y.is_meta
+
+
 @pytest.mark.parametrize("wrap", [torch.nn.Parameter, lambda t: t])
 def test_plain_tensors_and_parameters_are_eager(wrap):
     assert _eager._plain_eager((wrap(torch.ones(2)), 1.0, None))

@@ -9,7 +9,8 @@ left the GPU idle 16-24 ms in gaps through the custom ops and 1.7-1.9 ms with th
 step in 84-112 ms instead of 113-116 ms; the unprofiled step time stayed within its run-to-run noise (162-175 ms).
 ``direct`` and ``with_autograd`` return callables that run the op's own implementation (through a plain
 autograd.Function for the differentiable ones) when the call is plain eager, and the custom op otherwise: while
-torch.compile traces, under a dispatch mode (fake tensors, make_fx), or for tensor subclasses (DTensor).
+torch.compile traces, under a dispatch mode (fake tensors, make_fx), for tensor subclasses (DTensor) and for meta
+tensors (the op's fake implementation answers).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _plain_eager(args: tuple) -> bool:
     """Whether a call with ``args`` needs nothing from the dispatcher beyond the op's implementation."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    return all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, torch.Tensor))
+    return all(type(a) in _PLAIN_TYPES and not a.is_meta for a in args if isinstance(a, torch.Tensor))
 
 
 def direct(op: Callable, impl: Callable) -> Callable:
