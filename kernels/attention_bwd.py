@@ -11,7 +11,10 @@ The fused alternative (the dK/dV kernel also adds ``dS K`` into an fp32 dQ with 
 reductions: five matmuls per block pair instead of seven, no dQ kernel) was built and measured on an H200 with
 triton 3.6: correct, but its backward took at best 1.17x as long as these two kernels at the packed anchor shape
 (6 tile configs) and 1.10x at one 8192-token document with d=64 (8 configs): the atomics cost more than the
-two matmuls they save. It is not kept.
+two matmuls they save. It is not kept. Nor is accumulating dK^T and dV^T (``dV^T += dO^T P``: P and dS written
+to shared memory as B operands instead of being loaded back into registers as A operands): 1.23 instead of
+1.14 ms at d=64 and 2.30 instead of 2.19 ms at d=128 on an H200, as triton 3.6 then waits for each accumulation
+before issuing the next matmul.
 
 Both recompute ``P = exp2(S * qk_scale - LSE * log2(e))`` from the forward's LSE; ``dS = P * (dP - delta)``.
 Queries past the end of a document get LSE = +inf, hence P = 0, so only the window edges (the causal diagonal)

@@ -3,7 +3,8 @@
 The step learns the global numbers (label tokens, tokens, FLOPs) with one all-reduce, accumulates the
 gradients of ``sum(token losses) / global label count`` over its micro-batches (gradient sync only on the
 last), clips the global gradient norm over the right process groups and steps the optimizer, unless the
-loss or the gradient norm is not finite, in which case it skips the update.
+loss or the gradient norm is not finite, in which case it skips the update. ``veofast.optim.AdamW`` takes the
+clipping factor into its update instead of a separate pass that scales every gradient in memory.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from veofast.distributed.grad_norm import clip_grad_norm
+from veofast.distributed.grad_norm import clip_coefficient, clip_grad_norm, total_grad_norm
 from veofast.distributed.parallel_state import ParallelState
 from veofast.distributed.sequence_parallel import shard_micro_batch
+from veofast.optim import AdamW
 from veofast.utils.flops import training_flops
 
 
@@ -99,7 +101,11 @@ def train_step(
             with model.no_sync():
                 loss.backward()
         step_loss += out.lm_loss.detach()
-    grad_norm = clip_grad_norm(model, max_grad_norm)
+    if isinstance(optimizer, AdamW):
+        grad_norm = total_grad_norm([p for p in model.parameters() if p.grad is not None])
+        step_kwargs = {"grad_scale": clip_coefficient(grad_norm, max_grad_norm)}
+    else:
+        grad_norm, step_kwargs = clip_grad_norm(model, max_grad_norm), {}
     reduced = torch.stack([step_loss.float(), step_aux.float()])
     dist.all_reduce(reduced, group=group)
     loss_value = reduced[0].item()
@@ -107,7 +113,7 @@ def train_step(
     grad_norm_value = grad_norm.item()
     finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
     if finite:
-        optimizer.step()
+        optimizer.step(**step_kwargs)
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(

@@ -83,3 +83,22 @@ def test_profiler_writes_trace(tmp_path):
     with pytest.raises(ValueError, match="start_step"):
         create_profiler(start_step=3, end_step=2, trace_dir=str(tmp_path))
 
+
+
+def test_clipping_inside_the_optimizer_matches_clipping_the_gradients(parallel_state):
+    """veofast's AdamW takes the clipping factor into its update (Triton kernel, interpreted here); torch's AdamW
+    after clip_grad_norm scaled the gradients: the same training."""
+    model, config, opt, sched = build(parallel_state)
+    opt = build_optimizer(model, lr=1e-2, backend="triton")
+    sched = build_lr_scheduler(opt, train_steps=5, lr_decay_style="constant")
+    twin, _, _, _ = build(parallel_state)
+    twin.load_state_dict(model.state_dict())
+    ref = torch.optim.AdamW([p for p in twin.parameters()], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    ref_sched = build_lr_scheduler(ref, train_steps=5, lr_decay_style="constant")
+    for seed in range(2):
+        ours = train_step(model, [micro_batch(seed)], opt, sched, config=config, ps=parallel_state, max_grad_norm=0.05)
+        theirs = train_step(twin, [micro_batch(seed)], ref, ref_sched, config=config, ps=parallel_state,
+                            max_grad_norm=0.05)
+        assert ours.grad_norm > 0.05 and ours.grad_norm == pytest.approx(theirs.grad_norm, rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

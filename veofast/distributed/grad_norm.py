@@ -51,15 +51,23 @@ def total_grad_norm(parameters) -> torch.Tensor:
     return total.sqrt()
 
 
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+    """The factor that brings gradients of global norm ``norm`` to at most ``max_norm`` (a device scalar, 1 when
+    the norm is not finite: the loop skips such steps), or None when ``max_norm`` <= 0 (no clipping)."""
+    if max_norm <= 0:
+        return None
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+
+
 @torch.no_grad()
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale all gradients so their global norm is at most ``max_norm`` (<= 0: measure only); return the
     norm before clipping. Non-finite norms leave the gradients untouched (the loop skips such steps)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = total_grad_norm(params)
-    if max_norm > 0 and params:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+    coef = clip_coefficient(norm, max_norm) if params else None
+    if coef is not None:
         for p in params:
             grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             grad.mul_(coef.to(grad.device, grad.dtype))

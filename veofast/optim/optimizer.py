@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from veofast.distributed.mixed_precision import compute_copies_of
+
+from .adamw import AdamW
+
 
 def _wants_decay(name: str, param: torch.Tensor) -> bool:
     return param.dim() >= 2 and "norm" not in name
@@ -18,11 +22,12 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     optimizer_type: str = "adamw",
-    fused: bool | None = None,
+    backend: str = "auto",
 ) -> torch.optim.Optimizer:
-    """AdamW over ``model``'s trainable parameters in two groups (with and without weight decay).
+    """``veofast.optim.AdamW`` over ``model``'s trainable parameters in two groups (with and without weight decay).
 
-    ``fused=None`` uses the fused CUDA implementation when every parameter is on CUDA, else foreach.
+    ``backend="auto"``: the Triton step when every parameter is on CUDA (it also writes the bf16 compute copies
+    of a model prepared by ``cast_parameters_for_compute``), else torch's foreach implementation.
     """
     if optimizer_type != "adamw":
         raise ValueError(f"build_optimizer: optimizer_type must be 'adamw', got {optimizer_type!r}")
@@ -35,12 +40,15 @@ def build_optimizer(
     params = decay + no_decay
     if not params:
         raise ValueError("build_optimizer: the model has no trainable parameters")
-    if fused is None:
-        fused = all(p.device.type == "cuda" for p in params)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True
+    return AdamW(
+        [g for g in groups if g["params"]],
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        backend=backend,
+        compute_copies=compute_copies_of(model),
     )
