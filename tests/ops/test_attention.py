@@ -181,6 +181,13 @@ def test_kernel_configs_match_reference(configs, causal, window_size):
     )
 
 
+@pytest.mark.parametrize("d, causal, window_size", [(24, True, (-1, -1)), (40, False, (5, 2)), (9, True, (-1, -1))])
+def test_head_dims_between_kernel_sizes_run_padded(d, causal, window_size):
+    """Head dims the kernels are not built for run zero-padded to the next size; the softmax scale stays d^-0.5."""
+    _check_against_reference([1, 17, 0, 30], [1, 17, 0, 30], 4, 2, d, torch.float32, causal=causal,
+                             window_size=window_size)
+
+
 def test_negative_softmax_scale():
     _check_against_reference([7, 30], [7, 30], 2, 1, 16, torch.float32, causal=True, softmax_scale=-0.3)
 
@@ -276,7 +283,7 @@ def test_bad_inputs_raise(overrides, match, backend):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(q=torch.randn(7, 4, 24), k=torch.randn(7, 2, 24), v=torch.randn(7, 2, 24)), "head_dim 24"),
+        (dict(q=torch.randn(7, 4, 264), k=torch.randn(7, 2, 264), v=torch.randn(7, 2, 264)), "head_dim 264"),
         (
             dict(q=torch.randn(7, 4, 16).double(), k=torch.randn(7, 2, 16).double(), v=torch.randn(7, 2, 16).double()),
             "float64",
@@ -310,6 +317,13 @@ def test_gpu_causal(d, hq, hk):
 @pytest.mark.parametrize("d", [16, 32])
 def test_gpu_small_head_dims(d):
     """Head dims 16 and 32 run the 64 class's tile configs with narrower tiles."""
+    _check_against_reference(GPU_LENS, GPU_LENS, 8, 2, d, torch.bfloat16, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [80, 96, 192])
+def test_gpu_padded_head_dims(d):
+    """Phi-3's 96, and 80 and 192: zero-padded to the 128 and 256 kernels."""
     _check_against_reference(GPU_LENS, GPU_LENS, 8, 2, d, torch.bfloat16, causal=True)
 
 

@@ -175,7 +175,8 @@ def _kernels() -> ModuleType:
     return importlib.import_module("veofast.kernels.attention")
 
 
-# What the Triton kernels take (kernels/attention.py).
+# What the Triton kernels take (kernels/attention.py). Other head dims up to the largest run zero-padded to the
+# next one (``_kernel_head_dim``).
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -184,9 +185,14 @@ def _triton_unsupported(q: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None."""
     if q.dtype not in _TRITON_DTYPES:
         return f"q.dtype {q.dtype} is not one of {_TRITON_DTYPES}"
-    if q.shape[2] not in _TRITON_HEAD_DIMS:
-        return f"head_dim {q.shape[2]} is not one of {_TRITON_HEAD_DIMS}"
+    if q.shape[2] > _TRITON_HEAD_DIMS[-1]:
+        return f"head_dim {q.shape[2]} is above {_TRITON_HEAD_DIMS[-1]}"
     return None
+
+
+def _kernel_head_dim(head_dim: int) -> int:
+    """The smallest head dim the kernels are built for that holds ``head_dim`` (<= 256)."""
+    return next(d for d in _TRITON_HEAD_DIMS if d >= head_dim)
 
 
 @functools.cache
@@ -336,8 +342,9 @@ def varlen_attention(
     ``window_size`` follows flash-attn (module docstring).
 
     ``backend``: ``"auto"`` (Triton on CUDA, the reference elsewhere; on CUDA, inputs the kernels do not support
-    — float64, a head dim outside 16/32/64/128/256 — go to the reference with a one-time warning), ``"triton"``
-    (fp16/bf16/fp32; ValueError for unsupported inputs) or ``"torch"``. ``check_inputs=True`` also checks the
+    — float64, a head dim above 256 — go to the reference with a one-time warning), ``"triton"`` (fp16/bf16/fp32;
+    ValueError for unsupported inputs) or ``"torch"``. The kernels are built for head dims 16, 32, 64, 128 and
+    256; others (80, 96, 192, ...) run zero-padded to the next of these (a copy of q, k, v and the output). ``check_inputs=True`` also checks the
     contents of ``cu_seqlens`` on the Triton path on CUDA (one device-to-host copy); see the module docstring.
     """
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size)
@@ -366,6 +373,10 @@ def varlen_attention(
         _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
         _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
     left, right = _window(causal, tuple(window_size))
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    padded = _kernel_head_dim(head_dim)
+    if padded != head_dim:  # zero columns add nothing to Q K^T and come out as zero columns of the output
+        q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
     out, _ = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right)
-    return out
+    return out if padded == head_dim else out[..., :head_dim]
