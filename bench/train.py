@@ -1,4 +1,4 @@
-"""Whole training steps (forward, backward, fused AdamW step) on real model shapes with random weights.
+"""Whole training steps (forward, backward, AdamW step) on real model shapes with random weights.
 
 Providers, side by side in one process, on the same random 8192-token sequence (one document per step):
 
@@ -14,8 +14,9 @@ Precision. transformers providers: fp32 master weights, bf16 ``torch.autocast``,
 veofast providers: fp32 master weights and bf16 compute through the engine's own path from
 ``build_parallelize_model``, as ``tasks/train.py`` trains: on one GPU each decoder layer (and the root) casts its
 fp32 parameters to bf16 for its forward, gradients come back in fp32 (``veofast.distributed.mixed_precision``); on
-several GPUs FSDP2 ``MixedPrecisionPolicy`` (bf16 params, fp32 gradient reduction); and the engine's fused AdamW
-(``build_optimizer``). veofast's ops are custom autograd functions that autocast does not cast, so autocast would
+several GPUs FSDP2 ``MixedPrecisionPolicy`` (bf16 params, fp32 gradient reduction); and the engine's AdamW
+(``build_optimizer``: one Triton pass per tensor, which on one GPU also writes the bf16 weights the next forward
+uses instead of the casts). veofast's ops are custom autograd functions that autocast does not cast, so autocast would
 run them on fp32 inputs.
 
 Every step: forward + loss, backward, optimizer step, zero_grad; steps are timed with a device sync after each one;
@@ -211,7 +212,7 @@ def _autocast(device: torch.device):
 # ---------------------------------------------------------------------------------------------------- providers
 def build_veofast(hf: dict, backend: str, batch: Batch, device: torch.device) -> Runner:
     """veofast's CausalLM on the meta device, sharded and materialised by ``build_parallelize_model`` (FSDP2 with
-    bf16 mixed precision on CUDA), with the engine's fused AdamW."""
+    bf16 mixed precision on CUDA), with the engine's AdamW."""
     from veofast.distributed.torch_parallelize import build_parallelize_model
     from veofast.models import build_foundation_model
     from veofast.optim import build_optimizer
@@ -701,7 +702,8 @@ def main() -> None:
     )
     _print(
         "precision: transformers = fp32 master + bf16 autocast; veofast = fp32 master + bf16 compute through "
-        "per-layer bf16 casts on one GPU, FSDP2 mixed precision on several; all use fused AdamW"
+        "per-layer bf16 casts on one GPU (bf16 weights kept by the optimizer), FSDP2 mixed precision on several; "
+        "transformers: torch's fused AdamW, veofast: its Triton AdamW"
     )
     if _is_main():
         print_table(rows, TABLE_COLUMNS)

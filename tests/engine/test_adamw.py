@@ -207,6 +207,14 @@ def test_compute_copies_stand_in_for_the_casts():
     assert torch.equal(copies.fresh(weight), weight.detach().to(torch.bfloat16))
 
 
+def test_compute_copies_can_be_turned_off():
+    model = _tiny_model()
+    opt = build_optimizer(model, lr=1e-2, backend="triton", keep_compute_copies=False)
+    _train_step(model, opt, _batch())
+    assert opt.compute_copies is None
+    assert compute_copies_of(model).fresh(model.model.layers[0].mlp.up_proj.weight) is None
+
+
 def test_forward_uses_a_fresh_copy_and_casts_after_a_change():
     model = _tiny_model()
     opt = build_optimizer(model, lr=1e-2, backend="triton")
