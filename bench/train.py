@@ -15,9 +15,8 @@ veofast providers: fp32 master weights and bf16 compute through the engine's own
 ``build_parallelize_model``, as ``tasks/train.py`` trains: on one GPU each decoder layer (and the root) casts its
 fp32 parameters to bf16 for its forward, gradients come back in fp32 (``veofast.distributed.mixed_precision``); on
 several GPUs FSDP2 ``MixedPrecisionPolicy`` (bf16 params, fp32 gradient reduction); and the engine's AdamW
-(``build_optimizer``: one Triton pass per tensor, which on one GPU also writes the bf16 weights the next forward
-uses instead of the casts). veofast's ops are custom autograd functions that autocast does not cast, so autocast would
-run them on fp32 inputs.
+(``build_optimizer``: one Triton pass per tensor). veofast's ops are custom autograd functions that autocast does
+not cast, so autocast would run them on fp32 inputs.
 
 Every step: forward + loss, backward, optimizer step, zero_grad; steps are timed with a device sync after each one;
 the median of the timed steps after warm-up is reported. Tokens/s per GPU = sequence length / median step time.
@@ -702,8 +701,8 @@ def main() -> None:
     )
     _print(
         "precision: transformers = fp32 master + bf16 autocast; veofast = fp32 master + bf16 compute through "
-        "per-layer bf16 casts on one GPU (bf16 weights kept by the optimizer), FSDP2 mixed precision on several; "
-        "transformers: torch's fused AdamW, veofast: its Triton AdamW"
+        "per-layer bf16 casts on one GPU, FSDP2 mixed precision on several; transformers: torch's fused AdamW, "
+        "veofast: its Triton AdamW"
     )
     if _is_main():
         print_table(rows, TABLE_COLUMNS)

@@ -181,7 +181,7 @@ def main() -> None:
     )
     optimizer = build_optimizer(
         model, lr=train.lr, weight_decay=train.weight_decay, betas=(train.adam_beta1, train.adam_beta2),
-        eps=train.adam_eps, keep_compute_copies=train.keep_bf16_weights,
+        eps=train.adam_eps,
     )
     lr_scheduler = build_lr_scheduler(
         optimizer, train_steps=total_steps, lr=train.lr, lr_min=train.lr_min, lr_warmup_ratio=train.lr_warmup_ratio,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from veofast.distributed.mixed_precision import compute_copies_of
-
 from .adamw import AdamW
 
 
@@ -23,14 +21,10 @@ def build_optimizer(
     eps: float = 1e-8,
     optimizer_type: str = "adamw",
     backend: str = "auto",
-    keep_compute_copies: bool = True,
 ) -> torch.optim.Optimizer:
     """``veofast.optim.AdamW`` over ``model``'s trainable parameters in two groups (with and without weight decay).
 
     ``backend="auto"``: the Triton step when every parameter is on CUDA, else torch's foreach implementation.
-    ``keep_compute_copies``: for a model prepared by ``cast_parameters_for_compute`` (mixed precision without
-    FSDP), the Triton step writes the bf16 copies its forward then uses instead of casting (2 bytes per parameter
-    kept between steps: the 4-layer Qwen3-30B-A3B-shaped model's peak went from 47.1 to 52.9 GiB on an H200).
     """
     if optimizer_type != "adamw":
         raise ValueError(f"build_optimizer: optimizer_type must be 'adamw', got {optimizer_type!r}")
@@ -53,5 +47,4 @@ def build_optimizer(
         betas=betas,
         eps=eps,
         backend=backend,
-        compute_copies=compute_copies_of(model) if keep_compute_copies else None,
     )

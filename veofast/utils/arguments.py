@@ -113,12 +113,6 @@ class TrainingArguments:
     )
     enable_full_shard: bool = field(default=True, metadata={"help": "ZeRO-3: reshard parameters after forward."})
     enable_mixed_precision: bool = field(default=True, metadata={"help": "bf16 compute, fp32 master weights."})
-    keep_bf16_weights: bool = field(
-        default=True,
-        metadata={"help": "Mixed precision without FSDP (one rank, DDP): the optimizer writes each weight's bf16 "
-                  "copy in its update and the next forward uses it instead of casting (faster; keeps 2 bytes "
-                  "per parameter between steps)."},
-    )
     enable_gradient_checkpointing: bool = field(default=False)
     enable_fsdp_offload: bool = field(default=False)
     init_device: Literal["meta", "cpu", "cuda"] = field(default="meta")
