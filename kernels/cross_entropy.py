@@ -17,7 +17,8 @@ Measured on an H200 (bf16, forward + backward of the public op, 10% of labels ig
 take 90.6 ms (logits / grad_hidden / grad_weight at 709 / 656 / 664 TFLOP/s; an 8192^3 matmul ran at 698 TFLOP/s
 in the same run), so 84 ms (93% of the floor's rate) is out of reach with cuBLAS GEMMs. This pass takes 98.4 ms
 with 256 MiB chunks (0.22 GiB extra memory), liger-kernel 103.2 ms (0.15 GiB), torch.compile of the eager loss
-93.4 ms (4.64 GiB) (one run, 2026-11-29). Per 832-row chunk: logits 1.45 ms, grad_hidden 1.50 ms, grad_weight 1.40
+93.4 ms (4.64 GiB) (one run, 2026-11-29); it cuts the tokens into 22 chunks of up to 768 rows. Per chunk (timed
+with 832 rows in a probe): logits 1.45 ms, grad_hidden 1.50 ms, grad_weight 1.40
 ms for the first chunk and 1.73 ms for the others (the GEMM re-reads and re-writes grad_weight), the row kernel
 0.28 ms (0.35 ms with a running max per logit, which made it exp-bound). Triton GEMMs in place of cuBLAS, a logits
 GEMM whose epilogue wrote per-block softmax statistics (740 TFLOP/s; the row kernel then read the logits once) or a
@@ -35,9 +36,11 @@ import triton
 import triton.language as tl
 
 # Bytes of the reused (chunk_rows, V) logits buffer, the only extra memory besides the gradients themselves. The
-# grad_weight GEMM has K = chunk_rows and re-reads and re-writes all of grad_weight once per chunk, so bigger chunks
-# are faster and cost memory (256 MiB = 832 rows at V=151936 in bf16). On an H200 at N=16384, H=4096, V=151936,
-# 256 MiB took 98.7 ms against 101.0 ms for 512 MiB, with 0.22 instead of 0.47 GiB extra (bench/cross_entropy.py).
+# grad_weight GEMM has K = chunk_rows and re-reads and re-writes all of grad_weight once per chunk, so bigger chunks are
+# faster and cost memory (256 MiB = 768 rows at V=151936 in bf16, rounded down to CHUNK_ROW_MULTIPLE). On an H200 at
+# N=16384, H=4096, V=151936, 256 MiB took 98.7 ms against 101.0 ms for 512 MiB, with 0.22 instead of 0.47 GiB extra
+# (bench/cross_entropy.py). At N=8192, H=2048, V=128256 (the 1B model's training loss, no label ignored): 20.8 ms with
+# 256 MiB (0.25 GiB extra), 20.3 with 512 MiB, 20.2 with 1 GiB and 19.7 ms in one chunk (1.96 GiB extra) (2026-11-29).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # With the default budget, when grad_weight is wanted and there are no more tokens than the hidden size (so all
 # logits take no more memory than grad_weight, which has to exist anyway), the tokens go in one chunk: each further
