@@ -52,6 +52,25 @@ def test_triton_step_matches_torch_adamw():
         assert opt.state[p]["step"].device.type == "cpu" and opt.state[p]["step"] == ref.state[q]["step"]
 
 
+def test_half_precision_parameters_update_in_fp32_math():
+    """fp16 parameters (their moments fp16 too, as torch keeps them): the update, computed in fp32 and rounded once,
+    stays within fp16 rounding of an fp32 run."""
+    ours = [nn.Parameter(p.detach().half()) for p in _params()]
+    theirs = _params()
+    opt = AdamW(_groups(ours), **HYPER, backend="triton")
+    ref = torch.optim.AdamW(_groups(theirs), **HYPER, foreach=False)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for p, q in zip(ours, theirs, strict=True):
+            q.grad = torch.randn(q.shape, generator=gen)
+            p.grad = q.grad.half()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs, strict=True):
+        assert p.dtype == opt.state[p]["exp_avg"].dtype == torch.float16
+        torch.testing.assert_close(p.detach().float(), q.detach(), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_grad_scale_scales_the_gradients(backend):
     """step(grad_scale=c) updates as torch does after grad *= c (the Triton step leaves .grad as it is)."""
