@@ -120,6 +120,13 @@ def test_torch_backend_and_options_the_kernel_lacks_use_torch():
     opt.param_groups[0]["amsgrad"] = True  # torch's implementation runs that group
     _run(opt, amsgrad, 1)
     assert "max_exp_avg_sq" in opt.state[amsgrad[0]] and "max_exp_avg_sq" not in opt.state[amsgrad[4]]
+    for options in ({"amsgrad": True}, {"maximize": True}):
+        ours, theirs = _params(), _params()
+        opt = AdamW(_groups(ours), **HYPER, **options, backend="triton")
+        ref = torch.optim.AdamW(_groups(theirs), **HYPER, **options)
+        _run(opt, ours, 2)
+        _run(ref, theirs, 2)
+        assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True)), options
 
 
 @pytest.mark.gpu

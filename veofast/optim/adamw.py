@@ -25,9 +25,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class AdamW(torch.optim.AdamW):
-    """AdamW with decoupled weight decay (``torch.optim.AdamW`` semantics, ``amsgrad``/``maximize`` off).
+    """AdamW with decoupled weight decay: ``torch.optim.AdamW``'s arguments and results.
 
-    ``backend``: "auto", "triton" (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or "torch".
+    ``backend``: "auto", "triton" (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or "torch". Groups with
+    ``amsgrad`` or ``maximize`` take torch's step.
     """
 
     def __init__(
@@ -37,10 +38,14 @@ class AdamW(torch.optim.AdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
         backend: str = "auto",
     ):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
         devices = {p.device for group in self.param_groups for p in group["params"]}
         if backend == "auto" and len(devices) != 1:
             backend = "torch"
