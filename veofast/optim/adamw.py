@@ -7,7 +7,8 @@ parameter is on CUDA (``kernels/adamw.py``: 8.7 ms instead of torch's fused 10.0
 an H200), and torch's implementation otherwise (foreach; also for what the kernel does not do: amsgrad,
 maximize, sparse or complex tensors, a tensor learning rate). ``step(grad_scale=...)`` takes the clipping
 factor of ``veofast.distributed.grad_norm.clip_coefficient``: the training loop's norm, clip and update of the 1B
-model took 15.5 ms, against 18.0 ms with the gradients scaled in memory first and 19.7 ms with torch's fused AdamW.
+model took 15.5 ms, against 18.0 ms with the gradients scaled in memory first and 19.7 ms with torch's fused AdamW
+(H200; the two veofast figures with a variant whose pass also wrote bf16 weight copies, since dropped).
 """
 
 from __future__ import annotations
