@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from veofast.ops._backend import resolve_backend
+from veofast.ops._backend import resolve_backend, triton_interpreting
 
 OP = "AdamW"
 
@@ -65,7 +65,13 @@ class AdamW(torch.optim.AdamW):
             and not group["differentiable"]
             and not isinstance(group["lr"], torch.Tensor)
             and all(
-                p.grad is None or (p.is_floating_point() and _local(p).is_contiguous() and not p.grad.is_sparse)
+                p.grad is None
+                or (
+                    p.is_floating_point()
+                    and _local(p).is_contiguous()
+                    and not p.grad.is_sparse
+                    and (p.device.type == "cuda" or triton_interpreting())
+                )
                 for p in group["params"]
             )
         )
