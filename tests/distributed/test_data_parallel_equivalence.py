@@ -33,6 +33,14 @@ def test_fsdp2_two_ranks_match_one(tmp_path, model_type):
     assert gathered == {"root_gathered": True, "layer_gathered": False}
 
 
+def test_triton_adamw_on_fsdp2_shards_matches_torch_on_one_rank(tmp_path):
+    """The Triton AdamW steps FSDP2's sharded (DTensor) parameters through their local shards, with the clipping
+    factor inside the update: the same training as torch's AdamW on one rank."""
+    single = run(tmp_path, 1, "llama", "steps=4")
+    *double, _ = run(tmp_path, 2, "llama", "steps=4", "opt=triton")
+    assert_same(single, double)
+
+
 def test_ddp_and_cpu_init_match_fsdp(tmp_path):
     fsdp = run(tmp_path, 1, "llama")
     ddp = run(tmp_path, 2, "llama", "dp_mode=ddp", "init_device=cpu")
