@@ -88,6 +88,14 @@ def test_ep2_on_two_ranks_matches_one_rank(two_ranks, one_rank):
     assert_same_steps(one_rank, two_ranks["train"])
 
 
+def test_triton_adamw_on_expert_slices_matches_one_rank(tmp_path, one_rank):
+    """EP=2: the Triton AdamW (interpreted) steps the EP-sliced expert weights and the FSDP2 shards as torch's AdamW
+    steps the whole model on one rank."""
+    out = tmp_path / "out.json"
+    torchrun(TRAIN_WORKER, str(out), "qwen3_moe", "ep=2", "opt=triton", nproc=2)
+    assert_same_steps(one_rank, json.loads(out.read_text()))
+
+
 def test_indivisible_experts_fail_before_any_collective(two_ranks):
     # raised on rank 0 alone: a collective before the check would have hung the worker
     check_errors(two_ranks)
