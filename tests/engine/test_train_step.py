@@ -84,7 +84,6 @@ def test_profiler_writes_trace(tmp_path):
         create_profiler(start_step=3, end_step=2, trace_dir=str(tmp_path))
 
 
-
 def test_clipping_inside_the_optimizer_matches_clipping_the_gradients(parallel_state):
     """veofast's AdamW takes the clipping factor into its update (Triton kernel, interpreted here); torch's AdamW
     after clip_grad_norm scaled the gradients: the same training."""
