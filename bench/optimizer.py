@@ -8,7 +8,7 @@ loop does after the backward: the global gradient norm, the clipping and the upd
 factor into its update (``step(grad_scale=...)``), torch's AdamW needs the gradients scaled in memory first
 (``clip_grad_norm``).
 
-    python bench/optimizer.py [--models dense,moe] [--repeats 10]
+    python bench/optimizer.py [--models dense,moe] [--repeats 10] [--quick]
     TRITON_INTERPRET=1 python bench/optimizer.py --smoke   # CPU, a tiny model: checks that everything runs
 """
 
@@ -85,8 +85,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="dense,moe", help="comma-separated subset of dense,moe")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="the dense model only, 5 repeats")
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny dense model")
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.repeats = "dense", 5
     device = torch.device("cpu" if args.smoke else "cuda")
     models = {"dense": ("llama-3.2-1b", LLAMA_1B), "moe": ("qwen3-30b-a3b-4l", moe_config(4))}
     plan = [("tiny", TINY)] if args.smoke else [models[m] for m in args.models.split(",") if m]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session: install veofast, run the GPU-marked tests, then the benchmark suites named on the
 # command line (default: the op suites), each under a time limit. One log ($OUT/session.log) and one JSON-lines
-# file per suite go to $OUT (or ./gpu_out): the device tool brings back at most 8 files. Usage: bash tools/gpu_session.sh [tests] [cross_entropy] [attention] [moe] [small_ops] [train]
+# file per suite go to $OUT (or ./gpu_out): the device tool brings back at most 8 files. Usage: bash tools/gpu_session.sh [tests] [cross_entropy] [attention] [moe] [small_ops] [optimizer] [train]
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -18,7 +18,7 @@ for suite in "${suites[@]}"; do
   start=$(date +%s)
   case "$suite" in
     tests) echo "=== gpu tests" >> "$LOG"
-           timeout 300 python3 -m pytest -q -m gpu tests/ops -p no:cacheprovider > /tmp/gpu_tests.log 2>&1
+           timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider > /tmp/gpu_tests.log 2>&1
            echo "gpu tests rc=$?"; cat /tmp/gpu_tests.log >> "$LOG"; tail -3 /tmp/gpu_tests.log
            grep -E "^(FAILED|ERROR)" /tmp/gpu_tests.log | head -30 ;;
     loss_curve)  # the embedded default on one GPU, 200 steps, all fast paths vs the torch references
