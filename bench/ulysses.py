@@ -99,6 +99,12 @@ class Inputs:
         return self.hidden[part].clone(), self.positions[part].clone(), self.grad[part].clone()
 
 
+def layer_output(layer, *args) -> torch.Tensor:
+    """The residual stream after ``layer`` (``DecoderLayer`` returns it as ``out + residual``)."""
+    out, residual, _ = layer(*args)
+    return out + residual
+
+
 def make_step(layer, hidden, positions, grad, inputs: Inputs, inv_freq, scaling) -> Callable[[], torch.Tensor]:
     """One forward + backward of ``layer``; parameter and input gradients are dropped first (no accumulation)."""
     hidden = hidden.detach().requires_grad_(True)
@@ -107,8 +113,8 @@ def make_step(layer, hidden, positions, grad, inputs: Inputs, inv_freq, scaling)
         for p in layer.parameters():
             p.grad = None
         hidden.grad = None
-        out, _ = layer(hidden, positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
-        out.backward(grad)
+        out, residual, _ = layer(hidden, positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
+        torch.autograd.backward((out, residual), (grad, grad))  # the layer's output is out + residual
         return out
 
     return step
@@ -285,12 +291,14 @@ def run(args) -> list[dict]:
     errs = {}
     with torch.no_grad():
         n = tokens // size
-        whole, _ = layer(inputs.hidden, inputs.positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
+        whole = layer_output(layer, inputs.hidden, inputs.positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq,
+                             scaling)
         ref = whole[rank * n:(rank + 1) * n].float()
         del whole
         for c in counts:
             set_mode(sp_layer, "async", head_chunks=c)
-            part, _ = sp_layer(local_hidden, local_positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling)
+            part = layer_output(sp_layer, local_hidden, local_positions, inputs.cu_seqlens, inputs.max_seqlen,
+                                inv_freq, scaling)
             errs[c] = ((part.float() - ref).abs().max() / ref.abs().max()).item()
             del part
         del ref

@@ -3,7 +3,8 @@
 ``varlen_attention_fwd`` returns the output and the fp32 log-sum-exp; ``varlen_attention_bwd`` returns dq, dk, dv
 (``attention_bwd_dq`` then ``attention_bwd_dkdv``, also callable alone for benchmarks). Nothing synchronizes with
 the device: a small kernel writes each launch's tile table from ``cu_seqlens`` (sized from the token and document
-counts and ``max_seqlen``), and every output element is written by exactly one program (no atomics).
+counts and ``max_seqlen``; kept for the next layers, which pass the same ``cu_seqlens``), and every output element
+is written by exactly one program (no atomics).
 
 Tile sizes, warps, stages and the load path are fixed per (kernel, head-dim class, 16-bit or fp32) in ``CONFIGS``
 (no autotuning, so nothing is compiled twice); each launcher takes ``config=`` to override it (the GPU sweep in
@@ -17,10 +18,12 @@ GPU); head dims 16, 32, 64, 128, 256. The caller (``veofast.ops.attention``) val
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -129,9 +132,29 @@ def _operands(config: Config, block_rows: list[int], *tensors: torch.Tensor) -> 
     ], True
 
 
+# Recent tile tables, keyed by what they are computed from. Every layer of a model passes the same cu_seqlens
+# tensors, so the forward computes its table once per step instead of once per layer (and the backward two).
+_TILE_TABLES: collections.OrderedDict = collections.OrderedDict()
+_TILE_TABLES_KEPT = 8
+
+
 def _tile_table(cu_tiled, cu_q, cu_k, total: int, max_seqlen: int, block: int, reverse: bool):
     """Tile table (TILE_FIELDS, num_slots) int32 of the documents of ``cu_tiled`` cut into ``block`` rows, heaviest
-    first (``attention_fwd._schedule_kernel``), and num_slots, an upper bound on the number of tiles."""
+    first (``attention_fwd._schedule_kernel``), and num_slots, an upper bound on the number of tiles.
+
+    Reused while the same ``cu_seqlens`` tensors (same objects, not modified in place since: their version
+    counters) come back with the same sizes on the same stream; not while a CUDA graph is being captured (its
+    memory belongs to the graph)."""
+    cus = (cu_tiled, cu_q, cu_k)
+    capturing = cu_tiled.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = None
+    if not capturing:
+        stream = torch.cuda.current_stream(cu_tiled.device).cuda_stream if cu_tiled.is_cuda else 0
+        key = (*((id(cu), cu._version) for cu in cus), total, max_seqlen, block, reverse, stream)
+        kept = _TILE_TABLES.get(key)
+        if kept is not None and all(ref() is cu for ref, cu in zip(kept[0], cus, strict=True)):
+            _TILE_TABLES.move_to_end(key)
+            return kept[1], kept[2]
     num_docs = cu_tiled.numel() - 1
     num_slots = triton.cdiv(total, block) + num_docs
     tiles = torch.empty((TILE_FIELDS, num_slots), dtype=torch.int32, device=cu_tiled.device)
@@ -141,6 +164,10 @@ def _tile_table(cu_tiled, cu_q, cu_k, total: int, max_seqlen: int, block: int, r
         _schedule_kernel[(num_levels,)](
             cu_tiled, cu_q, cu_k, tiles, num_docs, num_slots, num_levels, BLOCK=block, REVERSE=reverse, DOC_CHUNK=128
         )
+    if key is not None:
+        _TILE_TABLES[key] = (tuple(weakref.ref(cu) for cu in cus), tiles, num_slots)
+        while len(_TILE_TABLES) > _TILE_TABLES_KEPT:
+            _TILE_TABLES.popitem(last=False)
     return tiles, num_slots
 
 

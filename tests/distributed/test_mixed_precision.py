@@ -89,6 +89,29 @@ def test_model_holds_fp32_parameters_outside_forward_and_after_an_error():
     assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
 
 
+def test_frozen_parameters_get_no_gradient_and_cost_no_weight_gradient():
+    """Frozen parameters are cast outside autograd: their casts do not require grad, so their layers compute no
+    weight gradient; the trained ones still match the bf16 model."""
+    model, in_bf16 = _models("llama", False)
+    for m in (model, in_bf16):
+        m.model.layers[0].self_attn.requires_grad_(False)
+    seen = []
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append((module.q_proj.weight.dtype, module.q_proj.weight.requires_grad))
+    )
+    batch = _batch(model.config.vocab_size)
+    _loss(model, batch).backward()
+    _loss(in_bf16, batch).backward()
+    handle.remove()
+    assert seen == [(torch.bfloat16, False)]
+    bf16_params = dict(in_bf16.named_parameters())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, bf16_params[name].grad.float()), name
+        else:
+            assert param.grad is None, name
+
+
 def test_parameter_shared_between_units_is_refused():
     model = build_foundation_model(config_overrides=TINY["llama"], init_device="cpu", ops_backend="torch")
     layers = model.model.layers

@@ -213,6 +213,28 @@ def test_tile_table_lists_every_tile_once_heaviest_first(block, reverse):
     assert ranks == sorted(ranks, reverse=True)
 
 
+def test_tile_tables_are_reused_until_cu_seqlens_change():
+    """Layers passing the same cu_seqlens share one table; a new tensor or an in-place change of the same one gets a
+    fresh table, and the op's results stay those of the new documents."""
+    from veofast.kernels.attention import _tile_table
+
+    cu = _cu([5, 30, 12])
+    first, _ = _tile_table(cu, cu, cu, 47, 30, 16, True)
+    assert _tile_table(cu, cu, cu, 47, 30, 16, True)[0] is first
+    assert _tile_table(cu, cu, cu, 47, 30, 32, True)[0] is not first
+    assert _tile_table(cu.clone(), cu, cu, 47, 30, 16, True)[0] is not first
+
+    lens, lens_after = [9, 30, 8], [20, 7, 20]
+    q, k, v, dout = _inputs(lens, lens, 2, 1, 16, torch.float32, DEVICE)
+    cu = _cu(lens, DEVICE)
+    varlen_attention(q, k, v, cu, cu, 30, 30, backend="triton")
+    cu.copy_(_cu(lens_after, DEVICE))  # the same tensor, new documents
+    got = _fwd_bwd(varlen_attention, q, k, v, dout, cu, cu, 30, 30, backend="triton")
+    ref = _fwd_bwd(varlen_attention_reference, *(t.double() for t in (q, k, v, dout)), cu, cu, 30, 30)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4, msg=name)
+
+
 def test_auto_backend_on_cpu_is_the_reference():
     q, k, v, _ = _inputs([3, 4], [3, 4], 2, 1, 24, torch.float32, "cpu")  # head_dim 24: reference only
     out = varlen_attention(q, k, v, _cu([3, 4]), _cu([3, 4]), 4, 4)

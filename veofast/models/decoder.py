@@ -45,7 +45,13 @@ torch.utils._pytree.register_dataclass(CausalLMOutput)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+
+    The residual stream travels as a pair ``(hidden, residual)`` whose sum is the stream: each layer's input norm
+    adds the previous layer's MLP output to the stream inside its kernel (``rms_norm(..., residual=)``), and so does
+    the final norm after the last layer. This saves two (tokens, hidden) adds per layer: the forward's ``h + mlp``
+    and, in the backward, the sum of the two gradients of ``h`` (the fused norm's kernel adds the incoming stream
+    gradient)."""
 
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
@@ -66,16 +72,21 @@ class DecoderLayer(nn.Module):
         max_seqlen: int,
         inv_freq: torch.Tensor,
         rope_scaling: float,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``hidden (N, H)`` -> ``(hidden (N, H), router_stats (2, E) or None)``."""
-        normed = self.input_layernorm(hidden)
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Stream ``hidden + residual`` (``hidden`` alone when ``residual`` is None), each ``(N, H)`` -> ``(out,
+        residual, router_stats (2, E) or None)``, the stream after the layer being ``out + residual``."""
+        if residual is None:
+            normed, residual = self.input_layernorm(hidden), hidden
+        else:
+            normed, residual = self.input_layernorm(hidden, residual=residual)
         attn = self.self_attn(normed, position_ids, cu_seqlens, max_seqlen, inv_freq, rope_scaling)
-        normed, residual = self.post_attention_layernorm(attn, residual=hidden)
+        normed, residual = self.post_attention_layernorm(attn, residual=residual)
         if self.is_moe:
             out, stats = self.mlp(normed)
         else:
             out, stats = self.mlp(normed), None
-        return residual + out, stats
+        return out, residual, stats
 
 
 class DecoderModel(nn.Module):
@@ -184,18 +195,19 @@ class CausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids).view(batch * seq_len, -1)
         flat_positions = position_ids.reshape(-1)
         inv_freq = self.inv_freq.float()  # stays fp32 even if the module was cast to a low precision
+        residual = None
         stats_sum = None
         num_moe_layers = 0
         for layer in self.model.layers:
-            args = (hidden, flat_positions, cu_seqlens, max_seqlen, inv_freq, self.rope_scaling)
+            args = (hidden, flat_positions, cu_seqlens, max_seqlen, inv_freq, self.rope_scaling, residual)
             if self.gradient_checkpointing and self.training:
-                hidden, stats = checkpoint(layer, *args, use_reentrant=False)
+                hidden, residual, stats = checkpoint(layer, *args, use_reentrant=False)
             else:
-                hidden, stats = layer(*args)
+                hidden, residual, stats = layer(*args)
             if stats is not None:
                 stats_sum = stats if stats_sum is None else stats_sum + stats
                 num_moe_layers += 1
-        hidden = self.model.norm(hidden)
+        hidden = self.model.norm(hidden) if residual is None else self.model.norm(hidden, residual=residual)[0]
 
         aux_loss = None
         if stats_sum is not None:

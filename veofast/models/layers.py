@@ -1,7 +1,8 @@
 """Decoder building blocks: RMSNorm, grouped-query attention over packed documents, the SwiGLU MLP.
 
 Tokens travel flattened: ``hidden (N, H)`` with ``N`` the packed token count, documents delimited by
-``cu_seqlens``. Every hot op goes through ``veofast.ops`` with the backend the config names.
+``cu_seqlens``. Every hot op goes through ``veofast.ops`` with the backend the config names; the projections that
+share an input (q/k/v, gate/up) run through ``linear_group``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 from veofast.ops import apply_rotary, rms_norm, swiglu, varlen_attention
 
 from .config import DecoderConfig
+from .linear_group import linear_group
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +70,9 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden (N, H)`` -> ``q (N, heads, d)``, ``k, v (N, kv_heads, d)`` with qk-norm and RoPE applied."""
         n = hidden.shape[0]
-        q = _split_heads(self.q_proj(hidden), self.num_heads)
-        k = _split_heads(self.k_proj(hidden), self.num_kv_heads)
-        v = self.v_proj(hidden).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = linear_group(hidden, [self.q_proj, self.k_proj, self.v_proj])
+        q, k = _split_heads(q, self.num_heads), _split_heads(k, self.num_kv_heads)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # In place: q and k are fresh projection (or qk-norm) outputs that nothing else reads.
@@ -106,4 +108,5 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (N, H)`` -> ``(N, H)``."""
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+        gate, up = linear_group(x, [self.gate_proj, self.up_proj])
+        return self.down_proj(swiglu(gate, up, backend=self.backend))
