@@ -99,16 +99,16 @@ def main() -> None:
         numel = sum(p.numel() for p in params)
         for name, build in providers(device).items():
             optimizer = build(params)
-            for variant, fn in (("step", optimizer.step), ("+clip", clipped_step(name, params, optimizer))):
+            for mode, fn in (("step", optimizer.step), ("+clip", clipped_step(name, params, optimizer))):
                 ms = time_ms(fn, warmup=2, repeats=1 if args.smoke else args.repeats)
-                row = dict(model=model_name, params=numel, provider=name, variant=variant, ms=ms)
+                row = dict(model=model_name, params=numel, provider=name, mode=mode, ms=ms)
                 row["tb_per_s"] = numel * BYTES_PER_PARAM / ms / 1e9
                 rows.append(record(SUITE, row))
             del optimizer
         del params
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print_table(rows, ["model", "params", "provider", "variant", "ms", "tb_per_s"])
+    print_table(rows, ["model", "params", "provider", "mode", "ms", "tb_per_s"])
 
 
 if __name__ == "__main__":
