@@ -90,20 +90,25 @@ def test_model_holds_fp32_parameters_outside_forward_and_after_an_error():
 
 
 def test_frozen_parameters_get_no_gradient_and_cost_no_weight_gradient():
-    """Frozen parameters are cast outside autograd: their casts do not require grad, so their layers compute no
-    weight gradient; the trained ones still match the bf16 model."""
+    """Frozen parameters are cast outside autograd (their casts do not require grad, so no weight gradient is
+    computed for them) or, in the projections that cast their own weights, skipped by their backward; the trained
+    parameters still get the bf16 model's gradients."""
     model, in_bf16 = _models("llama", False)
     for m in (model, in_bf16):
         m.model.layers[0].self_attn.requires_grad_(False)
+        m.model.layers[0].input_layernorm.requires_grad_(False)
     seen = []
-    handle = model.model.layers[0].self_attn.register_forward_pre_hook(
-        lambda module, args: seen.append((module.q_proj.weight.dtype, module.q_proj.weight.requires_grad))
+    layer = model.model.layers[0]
+    norm = layer.input_layernorm
+    handle = layer.self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append((norm.weight.dtype, norm.weight.requires_grad, module.q_proj.compute_dtype))
     )
     batch = _batch(model.config.vocab_size)
     _loss(model, batch).backward()
     _loss(in_bf16, batch).backward()
     handle.remove()
-    assert seen == [(torch.bfloat16, False)]
+    assert seen == [(torch.bfloat16, False, torch.bfloat16)]
+    assert layer.self_attn.q_proj.compute_dtype is None  # set for the unit's forward only
     bf16_params = dict(in_bf16.named_parameters())
     for name, param in model.named_parameters():
         if param.requires_grad:

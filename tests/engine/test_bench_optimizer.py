@@ -1,4 +1,5 @@
-"""bench/optimizer.py: a CPU smoke run (Triton step under the interpreter) records every provider and mode (step, step + clip)."""
+"""bench/optimizer.py: a CPU smoke run (Triton step under the interpreter) records every provider and mode (step,
+step + clip)."""
 
 import json
 import os

@@ -1,10 +1,12 @@
 """``linear_group``: the same outputs and gradients as calling each ``nn.Linear`` on the shared input."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from veofast.models.linear_group import linear_group
+from veofast.models.linear_group import Linear, linear_group
 
 
 def _linears(in_features: int, outs: list[int], bias: bool) -> list[nn.Linear]:
@@ -68,3 +70,62 @@ def test_autocast_calls_each_linear():
 def test_needs_a_linear():
     with pytest.raises(ValueError, match="at least one"):
         linear_group(torch.randn(2, 3), [])
+
+
+def _cast_pair(device: str, bias: bool):
+    """fp32 Linear modules computing in bf16, and copies held in bf16."""
+    torch.manual_seed(3)
+    masters = [Linear(40, n, bias=bias, device=device) for n in (24, 8)]
+    held = [copy.deepcopy(m).to(torch.bfloat16) for m in masters]
+    for m in masters:
+        m.compute_dtype = torch.bfloat16
+    return masters, held
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compute_dtype_casts_inside_and_returns_gradients_in_the_parameters_dtype(bias):
+    """CPU: the same bits as the modules held in bf16, gradients in fp32."""
+    masters, held = _cast_pair("cpu", bias)
+    x = torch.randn(33, 40, dtype=torch.bfloat16)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    got = linear_group(xs[0], masters)
+    ref = linear_group(xs[1], held)
+    for y, r in zip(got, ref, strict=True):
+        assert y.dtype == torch.bfloat16 and torch.equal(y, r)
+    seed = [torch.randn_like(y) for y in got]
+    torch.autograd.backward(got, seed)
+    torch.autograd.backward(ref, seed)
+    assert torch.equal(xs[0].grad, xs[1].grad)
+    for m, h in zip(masters, held, strict=True):
+        for p, q in zip(m.parameters(), h.parameters(), strict=True):
+            assert p.dtype == p.grad.dtype == torch.float32
+            assert torch.equal(p.grad, q.grad.float())
+
+
+def test_compute_dtype_mismatches_raise():
+    masters, _ = _cast_pair("cpu", False)
+    with pytest.raises(ValueError, match="the input is torch.float32"):
+        linear_group(torch.randn(3, 40), masters)
+    masters[1].compute_dtype = None
+    with pytest.raises(ValueError, match="different compute dtypes"):
+        linear_group(torch.randn(3, 40, dtype=torch.bfloat16), masters)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp32_weight_gradients_from_the_gemm():
+    """CUDA: weight gradients come out of the GEMM in fp32, closer to float64 than the bf16 gradient of the
+    modules held in bf16; outputs and input gradients are those bits."""
+    masters, held = _cast_pair("cuda", True)
+    x = torch.randn(4097, 40, device="cuda", dtype=torch.bfloat16)
+    seed = [torch.randn(4097, m.out_features, device="cuda", dtype=torch.bfloat16) for m in masters]
+    got = linear_group(x, masters)
+    ref = linear_group(x, held)
+    assert all(torch.equal(y, r) for y, r in zip(got, ref, strict=True))
+    torch.autograd.backward(got, seed)
+    torch.autograd.backward(ref, seed)
+    for m, h, g in zip(masters, held, seed, strict=True):
+        exact = g.double().t() @ x.double()
+        err = (m.weight.grad.double() - exact).abs().max()
+        err_bf16 = (h.weight.grad.double() - exact).abs().max()
+        assert m.weight.grad.dtype == torch.float32 and err <= 0.5 * err_bf16, (err, err_bf16)

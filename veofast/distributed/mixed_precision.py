@@ -15,7 +15,10 @@ the fp32 parameter's ``.grad``. Activation checkpointing recomputes a layer thro
 the hooks cast again then, as FSDP re-gathers a resharded unit. Outside a forward the model holds its fp32
 parameters: state dicts, checkpoints, the optimizer and gradient clipping see nothing different.
 
-A parameter used by several modules of one unit (tied embedding and LM head) is cast once per forward.
+A parameter used by several modules of one unit (tied embedding and LM head) is cast once per forward. Modules
+that cast their own parameters (``casts_own_parameters``: the models' ``veofast.models.linear_group.Linear``) are
+left their fp32 parameters and get the dtype as ``compute_dtype`` for the length of the unit's forward; their
+backward returns fp32 weight gradients straight from the GEMM, without the bf16 gradient and its cast.
 
 Tried and not kept: bf16 copies that the optimizer writes in its update pass (2 bytes per parameter instead of the
 cast's 6) and the forward uses instead of casting. On an H200 the step time did not change beyond its noise
@@ -58,14 +61,19 @@ class _CastForCompute(torch.autograd.Function):
 
 
 class _UnitCast:
-    """The hooks of one unit: ``slots`` are ``(module, name)`` of the parameters the unit owns."""
+    """The hooks of one unit: ``slots`` are ``(module, name)`` of the parameters the unit casts; ``self_casting``
+    the unit's modules that cast their own parameters (``casts_own_parameters``), told the dtype through their
+    ``compute_dtype`` for the length of the unit's forward."""
 
-    def __init__(self, slots: list[tuple[nn.Module, str]], dtype: torch.dtype):
+    def __init__(self, slots: list[tuple[nn.Module, str]], self_casting: list[nn.Module], dtype: torch.dtype):
         self.slots = slots
+        self.self_casting = self_casting
         self.dtype = dtype
         self.saved: list[list[torch.Tensor]] = []  # a stack: one entry per forward in progress
 
     def cast(self, module: nn.Module, args) -> None:
+        for m in self.self_casting:
+            m.compute_dtype = self.dtype
         originals = [owner._parameters[name] for owner, name in self.slots]
         to_cast = {id(p): p for p in originals if p.dtype != self.dtype}  # a shared parameter once
         trained = [p for p in to_cast.values() if p.requires_grad]
@@ -79,17 +87,20 @@ class _UnitCast:
     def restore(self, module: nn.Module, args, output) -> None:
         for (owner, name), param in zip(self.slots, self.saved.pop(), strict=True):
             owner._parameters[name] = param
+        if not self.saved:
+            for m in self.self_casting:
+                m.compute_dtype = None
 
 
-def _owned_slots(unit: nn.Module, units: set[int]) -> list[tuple[nn.Module, str]]:
-    """``(module, name)`` of every parameter under ``unit`` that no nested unit owns."""
-    slots = []
+def _owned_modules(unit: nn.Module, units: set[int]) -> list[nn.Module]:
+    """``unit`` and the modules under it that are not inside a nested unit."""
+    modules = []
     stack = [unit]
     while stack:
         module = stack.pop()
-        slots.extend((module, name) for name, p in module._parameters.items() if p is not None)
+        modules.append(module)
         stack.extend(child for child in module.children() if id(child) not in units)
-    return slots
+    return modules
 
 
 def cast_parameters_for_compute(model: nn.Module, units: list[nn.Module], dtype: torch.dtype) -> None:
@@ -100,18 +111,22 @@ def cast_parameters_for_compute(model: nn.Module, units: list[nn.Module], dtype:
     unit_ids = {id(u) for u in units} - {id(model)}
     seen: set[int] = set()
     for unit in [model, *(u for u in units if u is not model)]:
+        modules = _owned_modules(unit, unit_ids - {id(unit)})
+        self_casting = [m for m in modules if getattr(m, "casts_own_parameters", False)]
         slots = [
-            (owner, name)
-            for owner, name in _owned_slots(unit, unit_ids - {id(unit)})
-            if owner._parameters[name].is_floating_point()
+            (m, name)
+            for m in modules
+            if m not in self_casting
+            for name, p in m._parameters.items()
+            if p is not None and p.is_floating_point()
         ]
-        owned = {id(owner._parameters[name]) for owner, name in slots}
+        owned = {id(p) for m in modules for p in m._parameters.values() if p is not None and p.is_floating_point()}
         if owned & seen:
             raise ValueError(
                 "cast_parameters_for_compute: a parameter is shared between two units; put the modules that "
                 "share it in one unit"
             )
         seen |= owned
-        hooks = _UnitCast(slots, dtype)
+        hooks = _UnitCast(slots, self_casting, dtype)
         unit.register_forward_pre_hook(hooks.cast)
         unit.register_forward_hook(hooks.restore, always_call=True)
