@@ -16,6 +16,15 @@ to shared memory as B operands instead of being loaded back into registers as A 
 1.14 ms at d=64 and 2.30 instead of 2.19 ms at d=128 on an H200, as triton 3.6 then waits for each accumulation
 before issuing the next matmul.
 
+Two more alternatives were measured at the packed anchor shape (d=128, 32/8 heads, H200, triton 3.6; these two kernels
+take 3.93 ms there) and are not kept:
+- materializing dS: a delta pass, the dK/dV kernel also stores each bf16 dS tile to a (heads, tokens, max_seqlen)
+  buffer, then dQ = dS K alone (one matmul per block pair instead of three). The stores raise dK/dV from 2.28 to
+  2.90 ms through TMA and 4.26 ms through pointers, and dQ = dS K still takes 0.85-1.98 ms, so the backward
+  takes at best ~3.75 ms, for 4% and up to 8.6 GB of dS buffer at this shape.
+- running the dQ and dK/dV kernels side by side on two streams (delta from a separate pass): 4.05 instead of
+  3.93 ms (3.89 vs 3.79 ms at 16 documents of 2048): the heaviest-first schedule leaves no tail to fill.
+
 Both recompute ``P = exp2(S * qk_scale - LSE * log2(e))`` from the forward's LSE; ``dS = P * (dP - delta)``.
 Queries past the end of a document get LSE = +inf, hence P = 0, so only the window edges (the causal diagonal)
 and a partial last key block need a mask; the blocks that every row sees whole run without one.

@@ -42,12 +42,21 @@ import triton.language as tl
 # (bench/cross_entropy.py). At N=8192, H=2048, V=128256 (the 1B model's training loss, no label ignored): 20.8 ms with
 # 256 MiB (0.25 GiB extra), 20.3 with 512 MiB, 20.2 with 1 GiB and 19.7 ms in one chunk (1.96 GiB extra) (2026-11-29).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+# For more tokens the default budget grows to what the hidden states and their gradient take (2 * N * H elements,
+# which exist anyway), up to this cap. H200, H=4096, V=151936, fwd+bwd (one run, 2026-11-29): at N=65536, 768 rows
+# (256 MiB) took 405 ms, 3072 rows (the cap's, 0.87 GiB extra) 371 ms and torch.compile 386 ms (18.5 GiB); at
+# N=32768, 768 rows 199 ms, 1536 rows (0.44 GiB) 191 ms, torch.compile 189 ms (9.3 GiB). bench/cross_entropy.py with
+# this default at N=65536: 375.8 ms (0.87 GiB) against torch.compile 390.5 ms (18.5 GiB).
+MAX_CHUNK_BYTES = 1024 * 2**20
 # With the default budget, when grad_weight is wanted and there are no more tokens than the hidden size (so all
 # logits take no more memory than grad_weight, which has to exist anyway), the tokens go in one chunk: each further
 # chunk re-reads and re-writes all of grad_weight (2.5 GB at H=4096, V=151936), which at N=4096 costs more time
 # than the logits' memory is worth (at N=4096: 21.8 ms in one chunk, 25.3 ms in six of 256 MiB; floor 19.5 ms).
-# Chunk row counts are multiples of this, so the GEMMs see well-shaped tiles.
+# Chunk row counts are multiples of CHUNK_ROW_MULTIPLE, so the GEMMs see well-shaped tiles, and of
+# LARGE_CHUNK_ROW_MULTIPLE once the budget holds twice that many rows: cuBLAS picked slow kernels for 1664-row chunks
+# (at N=65536: 402 ms against 377 ms for 2048 rows; at N=32768: 200 against 191 ms for 1536 rows, same run as above).
 CHUNK_ROW_MULTIPLE = 128
+LARGE_CHUNK_ROW_MULTIPLE = 512
 MAX_BLOCK_V = 4096
 
 # A finite "minus infinity": keeps exp(m_old - m_new) free of (-inf) - (-inf) = nan.
@@ -57,18 +66,24 @@ _NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
 _ROW_GROUP: tl.constexpr = tl.constexpr(16)
 
 
-def chunk_rows(
-    n_tokens: int, vocab: int, elem_bytes: int, *, budget_bytes: int | None = None, whole_up_to: int = 0
-) -> int:
-    """Rows per chunk. All ``n_tokens`` if their logits fit in ``budget_bytes`` (default ``DEFAULT_CHUNK_BYTES``)
-    or if there are at most ``whole_up_to`` of them; else the fewest chunks that fit, balanced, each a multiple of
-    ``CHUNK_ROW_MULTIPLE`` rows (at least one)."""
-    budget = DEFAULT_CHUNK_BYTES if budget_bytes is None else budget_bytes
-    max_rows = max(CHUNK_ROW_MULTIPLE, budget // (vocab * elem_bytes) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+def default_chunk_bytes(n_tokens: int, hidden_size: int, elem_bytes: int) -> int:
+    """The logits-buffer budget when the caller gives none: ``DEFAULT_CHUNK_BYTES``, or as much as the hidden states
+    and their gradient take (``2 * n_tokens * hidden_size`` elements) up to ``MAX_CHUNK_BYTES``. Both are read at
+    call time."""
+    return max(DEFAULT_CHUNK_BYTES, min(MAX_CHUNK_BYTES, 2 * n_tokens * hidden_size * elem_bytes))
+
+
+def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, *, budget_bytes: int, whole_up_to: int = 0) -> int:
+    """Rows per chunk. All ``n_tokens`` if their logits fit in ``budget_bytes`` or if there are at most
+    ``whole_up_to`` of them; else the fewest chunks that fit, balanced, each a multiple of ``CHUNK_ROW_MULTIPLE``
+    rows (at least one), or of ``LARGE_CHUNK_ROW_MULTIPLE`` when the budget holds twice that many rows."""
+    fit = budget_bytes // (vocab * elem_bytes)
+    multiple = LARGE_CHUNK_ROW_MULTIPLE if fit >= 2 * LARGE_CHUNK_ROW_MULTIPLE else CHUNK_ROW_MULTIPLE
+    max_rows = max(multiple, fit // multiple * multiple)
     if n_tokens <= max(max_rows, whole_up_to):
         return max(1, n_tokens)
     per_chunk = -(-n_tokens // -(-n_tokens // max_rows))  # ceil(n / number of chunks)
-    return -(-per_chunk // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
+    return -(-per_chunk // multiple) * multiple
 
 
 @triton.jit
@@ -267,8 +282,8 @@ def linear_cross_entropy_pass(
 
     hidden: (N, H); weight: (V, H) same dtype; bias: (V,) or None; labels: (N,) int; token_scale: 0-dim or (N,) fp32.
     Labels equal to ``ignore_index`` or outside [0, V) count as ignored (loss 0, no gradient).
-    chunk_bytes: budget of the logits buffer (default ``DEFAULT_CHUNK_BYTES``, read at call time, and all tokens
-    in one chunk when there are no more than H of them and grad_weight is wanted);
+    chunk_bytes: budget of the logits buffer (default ``default_chunk_bytes(N, H, ...)``, and all tokens in one chunk
+    when there are no more than H of them and grad_weight is wanted);
     row_programs, block_v: the row kernel's grid and vocab block (see ``ce_rows``).
     Returns ce (N,) fp32, z (N,) fp32 (``lse_square_scale * lse**2``), grad_hidden (N, H), grad_weight (V, H),
     grad_bias (V,), each grad in its input's dtype or None when not asked for.
@@ -282,6 +297,8 @@ def linear_cross_entropy_pass(
     g_weight = (weight.new_empty(weight.shape) if n_tokens else weight.new_zeros(weight.shape)) if grad_weight else None
     g_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if grad_bias else None
     whole_up_to = hidden.shape[1] if grad_weight and chunk_bytes is None else 0
+    if chunk_bytes is None:
+        chunk_bytes = default_chunk_bytes(n_tokens, hidden.shape[1], hidden.element_size())
     rows = chunk_rows(n_tokens, vocab, hidden.element_size(), budget_bytes=chunk_bytes, whole_up_to=whole_up_to)
     buffer = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
     weight_t = weight.t()

@@ -18,7 +18,13 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from veofast.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from veofast.checkpoint import (
+    check_checkpoint,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from veofast.data import build_data_transform, build_dataloader, build_iterative_dataset, build_mapping_dataset
 from veofast.distributed.parallel_state import get_parallel_state, init_parallel_state
 from veofast.distributed.sequence_parallel import shard_micro_batch
@@ -89,12 +95,27 @@ def check_output_dir(args: Arguments) -> None:
 
 
 def resolve_load_path(args: Arguments) -> str | None:
-    if args.train.load_path != "auto":
-        return args.train.load_path
-    latest = find_latest_checkpoint(args.train.output_dir)
-    if latest is None:
-        logger.info_rank0("load_path auto: no checkpoint in %s, starting from scratch", args.train.output_dir)
-    return latest
+    """The checkpoint to resume from, or None to start from scratch, checked before anything is built.
+
+    ``auto`` is the newest complete checkpoint in ``train.output_dir`` (none: start from scratch); a path must be a
+    complete checkpoint. Either must have been saved at this run's world size; an ``ArgumentError`` says why not.
+    """
+    load_path = args.train.load_path
+    if load_path == "auto":
+        load_path = find_latest_checkpoint(args.train.output_dir)
+        if load_path is None:
+            logger.info_rank0("load_path auto: no checkpoint in %s, starting from scratch", args.train.output_dir)
+            return None
+    try:
+        check_checkpoint(load_path, world_size=args.train.world_size)
+    except (FileNotFoundError, ValueError) as exc:
+        hint = ""
+        if os.path.isdir(os.path.join(load_path, "checkpoints")):
+            hint = (f"; it looks like a run's output_dir: resume that run with --train.output_dir {load_path} "
+                    f"--train.load_path auto, or name one of its checkpoints "
+                    f"({os.path.join(load_path, 'checkpoints', 'global_step_N')})")
+        raise ArgumentError(f"train.load_path: {exc}{hint}") from exc
+    return load_path
 
 
 @torch.no_grad()
@@ -134,6 +155,7 @@ def main() -> None:
     train = args.train
     check_evaluation_args(args)
     check_output_dir(args)
+    load_path = resolve_load_path(args) if train.load_path else None
     init_parallel_state(
         dp_size=train.data_parallel_size, tp_size=train.tensor_parallel_size, ep_size=train.expert_parallel_size,
         pp_size=train.pipeline_parallel_size, cp_size=train.context_parallel_size,
@@ -192,7 +214,6 @@ def main() -> None:
 
     # ---- resume
     global_step = 0
-    load_path = resolve_load_path(args) if train.load_path else None
     if load_path:
         extra = load_checkpoint(load_path, model, optimizer)
         lr_scheduler.load_state_dict(extra["lr_scheduler"])
@@ -234,6 +255,7 @@ def main() -> None:
 
         progress = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True)
     model.train()
+    start_step = global_step
     start_epoch = global_step // train.train_steps
     data_iterator = iter(train_loader)
     for epoch in range(start_epoch, train.num_train_epochs):
@@ -286,7 +308,11 @@ def main() -> None:
             break
     if profiler is not None:
         profiler.stop()
-    save(global_step)
+    if global_step > start_step:
+        save(global_step)
+    else:  # a finished run resumed: its checkpoint is left as it is
+        logger.warning_rank0("nothing to train: resumed at step %d and this run stops at step %d (raise "
+                             "train.max_steps or train.num_train_epochs to train further)", global_step, total_steps)
     if progress is not None:
         progress.close()
     metrics.close()

@@ -109,3 +109,17 @@ def test_save_args_round_trip(tmp_path, config_file):
     path = save_args(args, str(tmp_path / "out"))
     again = parse_args(Arguments, [path])
     assert again.train.lr == args.train.lr and again.model.config_overrides == args.model.config_overrides
+
+
+def test_save_args_keeps_a_different_earlier_config(tmp_path, config_file):
+    """A resumed run with other arguments keeps the earlier config.yaml as config.1.yaml; the same config is
+    written over in place."""
+    out = str(tmp_path / "out")
+    first = parse_args(Arguments, [config_file])
+    save_args(first, out)
+    save_args(first, out)
+    assert not (tmp_path / "out" / "config.1.yaml").exists()
+    resumed = parse_args(Arguments, [config_file, "--train.max_steps", "20", "--train.load_path", "auto"])
+    save_args(resumed, out)
+    assert parse_args(Arguments, [str(tmp_path / "out" / "config.1.yaml")]).train.max_steps is None
+    assert parse_args(Arguments, [str(tmp_path / "out" / "config.yaml")]).train.max_steps == 20

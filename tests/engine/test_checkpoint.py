@@ -82,3 +82,42 @@ def test_keep_and_errors(tmp_path, single_process):
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]
     with pytest.raises(FileNotFoundError, match="not a complete veofast checkpoint"):
         load_checkpoint(str(tmp_path / "nothing"), model, optimizer)
+
+
+def test_latest_skips_empty_and_incomplete_checkpoints(tmp_path, single_process):
+    """``auto`` never picks a directory without a marker, with a file missing, or with a file cut short."""
+    model, optimizer = make_state(0)
+    paths = {step: save_checkpoint(str(tmp_path), step, model, optimizer, {"global_step": step}) for step in (1, 2, 3)}
+    with open(os.path.join(paths[2], "extra_state_rank0.pt"), "r+b") as f:
+        f.truncate(10)  # a copy cut short
+    os.remove(os.path.join(paths[3], ".metadata"))  # a file lost
+    os.makedirs(checkpointer.checkpoint_path(str(tmp_path), 4))  # an empty step directory
+    assert find_latest_checkpoint(str(tmp_path)) == paths[1]
+    assert list_checkpoints(str(tmp_path)) == [(1, paths[1])]
+    with pytest.raises(FileNotFoundError, match="is missing .metadata"):
+        load_checkpoint(paths[3], model, optimizer)
+    with pytest.raises(FileNotFoundError, match="extra_state_rank0.pt of 10 bytes"):
+        load_checkpoint(paths[2], model, optimizer)
+
+
+def test_world_size_mismatch_is_named(tmp_path, single_process):
+    """A checkpoint resumed at another world size fails up front, naming both sizes, for new and older markers."""
+    model, optimizer = make_state(0)
+    path = save_checkpoint(str(tmp_path), 1, model, optimizer, {"global_step": 1})
+    with pytest.raises(ValueError, match="saved at world size 1 and this run's world size is 2"):
+        checkpointer.check_checkpoint(path, world_size=2)
+    with open(os.path.join(path, checkpointer.COMPLETE), "w") as f:
+        f.write("1\n")  # the marker of checkpoints saved before the manifest: the world size is the extra states'
+    checkpointer.check_checkpoint(path, world_size=1)
+    with pytest.raises(ValueError, match="saved at world size 1 and this run's world size is 2"):
+        checkpointer.check_checkpoint(path, world_size=2)
+
+
+@pytest.mark.parametrize("keep, kept", [(1, [2, 3]), (2, [1, 2, 3])])
+def test_keep_spares_the_new_checkpoint_and_later_ones(tmp_path, single_process, keep, kept):
+    """A run resumed from step 1 while step 3 exists saves step 2: retention deletes only checkpoints before it."""
+    model, optimizer = make_state(0)
+    for step in (1, 2, 3):
+        save_checkpoint(str(tmp_path), step, model, optimizer, {"global_step": step})
+    save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2}, keep=keep)
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == kept

@@ -89,3 +89,20 @@ def test_resume_follows_the_new_schedule():
     opt2.step()
     longer.step()
     assert longer.last_epoch == 3 and longer.get_last_lr()[0] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("peak", [1.0, 2.0])
+def test_resume_sets_the_new_lr_before_the_first_step(peak):
+    """After the optimizer's state (which carries the old lr) and the scheduler's are loaded, the next step already
+    runs at the new schedule's lr, peak lr included."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    short = build_lr_scheduler(opt, train_steps=4, lr_decay_style="linear")
+    for _ in range(2):
+        opt.step()
+        short.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    longer = build_lr_scheduler(opt2, train_steps=10, lr_decay_style="linear")
+    opt2.load_state_dict(opt.state_dict())
+    longer.load_state_dict(short.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.8 * peak)
+    assert longer.get_last_lr() == [opt2.param_groups[0]["lr"]]

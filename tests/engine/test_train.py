@@ -25,6 +25,43 @@ def losses(output_dir):
     return out
 
 
+def child_pids(pid):
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    children = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            children.append(int(entry))
+    return children
+
+
+def kill_torchrun(proc):
+    """SIGKILL a torchrun job: torchrun starts each worker in a session of its own, so killing torchrun's process
+    group alone would leave the workers training on."""
+    workers = child_pids(proc.pid)
+    assert workers, "torchrun has no workers to kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        os.killpg(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def cpu_env():
+    """The environment of a training process started here: CPU only, this checkout first on the path."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+
+
+def train_one_process(output_dir, *extra):
+    """``python tasks/train.py configs/moe.yaml`` as one process (world size 1), no torchrun."""
+    command = [sys.executable, "tasks/train.py", "configs/moe.yaml", "--train.output_dir", str(output_dir), *extra]
+    return subprocess.run(command, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+
+
 def train_command(output_dir, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", "tasks/train.py", "configs/moe.yaml", *STEPS,
@@ -44,17 +81,15 @@ def test_train_kill_and_resume(tmp_path):
 
     # a run killed (SIGKILL, whole process group) once its step-4 checkpoint is complete ...
     killed = tmp_path / "killed"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen(train_command(killed), cwd=REPO, env=env, start_new_session=True,
+    proc = subprocess.Popen(train_command(killed), cwd=REPO, env=cpu_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "global_step_4" / "COMPLETE"
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_torchrun(proc)
     assert marker.exists()
+    assert not (killed / "checkpoints" / "global_step_8").exists()  # it did die before the end
 
     # ... refuses to start over its checkpoints without load_path, and resumes with the same losses
     refused = torchrun("tasks/train.py", "configs/moe.yaml", *STEPS, "--train.output_dir", str(killed),
@@ -72,10 +107,41 @@ def test_train_kill_and_resume(tmp_path):
 )
 def test_evaluation_needs_both_a_path_and_a_period(tmp_path, override):
     """Half an evaluation setup fails at once, saying how to complete it or turn it off."""
-    command = [sys.executable, "tasks/train.py", "configs/moe.yaml", "--train.output_dir", str(tmp_path / "out"),
-               *override]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = train_one_process(tmp_path / "out", *override)
     assert proc.returncode != 0
     assert "evaluation needs both data.eval_path and train.eval_steps > 0" in proc.stderr
     assert "--data.eval_path null" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("where, message", [("missing", "it does not exist"),
+                                            ("run", "it looks like a run's output_dir")])
+def test_bad_load_path_fails_before_anything_starts(tmp_path, where, message):
+    """A load_path that is not a checkpoint stops the run at once with what is wrong, before it writes anything."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    proc = train_one_process(tmp_path / "out", "--train.load_path", str(tmp_path / where))
+    assert proc.returncode != 0
+    assert "train.load_path" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_resume_finished_run_and_other_world_size(tmp_path):
+    """Resuming a finished run leaves its checkpoint as it is and keeps the earlier config; resuming at another
+    world size stops at once, naming both sizes."""
+    short = ["--train.max_steps", "2", "--data.eval_path", "null", "--train.eval_steps", "0"]
+    out = tmp_path / "out"
+    assert train_one_process(out, *short).returncode == 0
+    final = out / "checkpoints" / "global_step_2"
+    before = (os.stat(final).st_ino, (final / "COMPLETE").read_text())
+
+    again = train_one_process(out, *short, "--train.load_path", "auto")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (os.stat(final).st_ino, (final / "COMPLETE").read_text()) == before  # not saved over
+    assert "nothing to train: resumed at step 2" in again.stderr
+    assert (out / "config.1.yaml").is_file()  # the first run's config, load_path null
+
+    wider = torchrun("tasks/train.py", "configs/moe.yaml", *short, "--train.output_dir", str(out),
+                     "--train.load_path", "auto", check=False, timeout=300)
+    assert wider.returncode != 0
+    assert "saved at world size 1 and this run's world size is 2" in wider.stderr, wider.stderr[-2000:]

@@ -39,6 +39,7 @@ YARN_ROPE = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_
 CASES: dict[str, tuple[str, dict]] = {
     "llama": ("llama", {}),
     "llama_tied_llama3_rope": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
+    "llama_attention_bias_mqa": ("llama", dict(attention_bias=True, head_dim=24, num_key_value_heads=1)),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", dict(head_dim=32)),
     "qwen3_yarn": ("qwen3", dict(rope_parameters=YARN_ROPE)),

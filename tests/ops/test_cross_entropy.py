@@ -195,20 +195,32 @@ def test_kernel_chunks_and_vocab_blocks(row_programs, monkeypatch):
 
 
 def test_chunk_rows_rule():
-    from veofast.kernels.cross_entropy import CHUNK_ROW_MULTIPLE, chunk_rows
+    from veofast.kernels.cross_entropy import CHUNK_ROW_MULTIPLE, LARGE_CHUNK_ROW_MULTIPLE, chunk_rows
 
     budget = 512 * 2**20
     assert chunk_rows(4096, 32000, 2, budget_bytes=budget) == 4096  # fits: one chunk of all tokens
-    for n, v in [(16384, 151936), (4096, 151936), (65536, 262144), (1000, 10**7)]:
+    for n, v in [(16384, 151936), (4096, 151936), (65536, 262144), (1000, 10**7), (100000, 32000)]:
         rows = chunk_rows(n, v, 2, budget_bytes=budget)
-        chunks = -(-n // rows)
-        assert rows % CHUNK_ROW_MULTIPLE == 0 and (rows * v * 2 <= budget or rows == CHUNK_ROW_MULTIPLE)
-        assert chunks == -(-n // max(CHUNK_ROW_MULTIPLE, budget // (2 * v) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE))
-    assert chunk_rows(0, 100, 4) == 1
+        fit = budget // (2 * v)
+        multiple = LARGE_CHUNK_ROW_MULTIPLE if fit >= 2 * LARGE_CHUNK_ROW_MULTIPLE else CHUNK_ROW_MULTIPLE
+        assert rows % multiple == 0 and (rows * v * 2 <= budget or rows == multiple)
+        assert -(-n // rows) == -(-n // max(multiple, fit // multiple * multiple))  # the fewest chunks that fit
+    assert chunk_rows(16384, 151936, 2, budget_bytes=budget) == 1536  # 1766 fit: 11 chunks of 1490, rounded up
+    assert chunk_rows(0, 100, 4, budget_bytes=budget) == 1
     # up to whole_up_to tokens (the pass: H, when it computes grad_weight) go in one chunk whatever the budget
     assert chunk_rows(4096, 151936, 2, budget_bytes=budget, whole_up_to=4096) == 4096
     past = chunk_rows(4097, 151936, 2, budget_bytes=budget)
     assert chunk_rows(4097, 151936, 2, budget_bytes=budget, whole_up_to=4096) == past < 4097
+
+
+def test_default_chunk_budget_grows_with_the_tokens():
+    """256 MiB up to the anchor shape; then what hidden and its gradient take, capped at 1 GiB."""
+    from veofast.kernels.cross_entropy import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, default_chunk_bytes
+
+    assert default_chunk_bytes(16384, 4096, 2) == DEFAULT_CHUNK_BYTES == 256 * 2**20
+    assert default_chunk_bytes(100, 64, 4) == DEFAULT_CHUNK_BYTES
+    assert default_chunk_bytes(24576, 4096, 2) == 2 * 24576 * 4096 * 2
+    assert default_chunk_bytes(65536, 4096, 2) == MAX_CHUNK_BYTES == 2**30
 
 
 def test_reference_chunks(monkeypatch):
@@ -311,7 +323,7 @@ def test_gpu_error_bound(dtype, chunk_bytes, monkeypatch):
     if chunk_bytes is not None:
         monkeypatch.setattr(kernels, "DEFAULT_CHUNK_BYTES", chunk_bytes)
     n, h, v = 2048, 1024, 32003
-    chunks = -(-n // kernels.chunk_rows(n, v, 2))
+    chunks = -(-n // kernels.chunk_rows(n, v, 2, budget_bytes=kernels.default_chunk_bytes(n, h, 2)))
     inputs = make_inputs(n, h, v, dtype=dtype, device="cuda")
     want = oracle_run(*inputs)
     got = run(call("triton"), *inputs)

@@ -1,6 +1,7 @@
 """Checkpoints: DCP save/resume of the whole training state (HF export lives in veofast.models.hf_io)."""
 
 from .checkpointer import (
+    check_checkpoint,
     checkpoint_path,
     find_latest_checkpoint,
     list_checkpoints,
@@ -8,4 +9,11 @@ from .checkpointer import (
     save_checkpoint,
 )
 
-__all__ = ["checkpoint_path", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "check_checkpoint",
+    "checkpoint_path",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+]

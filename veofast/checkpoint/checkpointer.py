@@ -3,13 +3,16 @@
 A checkpoint is ``<output_dir>/checkpoints/global_step_<N>/``: the sharded model and optimizer state (DCP,
 each rank writes its own shards), one ``extra_state_rank<r>.pt`` per rank (scheduler, step, dataloader
 position, RNG states: plain tensors and Python values, loaded with ``weights_only=True``) and a
-``COMPLETE`` marker. It is written under ``global_step_<N>.tmp`` and renamed only once every rank has
-finished, so a run killed during a save leaves the previous checkpoint intact; ``find_latest_checkpoint``
-ignores anything without the marker.
+``COMPLETE`` marker, a JSON manifest of the step, the world size and every file with its size. It is written
+under ``global_step_<N>.tmp`` and renamed only once every rank has finished, so a run killed during a save
+leaves the previous checkpoint intact; a checkpoint is complete when its marker is there and every file it
+lists is there with its size, and ``find_latest_checkpoint`` skips (with a warning) anything that is not.
+A checkpoint resumes only at the world size that saved it (the data loader position and RNG states are per rank).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -21,8 +24,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from veofast.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
+MANIFEST_FORMAT = "veofast.checkpoint/1"
+_EXTRA_STATE = re.compile(r"^extra_state_rank(\d+)\.pt$")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 
 
@@ -34,8 +43,8 @@ def checkpoint_path(output_dir: str, step: int) -> str:
     return os.path.join(checkpoint_root(output_dir), f"global_step_{step}")
 
 
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under ``output_dir`` as ``(step, path)``, oldest first."""
+def _step_dirs(output_dir: str) -> list[tuple[int, str]]:
+    """Every ``global_step_<N>`` directory under ``output_dir`` as ``(step, path)``, complete or not, oldest first."""
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
@@ -43,15 +52,98 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     for name in os.listdir(root):
         match = _STEP_DIR.match(name)
         path = os.path.join(root, name)
-        if match and os.path.isfile(os.path.join(path, COMPLETE)):
+        if match and os.path.isdir(path):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
+def _write_manifest(path: str, step: int, world_size: int) -> None:
+    """Write the ``COMPLETE`` marker of the checkpoint being saved in ``path``: what a complete copy holds."""
+    files = {name: os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))
+             if os.path.isfile(os.path.join(path, name))}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "world_size": world_size, "files": files}
+    with open(os.path.join(path, COMPLETE), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def read_manifest(path: str) -> dict:
+    """The ``COMPLETE`` marker of checkpoint ``path`` as ``{"world_size": int, "files": {name: size or None}}``.
+
+    Markers written before the manifest hold only the step; for those, the files are DCP's ``.metadata`` and the
+    per-rank extra states found, and the world size is their count. ``ValueError`` for an unreadable marker.
+    """
+    with open(os.path.join(path, COMPLETE)) as f:
+        text = f.read()
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT:
+        return manifest
+    if not isinstance(manifest, int):
+        raise ValueError(f"has a {COMPLETE} marker that is not a veofast manifest ({text[:80]!r})")
+    ranks = sum(1 for name in os.listdir(path) if _EXTRA_STATE.match(name))
+    files = {".metadata": None, **{f"extra_state_rank{rank}.pt": None for rank in range(ranks)}}
+    return {"world_size": ranks, "files": files}
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` is not a complete checkpoint (a phrase to follow the path in a message), or None if it is."""
+    if not os.path.isdir(path):
+        return "does not exist" if not os.path.exists(path) else "is not a directory"
+    if not os.path.isfile(os.path.join(path, COMPLETE)):
+        return f"has no {COMPLETE} marker (a save that did not finish, or not a checkpoint directory)"
+    try:
+        manifest = read_manifest(path)
+    except ValueError as exc:
+        return str(exc)
+    for name, size in manifest["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"is missing {name}"
+        if size is not None and os.path.getsize(file) != size:
+            return f"has {name} of {os.path.getsize(file)} bytes, {size} when it was saved"
+    return None
+
+
+def check_checkpoint(path: str, *, world_size: int) -> None:
+    """Raise unless ``path`` is a complete checkpoint saved at ``world_size``: ``FileNotFoundError`` for a missing
+    or incomplete one, ``ValueError`` for another world size. Reads only files, so every rank raises alike."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"{path!r} is not a complete veofast checkpoint: it {problem}")
+    saved = read_manifest(path)["world_size"]
+    if saved != world_size:
+        raise ValueError(
+            f"checkpoint {path!r} was saved at world size {saved} and this run's world size is {world_size}: resuming "
+            f"at another world size is not supported (the data loader position and RNG states are per rank); resume "
+            f"with {saved} processes (torchrun --nproc_per_node={saved} on one node)"
+        )
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under ``output_dir`` as ``(step, path)``, oldest first."""
+    return [(step, path) for step, path in _step_dirs(output_dir) if checkpoint_problem(path) is None]
+
+
 def find_latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint under ``output_dir``, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    """The newest complete checkpoint under ``output_dir``, or None; newer incomplete ones are skipped with a
+    warning that says what they lack."""
+    for _, path in reversed(_step_dirs(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning_rank0("skipping checkpoint %s: it %s", path, problem)
+    return None
+
+
+def prune_checkpoints(output_dir: str, step: int, keep: int) -> None:
+    """Delete the oldest complete checkpoints before ``step`` so that ``keep`` remain up to and including step
+    ``step`` (the one just saved). Checkpoints after ``step`` (say of a run resumed from an earlier one) and
+    incomplete directories are left alone."""
+    older = [path for saved, path in list_checkpoints(output_dir) if saved < step]
+    for path in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(path)
 
 
 def rng_state() -> dict:
@@ -77,6 +169,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def save_checkpoint(
     output_dir: str,
     step: int,
@@ -88,7 +184,7 @@ def save_checkpoint(
 ) -> str:
     """Save model + optimizer (sharded) and this rank's ``extra_state``; return the checkpoint path.
 
-    ``keep > 0`` deletes the oldest complete checkpoints beyond the newest ``keep``.
+    ``keep > 0`` then deletes the oldest earlier checkpoints beyond the newest ``keep`` (see ``prune_checkpoints``).
     """
     final = checkpoint_path(output_dir, step)
     tmp = final + ".tmp"
@@ -101,28 +197,21 @@ def save_checkpoint(
     torch.save({**extra_state, "rng": rng_state()}, os.path.join(tmp, f"extra_state_rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
-        with open(os.path.join(tmp, COMPLETE), "w") as f:
-            f.write(f"{step}\n")
+        _write_manifest(tmp, step, _world_size())
         if os.path.isdir(final):  # an earlier save of the same step (an overwritten run): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         if keep > 0:
-            for _, old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old)
+            prune_checkpoints(output_dir, step, keep)
     _barrier()
     return final
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Load model and optimizer state from checkpoint ``path`` in place; return this rank's extra state
-    (with RNG states already restored)."""
-    if not os.path.isfile(os.path.join(path, COMPLETE)):
-        raise FileNotFoundError(f"load_checkpoint: {path!r} is not a complete veofast checkpoint (no {COMPLETE})")
+    (with RNG states already restored). Raises as ``check_checkpoint`` before anything is loaded."""
+    check_checkpoint(path, world_size=_world_size())
     extra_file = os.path.join(path, f"extra_state_rank{_rank()}.pt")
-    if not os.path.isfile(extra_file):
-        raise ValueError(
-            f"load_checkpoint: {path!r} has no state for rank {_rank()}; it was saved with a different world size"
-        )
     if optimizer is None:
         model_state = get_state_dict(model, [])[0]
         dcp.load({"model": model_state}, checkpoint_id=path)

@@ -251,8 +251,10 @@ def veofast_attention_forward(
     if dropout:
         raise ValueError(f"{ATTENTION_NAME}: attention dropout is not supported, got dropout={dropout}")
     for name in ("sliding_window", "softcap"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{ATTENTION_NAME}: {name}={kwargs[name]!r} is not supported")
+        # Qwen2-MoE keeps its window on the module and leaves it to the mask, which this function never builds
+        setting = kwargs.get(name, getattr(module, name, None))
+        if setting is not None:
+            raise ValueError(f"{ATTENTION_NAME}: {name}={setting!r} ({type(module).__name__}) is not supported")
     if kwargs.get("cu_seq_lens_q") is not None:
         if batch != 1:
             raise ValueError(f"{ATTENTION_NAME}: packed inputs (cu_seq_lens_q given) need batch size 1, got {batch}")

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .config import DecoderConfig, load_hf_config_dict
+from .config import DecoderConfig, apply_overrides, load_hf_config_dict
 from .decoder import CausalLM
 
 logger = logging.getLogger("veofast.models")
@@ -21,8 +21,7 @@ def build_config(
 
     Without ``config_path`` the overrides are the whole HF config and must name ``model_type``.
     """
-    hf = load_hf_config_dict(config_path) if config_path else {}
-    hf.update(config_overrides or {})
+    hf = apply_overrides(load_hf_config_dict(config_path) if config_path else {}, config_overrides)
     if not hf:
         raise ValueError("build_foundation_model: give model.config_path, model.model_path or model.config_overrides")
     return DecoderConfig.from_hf_dict(hf, ops_backend=ops_backend)

@@ -2,8 +2,10 @@
 Hugging Face ``config.json`` dict (Llama 3, Qwen2/2.5, Qwen3, Qwen2-MoE and Qwen3-MoE families).
 
 Both RoPE spellings are understood: ``rope_theta`` + ``rope_scaling`` (transformers 4) and
-``rope_parameters`` (transformers 5). Fields that would change the math but are not implemented (sliding
-windows, attention dropout, other activations) raise rather than being ignored.
+``rope_parameters`` (transformers 5), with transformers 5's precedence when a config holds both. Left-out keys that
+change the math without changing a shape (norm_topk_prob, RoPE, rms_norm_eps) default as transformers' configs of the
+family do. Fields that would change the math but are not implemented (sliding windows, attention dropout, other
+activations) raise rather than being ignored.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q/k/v
+    o_proj_bias: bool = False  # a bias on the attention output projection (Llama/Qwen3 attention_bias=true)
     qk_norm: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -116,26 +119,24 @@ class DecoderConfig:
             raise ValueError("config: pretraining_tp > 1 is not supported")
 
         rope_theta, rope_scaling = _read_rope(hf)
+        qkv_bias, o_proj_bias = _attention_biases(model_type, hf)
         moe = model_type in ("qwen2_moe", "qwen3_moe")
-        num_heads = hf["num_attention_heads"]
+        num_heads, hidden_size = _require(hf, "num_attention_heads"), _require(hf, "hidden_size")
         values = dict(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf.get("intermediate_size", 4 * hf["hidden_size"]),
-            num_hidden_layers=hf["num_hidden_layers"],
+            vocab_size=_require(hf, "vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=hf.get("intermediate_size", 4 * hidden_size),
+            num_hidden_layers=_require(hf, "num_hidden_layers"),
             num_attention_heads=num_heads,
             num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            head_dim=hf.get("head_dim") or hidden_size // num_heads,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            attention_bias=True
-            if model_type == "qwen2"
-            else bool(hf.get("qkv_bias", True))
-            if model_type == "qwen2_moe"
-            else bool(hf.get("attention_bias", False)),
+            attention_bias=qkv_bias,
+            o_proj_bias=o_proj_bias,
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             initializer_range=hf.get("initializer_range", 0.02),
@@ -144,10 +145,10 @@ class DecoderConfig:
         )
         if moe:
             values.update(
-                num_experts=hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"],
-                num_experts_per_tok=hf["num_experts_per_tok"],
-                moe_intermediate_size=hf["moe_intermediate_size"],
-                norm_topk_prob=bool(hf.get("norm_topk_prob", model_type == "qwen3_moe")),
+                num_experts=_require(hf, "num_experts", "num_local_experts"),
+                num_experts_per_tok=_require(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_require(hf, "moe_intermediate_size"),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),  # both Qwen MoE configs default to false
                 router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
                 output_router_logits=bool(hf.get("output_router_logits", False)),
                 decoder_sparse_step=hf.get("decoder_sparse_step", 1),
@@ -177,11 +178,8 @@ class DecoderConfig:
             initializer_range=self.initializer_range,
             hidden_act="silu",
         )
-        if "rope_parameters" not in hf:
-            hf["rope_theta"] = self.rope_theta
-            hf["rope_scaling"] = self.rope_scaling
-        if self.model_type == "llama":
-            hf["attention_bias"] = self.attention_bias
+        _write_rope(hf, self.rope_theta, self.rope_scaling)
+        self._write_attention_biases(hf)
         if self.is_moe:
             hf.update(
                 num_experts=self.num_experts,
@@ -199,30 +197,94 @@ class DecoderConfig:
                 hf["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
         return hf
 
+    def _write_attention_biases(self, hf: dict[str, Any]) -> None:
+        """Set the bias field of ``hf`` (``attention_bias`` or ``qkv_bias``); raise if the family cannot express
+        this config's ``(attention_bias, o_proj_bias)``."""
+        if self.model_type == "qwen2_moe":
+            hf["qkv_bias"] = self.attention_bias
+        elif self.model_type != "qwen2":
+            hf["attention_bias"] = self.attention_bias
+        if _attention_biases(self.model_type, hf) != (self.attention_bias, self.o_proj_bias):
+            raise ValueError(
+                f"config: a transformers {self.model_type} model cannot have attention_bias={self.attention_bias} "
+                f"(q/k/v) with o_proj_bias={self.o_proj_bias}; no HF config.json describes this model"
+            )
+
     def replace(self, **changes) -> DecoderConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _require(hf: dict, *names: str) -> Any:
+    """The value of the first of ``names`` that ``hf`` holds; a ValueError naming them when it holds none."""
+    for name in names:
+        if name in hf:
+            return hf[name]
+    raise ValueError(f"config: {' or '.join(names)} is missing from the {hf.get('model_type')} config")
+
+
+def _attention_biases(model_type: str, hf: dict) -> tuple[bool, bool]:
+    """``(q/k/v bias, o_proj bias)`` as transformers builds the family's attention: Qwen2 always has q/k/v biases,
+    Qwen2-MoE has them unless ``qkv_bias`` is false, and ``attention_bias`` gives Llama and Qwen3(-MoE) all four."""
+    if model_type == "qwen2":
+        return True, False
+    if model_type == "qwen2_moe":
+        return bool(hf.get("qkv_bias", True)), False
+    bias = bool(hf.get("attention_bias", False))
+    return bias, bias
+
+
+def _rope_source(hf: dict) -> tuple[float, dict]:
+    """``(rope_theta, the dict of RoPE settings)`` as transformers 5 reads them: a non-empty ``rope_scaling``
+    replaces ``rope_parameters`` (so a rope_scaling added to a config that transformers 5 wrote takes effect), and a
+    ``rope_theta`` inside that dict wins over the top-level one."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"config: rope_scaling / rope_parameters must be a dict, got {params!r}")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), params
+
+
 def _read_rope(hf: dict) -> tuple[float, dict | None]:
     """(rope_theta, scaling dict or None) from either the transformers 4 or the transformers 5 spelling."""
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        if "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
-            raise ValueError("config: per-layer-type rope_parameters are not supported")
-        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    theta, params = _rope_source(hf)
+    typed = "rope_type" in params or "type" in params
+    if params and not typed and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("config: per-layer-type rope_parameters are not supported")
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ("llama3", "yarn", "linear"):
+        raise ValueError(f"config: rope type {rope_type!r} is not supported (default, linear, llama3, yarn)")
+    return theta, {**scaling, "rope_type": rope_type}
+
+
+def _write_rope(hf: dict, theta: float, scaling: dict | None) -> None:
+    """Write the RoPE settings into ``hf`` in the spelling it was read in: ``rope_parameters`` (then without a
+    ``rope_scaling``, which transformers would read instead) or ``rope_theta`` + ``rope_scaling``."""
+    if "rope_parameters" in hf:
+        hf["rope_parameters"] = {"rope_theta": theta, **(scaling or {"rope_type": "default"})}
+        hf.pop("rope_scaling", None)
+        if "rope_theta" in hf:
+            hf["rope_theta"] = theta
     else:
-        theta = hf.get("rope_theta", 10000.0)
-        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None
-    if scaling is not None:
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type == "default":
-            scaling = None
-        elif rope_type not in ("llama3", "yarn", "linear"):
-            raise ValueError(f"config: rope type {rope_type!r} is not supported (default, linear, llama3, yarn)")
-        else:
-            scaling = {**scaling, "rope_type": rope_type}
-    return float(theta), scaling
+        hf["rope_theta"] = theta
+        hf["rope_scaling"] = scaling
+
+
+def apply_overrides(hf: dict, overrides: dict | None) -> dict:
+    """``hf`` with ``overrides`` on top, where a RoPE override changes only what it names: an overriding
+    ``rope_theta`` also replaces the theta inside ``rope_parameters`` / ``rope_scaling`` (read before the top-level
+    one), and an overriding ``rope_scaling`` (read instead of ``rope_parameters``) keeps ``hf``'s theta unless it
+    names its own."""
+    overrides = overrides or {}
+    merged = {**hf, **overrides}
+    if "rope_theta" in overrides or "rope_scaling" in overrides:
+        theta = overrides.get("rope_theta", _rope_source(hf)[0])
+        for key in ("rope_parameters", "rope_scaling"):
+            nested = merged.get(key)
+            if isinstance(nested, dict) and nested and "rope_theta" not in (overrides.get(key) or {}):
+                merged[key] = {**nested, "rope_theta": theta}
+    return merged
 
 
 def load_hf_config_dict(config_path: str) -> dict:

@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, self.backend)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, self.backend)

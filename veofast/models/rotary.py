@@ -17,10 +17,10 @@ def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
-def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+def _llama3(inv_freq: torch.Tensor, scaling: dict, max_positions: int) -> torch.Tensor:
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    original = scaling["original_max_position_embeddings"]
+    original = scaling.get("original_max_position_embeddings") or max_positions
     wavelen = 2 * math.pi / inv_freq
     low_freq_wavelen, high_freq_wavelen = original / low, original / high
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
@@ -68,7 +68,7 @@ def rotary_frequencies(config: DecoderConfig) -> tuple[torch.Tensor, float]:
     if rope_type == "linear":
         return _default_inv_freq(base, dim) / scaling["factor"], 1.0
     if rope_type == "llama3":
-        return _llama3(_default_inv_freq(base, dim), scaling), 1.0
+        return _llama3(_default_inv_freq(base, dim), scaling, config.max_position_embeddings), 1.0
     if rope_type == "yarn":
         return _yarn(base, dim, scaling, config.max_position_embeddings)
     raise ValueError(f"rope type {rope_type!r} is not supported")

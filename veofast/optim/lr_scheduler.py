@@ -11,6 +11,21 @@ from torch.optim.lr_scheduler import LambdaLR
 DECAY_STYLES = ("constant", "linear", "cosine")
 
 
+class ScheduleLR(LambdaLR):
+    """A ``LambdaLR`` whose ``load_state_dict`` takes only the step count from the saved state and sets every group's
+    lr from this scheduler's own schedule at that step. A run resumed with a changed schedule (a larger max_steps,
+    another peak lr) then follows the new schedule from its first step on, whatever lr the optimizer's loaded
+    state carried."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict["_step_count"]
+        lrs = [base_lr * schedule(self.last_epoch) for base_lr, schedule in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
 def lr_multiplier(
     step: int, *, train_steps: int, warmup_steps: int, decay_steps: int, style: str, min_ratio: float
 ) -> float:
@@ -35,7 +50,7 @@ def build_lr_scheduler(
     lr_warmup_ratio: float = 0.0,
     lr_decay_style: str = "cosine",
     lr_decay_ratio: float = 1.0,
-) -> LambdaLR:
+) -> ScheduleLR:
     """Warm up linearly over ``lr_warmup_ratio * train_steps`` steps, then decay over ``lr_decay_ratio`` of the
     remaining steps to ``lr_min`` (``constant`` keeps the peak). ``lr`` defaults to the optimizer's."""
     if lr_decay_style not in DECAY_STYLES:
@@ -49,10 +64,9 @@ def build_lr_scheduler(
         raise ValueError(f"build_lr_scheduler: lr_min {lr_min} is above the peak lr {peak}")
     warmup = int(lr_warmup_ratio * train_steps)
     decay = max(1, int(lr_decay_ratio * (train_steps - warmup)))
-    # A partial, not an object with state: the scheduler's state_dict then holds only the step count, so a run
-    # resumed with a changed schedule (say a larger max_steps) follows the new schedule from where it was.
+    # A partial, not an object with state: nothing of the schedule itself is saved; ScheduleLR restores the step.
     schedule = functools.partial(
         lr_multiplier, train_steps=train_steps, warmup_steps=warmup, decay_steps=decay, style=lr_decay_style,
         min_ratio=lr_min / peak if peak > 0 else 0.0,
     )
-    return LambdaLR(optimizer, schedule)
+    return ScheduleLR(optimizer, schedule)

@@ -30,6 +30,10 @@ from typing import Any, Literal
 
 import yaml
 
+from veofast.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
 
 class ArgumentError(ValueError):
     """A configuration key or value that is not valid; the message names the key and where it came from."""
@@ -412,12 +416,37 @@ def to_dict(args) -> dict:
     return dataclasses.asdict(args)
 
 
+def _keep_previous(path: str, text: str) -> str | None:
+    """Move an existing ``path`` whose contents differ from ``text`` to the first free ``<stem>.<k><suffix>``
+    (``config.1.yaml``, ``config.2.yaml``, ...) and return where it went; None when there was nothing to keep."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        if f.read() == text:
+            return None
+    stem, suffix = os.path.splitext(path)
+    index = 1
+    while os.path.exists(f"{stem}.{index}{suffix}"):
+        index += 1
+    kept = f"{stem}.{index}{suffix}"
+    os.replace(path, kept)
+    return kept
+
+
 def save_args(args, output_dir: str, filename: str = "config.yaml") -> str:
-    """Write the resolved arguments to ``output_dir/filename`` atomically; return the path."""
+    """Write the resolved arguments to ``output_dir/filename`` atomically; return the path.
+
+    A different config already there (an earlier run of this output_dir, say the one a resumed run continues)
+    is kept as ``config.<k>.yaml`` with the first free ``k`` rather than overwritten.
+    """
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, filename)
+    text = yaml.safe_dump(json.loads(json.dumps(to_dict(args), default=str)), sort_keys=False)
+    kept = _keep_previous(path, text)
+    if kept is not None:
+        logger.info("save_args: %s held another config; kept it as %s", path, kept)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        yaml.safe_dump(json.loads(json.dumps(to_dict(args), default=str)), f, sort_keys=False)
+        f.write(text)
     os.replace(tmp, path)
     return path
