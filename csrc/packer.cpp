@@ -451,14 +451,18 @@ py::tuple pack_bfd(PyObject* lengths_obj, PyObject* budget_obj) {
   const int64_t n = lengths.n;
   if (n > kMaxLengths) throw py::value_error("pack_bfd: at most 2**31 - 2 lengths, got " + std::to_string(n));
   Scratch& s = scratch;
-  int32_t bins = -1;  // -1: a length is out of range
+  // -1: a length is out of range. No lengths, no bins, and no sort: a thread's scratch that never held a key has
+  // no key storage, and sort_keys' null result would read as an out-of-range length.
+  int32_t bins = n == 0 ? 0 : -1;
   // sort_keys, place and group stay out of line ([[gnu::noinline]]): inlined into one function, their loops
   // compete for registers (~0.08 us more at n = 200)
-  run_released_from(n, [&] {
-    reserve(s, static_cast<size_t>(n));
-    const uint64_t* sorted = sort_keys(s, lengths, budget, s.keys.data(), s.keys.data() + n);
-    if (sorted) bins = place(s, sorted, n, budget);
-  });
+  if (n > 0) {
+    run_released_from(n, [&] {
+      reserve(s, static_cast<size_t>(n));
+      const uint64_t* sorted = sort_keys(s, lengths, budget, s.keys.data(), s.keys.data() + n);
+      if (sorted) bins = place(s, sorted, n, budget);
+    });
+  }
   if (bins < 0) {
     const int64_t bad = first_out_of_range(lengths, budget);
     throw py::value_error("pack_bfd: lengths[" + std::to_string(bad) + "] = " + std::to_string(lengths[bad]) +

@@ -72,6 +72,22 @@ def test_errors(tokenizer):
         build_chat_template("tokenizer", tokenizer)
 
 
+def test_tokenizer_template_refusals_are_bad_records():
+    # what the template refuses depends on the record, so on_bad_record must apply: BadRecordError, not a crash
+    alternating = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    template = build_chat_template("tokenizer", make_tokenizer(alternating))
+    assert trained_text(template.tokenizer, template.encode_messages(CONVERSATION[1:3])) == "4<|im_end|>"
+    with pytest.raises(BadRecordError, match="roles must alternate"):
+        template.encode_messages([CONVERSATION[1], CONVERSATION[3], CONVERSATION[4]])
+    with pytest.raises(BadRecordError, match="starts with the assistant"):
+        template.encode_messages(CONVERSATION[2:])
+
+
 def test_missing_special_tokens():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

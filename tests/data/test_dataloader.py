@@ -119,6 +119,20 @@ def test_packed_micro_batches_are_full(data_dir, transform):
     assert sum(tokens) / (len(tokens) * (4 * MAX_SEQ_LEN - 6)) > 0.95
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_leaves_the_global_rng_alone(data_dir, transform, num_workers):
+    """Starting and restarting the loader (as a resumed run does) draws nothing from torch's global RNG."""
+    args = dict(micro_batch_size=2, global_batch_size=2, max_seq_len=MAX_SEQ_LEN, num_workers=num_workers)
+    loader = build_dataloader(make_dataset("mapping", data_dir, transform), dp_rank=0, dp_size=1, **args)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    next(loader)
+    restarted = build_dataloader(make_dataset("mapping", data_dir, transform), dp_rank=0, dp_size=1, **args)
+    restarted.load_state_dict(roundtrip(loader.state_dict()))
+    next(restarted)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_padding_loader_and_resume(data_dir, transform):
     build = partial(
         build_dataloader,

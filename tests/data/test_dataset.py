@@ -49,6 +49,39 @@ def test_resolve_data_files(data_dir, tmp_path):
         resolve_data_files(tmp_path / "empty")
 
 
+def test_directories_skip_hidden_entries(data_dir):
+    # as a glob does: notebook checkpoints would train a file twice, macOS "._" files are not JSON
+    (data_dir / ".ipynb_checkpoints").mkdir()
+    write_jsonl(data_dir / ".ipynb_checkpoints" / "a-checkpoint.jsonl", records(23))
+    (data_dir / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07")
+    files = resolve_data_files(data_dir)
+    assert [f.rsplit("/", 1)[1] for f in files] == ["a.jsonl", "c.jsonl", "sub_b.parquet"]
+    assert resolve_data_files(data_dir / "._a.jsonl") == [str(data_dir / "._a.jsonl")]  # named: read as asked
+
+
+def test_unreadable_parquet_files(data_dir, transform, tokenizer):
+    (data_dir / "empty.parquet").write_bytes(b"")  # no records, as an empty .jsonl file
+    assert len(build_mapping_dataset(data_dir, transform)) == 63
+    stream = build_iterative_dataset(data_dir, transform, shuffle_buffer_size=1).shard_stream(0, 1)
+    assert sorted(doc_id(tokenizer, next(stream)) for _ in range(63)) == [f"d{i:04d}" for i in range(63)]
+    (data_dir / "corrupt.parquet").write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(ValueError, match=r"corrupt.parquet: not a readable Parquet file"):
+        build_mapping_dataset(data_dir, transform)
+
+
+def test_unpaired_surrogates_are_bad_records(tmp_path, transform, caplog):
+    # valid JSON whose string no tokenizer can encode (half an emoji); a full surrogate pair is fine
+    lines = ['{"text": "ok"}', '{"text": "half \\ud83d emoji"}', '{"text": "pair \\ud83d\\ude00 \\u00e9"}']
+    path = write_jsonl(tmp_path / "surrogates.jsonl", lines)
+    with pytest.raises(ValueError, match=r"surrogates.jsonl:2: a string holds an unpaired UTF-16 surrogate"):
+        build_mapping_dataset(path, transform)
+    with caplog.at_level(logging.WARNING):
+        dataset = build_mapping_dataset(path, transform, on_bad_record="skip")
+    assert dataset.policy.skipped == 1 and "surrogates.jsonl:2" in caplog.text
+    assert [len(dataset[i]) for i in range(len(dataset))] == [1, 1]
+    assert "pair \U0001f600 \u00e9" in transform.keywords["tokenizer"].decode(dataset[1][0]["input_ids"])
+
+
 def test_mapping_dataset(data_dir, transform, tokenizer):
     dataset = build_mapping_dataset(data_dir, transform)
     assert len(dataset) == 63

@@ -196,6 +196,14 @@ def test_cpp_threads():
         np.testing.assert_array_equal(offsets, want_offsets)
 
 
+@needs_cpp
+def test_cpp_empty_lengths_on_a_fresh_thread():
+    # a thread's scratch starts without key storage: the first call there must not take it for a range error
+    with ThreadPoolExecutor(1) as pool:
+        indices, offsets = pool.submit(pack_sequences, np.zeros(0, dtype=np.int64), 8192, backend="cpp").result()
+    assert indices.size == 0 and offsets.tolist() == [0]
+
+
 @pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_cpp)])
 def test_dynamic_batcher_ships_all_bins_but_the_emptiest(backend):
     lengths = [3, 6, 1, 5, 2, 4, 9, 9, 9, 9, 9]

@@ -37,6 +37,12 @@ def test_pretrain_bad_records(tokenizer):
         process_pretrain_example({"text": 3}, tokenizer, max_seq_len=8)
     with pytest.raises(BadRecordError, match="empty"):
         process_pretrain_example({"text": ""}, tokenizer, max_seq_len=8)
+    with pytest.raises(BadRecordError, match="field 'text' is null"):
+        process_pretrain_example({"text": None}, tokenizer, max_seq_len=8)
+    (sample,) = process_pretrain_example(
+        {"title": None, "body": "a"}, tokenizer, max_seq_len=8, text_keys=["title", "body"]
+    )
+    assert sample["input_ids"][0] == tokenizer.encode("a")[0]  # a null key gives way to the next one
 
 
 def test_sft(tokenizer):
@@ -48,6 +54,25 @@ def test_sft(tokenizer):
         process_sft_example({"messages": messages}, template, max_seq_len=5)
     with pytest.raises(BadRecordError, match="non-empty list"):
         process_sft_example({"messages": []}, template, max_seq_len=64)
+
+
+def test_sft_truncation_is_logged(tokenizer, caplog, monkeypatch):
+    import veofast.data.data_transform as data_transform
+
+    monkeypatch.setattr(data_transform, "_TRUNCATED", {"conversations": 0, "tokens": 0})
+    template = build_chat_template("chatml", tokenizer)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 20}]
+    whole = template.encode_messages(messages, max_seq_len=10**6)
+    limit = len(whole["input_ids"]) - 7
+    with caplog.at_level("WARNING", logger="veofast.data.data_transform"):
+        for _ in range(3):
+            (sample,) = process_sft_example({"messages": messages}, template, max_seq_len=limit)
+            assert sample == {name: ids[:limit] for name, ids in whole.items()}
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2  # the 1st and the 2nd cut; the 4th would be next
+    assert "2 conversation(s) longer than max_seq_len" in logged[1] and "losing 14 tokens" in logged[1]
+    process_sft_example({"messages": messages}, template, max_seq_len=len(whole["input_ids"]))  # fits: no count
+    assert data_transform._TRUNCATED == {"conversations": 3, "tokens": 21}
 
 
 def test_build_data_transform(tokenizer):

@@ -166,9 +166,17 @@ class TokenizerTemplate(ChatTemplate):
             raise ValueError("chat_template='tokenizer' needs a fast tokenizer (PreTrainedTokenizerFast) for offsets")
 
     def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt
-        )
+        """The template's text for ``messages``; ``BadRecordError`` when the template refuses them (e.g. its
+        ``raise_exception`` for roles that do not alternate): that depends on the record, so ``on_bad_record``
+        applies."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except (TemplateError, ValueError) as exc:
+            raise BadRecordError(f"the tokenizer's chat_template cannot render this conversation ({exc})") from exc
 
     def encode_messages(self, messages: Sequence[dict[str, str]], max_seq_len: int = 8192) -> dict[str, list[int]]:
         check_messages(messages)
@@ -200,8 +208,8 @@ class TokenizerTemplate(ChatTemplate):
     def _generation_prompt_only(self) -> str:
         try:
             return self._render([], True)
-        except Exception as exc:  # templates may index messages[0]
-            raise ValueError(
+        except BadRecordError as exc:  # templates may index messages[0]
+            raise BadRecordError(
                 "chat_template='tokenizer': a conversation that starts with the assistant cannot be masked with "
                 f"this tokenizer's template ({exc})"
             ) from exc

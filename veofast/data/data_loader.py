@@ -217,12 +217,16 @@ class DistributedDataloader:
             for w in range(self.workers)
         ]
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
+        # torch's loader draws its workers' base seed from ``generator``, by default the global RNG: every (re)start
+        # would then shift the training RNG by one draw, and a resumed run (whose loader starts again) would not
+        # continue the random stream of an uninterrupted one.
         loader = torch.utils.data.DataLoader(
             self._source,
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=_identity,
+            generator=torch.Generator().manual_seed(self.seed),
             **extra,
         )
         self._iterator = iter(loader)

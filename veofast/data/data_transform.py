@@ -14,6 +14,8 @@ Use them with ``functools.partial``, as in the seed::
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -21,16 +23,23 @@ from typing import Any
 from veofast.data.chat_template import ChatTemplate, build_chat_template
 from veofast.data.records import BadRecordError
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
 DATA_TYPES = ("plaintext", "conversation")
+# Conversations cut to max_seq_len in this process, and the tokens they lost (logged by ``_note_truncation``).
+_TRUNCATED = {"conversations": 0, "tokens": 0}
 
 
 def _field(example: dict, keys: str | Sequence[str]) -> tuple[str, Any]:
-    """The first of ``keys`` present in ``example``, and its value."""
+    """The first of ``keys`` present in ``example`` with a value other than null, and that value."""
     names = [keys] if isinstance(keys, str) else list(keys)
     for name in names:
         if name in example and example[name] is not None:
             return name, example[name]
+    null = [name for name in names if name in example]
+    if null:
+        raise BadRecordError(f"field {null[0]!r} is null")
     raise BadRecordError(f"record has none of the keys {names} (its keys: {sorted(example)})")
 
 
@@ -83,7 +92,8 @@ def process_sft_example(
 
     ``example[text_keys]`` is a list of ``{"role": "system"|"user"|"assistant", "content": str}``. The chat
     template renders it, labels the assistant replies (and their end-of-turn token) and truncates to
-    ``max_seq_len`` (a conversation is not split: later turns would lose their context).
+    ``max_seq_len`` (a conversation is not split: later turns would lose their context); truncations are counted
+    and logged with the tokens they lost (``_note_truncation``).
 
     Returns:
         one sample ``{"input_ids", "labels"}`` of length <= ``max_seq_len``.
@@ -94,10 +104,29 @@ def process_sft_example(
     key, messages = _field(example, text_keys)
     if not isinstance(messages, list) or not messages:
         raise BadRecordError(f"field {key!r} must be a non-empty list of messages, got {messages!r:.80}")
-    sample = chat_template.encode_messages(messages, max_seq_len=max_seq_len)
+    whole = chat_template.encode_messages(messages, max_seq_len=sys.maxsize)
+    sample = {name: ids[:max_seq_len] for name, ids in whole.items()}
+    if len(whole["input_ids"]) > max_seq_len:
+        _note_truncation(len(whole["input_ids"]) - max_seq_len, max_seq_len)
     if all(label == IGNORE_INDEX for label in sample["labels"][1:]):
         raise BadRecordError(f"no assistant token within max_seq_len={max_seq_len}: nothing to train on")
     return [sample]
+
+
+def _note_truncation(dropped_tokens: int, max_seq_len: int) -> None:
+    """Count a conversation cut to ``max_seq_len``; log the running totals of this process at the 1st, 2nd, 4th,
+    8th, ... cut, so that what truncation costs is visible without a line per sample."""
+    _TRUNCATED["conversations"] += 1
+    _TRUNCATED["tokens"] += dropped_tokens
+    count = _TRUNCATED["conversations"]
+    if count & (count - 1) == 0:
+        logger.warning(
+            "process_sft_example: %d conversation(s) longer than max_seq_len=%d were truncated so far in this "
+            "process, losing %d tokens (raise data.max_seq_len to keep them)",
+            count,
+            max_seq_len,
+            _TRUNCATED["tokens"],
+        )
 
 
 def build_data_transform(

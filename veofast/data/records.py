@@ -16,12 +16,14 @@ import glob
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 BAD_RECORD_MODES = ("raise", "skip")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate, e.g. \ud83d
 
 
 class BadRecordError(ValueError):
@@ -52,8 +54,10 @@ class BadRecordPolicy:
 def resolve_data_files(data_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The data files a path names: a file, a directory (searched recursively) or a glob; or a list of those.
 
-    Returns the ``.jsonl`` and ``.parquet`` files, sorted within each entry. Raises ``FileNotFoundError`` for
-    a path that does not exist and ``ValueError`` when no data file is found or a named file has another suffix.
+    Returns the ``.jsonl`` and ``.parquet`` files, sorted within each entry. As with a glob, a directory's hidden
+    entries (names starting with ``.``: ``.ipynb_checkpoints/``, macOS ``._*`` files, caches) are not searched.
+    Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` when no data file is found or
+    a named file has another suffix.
     """
     entries = [data_path] if isinstance(data_path, (str, os.PathLike)) else list(data_path)
     if not entries:
@@ -68,8 +72,10 @@ def resolve_data_files(data_path: str | os.PathLike | Sequence[str | os.PathLike
             files.extend(p for p in matches if file_format(p) is not None)
         elif os.path.isdir(entry):
             for root, dirs, names in os.walk(entry):
-                dirs.sort()
-                files.extend(os.path.join(root, n) for n in sorted(names) if file_format(n) is not None)
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files.extend(
+                    os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and file_format(n) is not None
+                )
         elif os.path.isfile(entry):
             if file_format(entry) is None:
                 raise ValueError(f"data file {entry!r}: unsupported suffix; use {' or '.join(FORMATS)}")
@@ -87,14 +93,30 @@ def file_format(path: str) -> str | None:
 
 
 def decode_json_line(raw: bytes) -> dict:
-    """One JSONL line as a dict; ``BadRecordError`` if it is not valid JSON or not a JSON object."""
+    """One JSONL line as a dict; ``BadRecordError`` if it is not valid JSON, not a JSON object, or holds a string
+    that is not valid Unicode (see ``check_no_lone_surrogate``)."""
     try:
         record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRecordError(f"malformed JSON ({exc})") from None
     if not isinstance(record, dict):
         raise BadRecordError(f"expected a JSON object, got {type(record).__name__}")
+    if SURROGATE_ESCAPE.search(raw):
+        check_no_lone_surrogate(record)
     return record
+
+
+def check_no_lone_surrogate(record: dict) -> None:
+    """``BadRecordError`` if a string of ``record`` holds an unpaired UTF-16 surrogate.
+
+    JSON may escape one (``"\\ud83d"`` alone: half an emoji, common in scraped text); ``json`` decodes it into a
+    ``str`` that cannot be encoded as UTF-8, so every tokenizer fails on it.
+    """
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        surrogate = exc.object[exc.start : exc.end]
+        raise BadRecordError(f"a string holds an unpaired UTF-16 surrogate {surrogate!r}: not valid Unicode") from None
 
 
 def start_position() -> dict:
@@ -155,7 +177,12 @@ class RecordReader:
         import pyarrow.parquet as pq
 
         pos = self.position
-        parquet = pq.ParquetFile(path)
+        if os.path.getsize(path) == 0:
+            return  # an empty file holds no records, as an empty .jsonl file
+        try:
+            parquet = pq.ParquetFile(path)
+        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid / ArrowIOError do not name the file
+            raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
         first_row, group = 0, 0  # skip the row groups before the saved position
         while (
             group < parquet.num_row_groups and first_row + parquet.metadata.row_group(group).num_rows <= pos["offset"]
