@@ -43,9 +43,10 @@ from veofast.utils.arguments import (
 )
 from veofast.utils.flops import peak_tflops
 from veofast.utils.helper import create_profiler, exit_process, set_seed
-from veofast.utils.logging import get_logger
+from veofast.utils.logging import get_logger, setup_logging
 from veofast.utils.metrics import MetricsWriter
 
+setup_logging()
 logger = get_logger("veofast.train")
 
 
@@ -86,12 +87,30 @@ def build_loader(args: Arguments, dataset, train_steps: int):
 
 
 def check_output_dir(args: Arguments) -> None:
-    """Refuse to start over another run's checkpoints unless resuming or asked to overwrite."""
+    """Refuse an output_dir that cannot be written, or one that holds another run's checkpoints unless resuming or
+    asked to overwrite. Nothing is created here."""
+    check_writable_dir(args.train.output_dir)
     if args.train.load_path is None and not args.train.overwrite_output_dir and list_checkpoints(args.train.output_dir):
         raise ArgumentError(
             f"train.output_dir {args.train.output_dir!r} already holds checkpoints of another run; resume with "
             "--train.load_path auto, choose another output_dir, or pass --train.overwrite_output_dir true"
         )
+
+
+def check_writable_dir(output_dir: str) -> None:
+    """``ArgumentError`` unless ``output_dir`` is a writable directory or could be created as one: its nearest
+    existing ancestor must be a writable directory."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    problem = None
+    if not os.path.isdir(existing):
+        problem = "is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable"
+    if problem is not None:
+        raise ArgumentError(f"train.output_dir {output_dir!r} cannot be written: {existing!r} {problem}; choose "
+                            "another --train.output_dir")
 
 
 def resolve_load_path(args: Arguments) -> str | None:
@@ -154,6 +173,8 @@ def main() -> None:
     args = parse_args(Arguments)
     train = args.train
     check_evaluation_args(args)
+    if not args.data.train_path:
+        raise ArgumentError("data.train_path is required: set it in the config or pass --data.train_path PATH")
     check_output_dir(args)
     load_path = resolve_load_path(args) if train.load_path else None
     init_parallel_state(
@@ -169,8 +190,6 @@ def main() -> None:
                       ps.sp_size, ps.ep_size, ps.device_type)
 
     # ---- data
-    if not args.data.train_path:
-        raise ArgumentError("data.train_path is required")
     tokenizer = build_tokenizer(args.model.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
     transform = build_data_transform(
         args.data.data_type, tokenizer=tokenizer, max_seq_len=args.data.max_seq_len, text_keys=args.data.text_keys,
@@ -222,8 +241,9 @@ def main() -> None:
         logger.info_rank0("resumed from %s at step %d", load_path, global_step)
 
     metrics = MetricsWriter(
-        train.output_dir, enabled=ps.is_main_process, use_tensorboard=train.use_tensorboard,
-        use_wandb=train.use_wandb, wandb_project=train.wandb_project, wandb_name=train.wandb_name,
+        train.output_dir, enabled=ps.is_main_process, resume=load_path is not None,
+        use_tensorboard=train.use_tensorboard, use_wandb=train.use_wandb, wandb_project=train.wandb_project,
+        wandb_name=train.wandb_name,
         config=to_dict(args),
     )
     profiler = None
@@ -265,6 +285,7 @@ def main() -> None:
             if global_step >= total_steps:
                 break
             step_start = time.perf_counter()
+            lr = lr_scheduler.get_last_lr()[0]  # the lr this step applies (the scheduler moves on after it)
             result = train_step(model, next(data_iterator), optimizer, lr_scheduler, config=config, ps=ps,
                                 max_grad_norm=train.max_grad_norm)
             global_step += 1
@@ -277,7 +298,7 @@ def main() -> None:
             step_time = time.perf_counter() - step_start
             record = {
                 "step": global_step, "epoch": epoch, "loss": result.loss, "grad_norm": result.grad_norm,
-                "lr": lr_scheduler.get_last_lr()[0], "tokens": result.tokens,
+                "lr": lr, "tokens": result.tokens,
                 "tokens_per_sec": result.tokens / step_time,
                 "tokens_per_sec_per_gpu": result.tokens / step_time / ps.world_size,
                 "step_time": step_time, "skipped": result.skipped,

@@ -76,6 +76,27 @@ def test_subclass_adds_arguments(config_file):
         (["--train.rmpad", "true", "--train.rmpad_with_pos_ids", "true"], r"exclusive"),
         (["--train.ulysses_head_chunks", "0"], r"train.ulysses_head_chunks must be >= 1, got 0"),
         (["--train.ulysses_transport", "ring"], r"train.ulysses_transport: must be one of"),
+        (["--train.lr", "1", "--train.lr", "2"], r"--train.lr is given twice"),
+        (["--train.lr", "1", "--train", "{lr: 2}"], r"--train is given twice"),
+        (["--train.lr.x", "1"], r"unknown key 'train.lr.x': 'train.lr' is a setting, not a section"),
+        (["--train", "5"], r"command line: 'train' is a section: set its keys, as --train.KEY VALUE"),
+        (["--train.lr", "-1"], r"command line: train.lr must be a finite number > 0, got -1.0"),
+        (["--train.lr", "nan"], r"command line: train.lr: expected a number, got 'nan'"),
+        (["--train.max_grad_norm", "nan"], r"train.max_grad_norm: expected a number"),
+        (["--train.lr_warmup_ratio", "1.5"], r"train.lr_warmup_ratio must be in \[0.0, 1.0\], got 1.5"),
+        (["--train.lr_decay_ratio", "0"], r"train.lr_decay_ratio must be in \(0.0, 1.0\]"),
+        (["--train.lr_min", "0.1"], r"train.lr_min must be <= train.lr"),
+        (["--train.adam_beta2", "1"], r"train.adam_beta2 must be in \[0.0, 1.0\)"),
+        (["--train.max_steps", "0"], r"command line: train.max_steps must be null or >= 1, got 0"),
+        (["--train.global_batch_size", "0"], r"train.global_batch_size must be null or >= 1, got 0"),
+        (["--train.log_steps", "0"], r"train.log_steps must be >= 1, got 0"),
+        (["--train.save_steps", "-1"], r"train.save_steps must be >= 0, got -1"),
+        (["--train.data_parallel_size", "0"], r"train.data_parallel_size must be -1 .* or >= 1, got 0"),
+        (["--train.tensor_parallel_size", "0"], r"train.tensor_parallel_size must be >= 1, got 0"),
+        (["--train.dataloader_batch_size", "7"], r"train.dataloader_batch_size is derived .* = 4\); leave it unset"),
+        (["--train.output_dir="], r"train.output_dir must be a directory path"),
+        (["--data.max_seq_len", "1"], r"command line: data.max_seq_len must be >= 2, got 1"),
+        (["--data.num_workers", "-1"], r"data.num_workers must be >= 0, got -1"),
     ],
 )
 def test_bad_command_line(config_file, argv, message):
@@ -93,6 +114,43 @@ def test_unknown_yaml_key_names_file(tmp_path):
         parse_args(Arguments, [str(path)])
     with pytest.raises(ArgumentError, match="does not exist"):
         parse_args(Arguments, [str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  lr: 0.1\n  seed: 1\n  lr: 0.2\n", r"key 'lr' is given twice \(lines 2 and 4\)"),
+        ("train:\n  lr: 0.1\ndata:\n  max_seq_len: 8\ntrain:\n  seed: 1\n", r"key 'train' is given twice"),
+        ("train:\n  output_dir: null\n", r"bad.yaml: train.output_dir: expected a string, got None"),
+        ("train:\n  output_dir: yes\n", r"bad.yaml: train.output_dir: expected a string, got True"),
+        ("train:\n  lr_warmup_ratio: 1.5\n", r"bad.yaml: train.lr_warmup_ratio must be in \[0.0, 1.0\], got 1.5"),
+        ("train:\n", r"bad.yaml: 'train' must be a mapping, got None"),
+    ],
+)
+def test_bad_yaml_names_file_and_key(tmp_path, text, message):
+    """A key given twice (PyYAML would keep the last silently), null or a bool for a string, a value out of range:
+    the error names the file and the key."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ArgumentError, match=message):
+        parse_args(Arguments, [str(path)])
+
+
+def test_yaml_scientific_notation_and_dotted_dict_keys(tmp_path):
+    """``1e-4`` (a string to PyYAML) is a number; a dict field's keys set one by one on the command line are merged
+    over the file's dict, their values parsed as YAML."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  config_overrides: {model_type: llama, hidden_size: 64}\ntrain:\n  lr: 1e-4\n")
+    args = parse_args(Arguments, [str(path), "--model.config_overrides.hidden_size", "32",
+                                  "--model.config_overrides.rope_scaling", "{type: linear, factor: 2.0}"])
+    assert args.train.lr == 1e-4
+    assert args.model.config_overrides == {"model_type": "llama", "hidden_size": 32,
+                                           "rope_scaling": {"type": "linear", "factor": 2.0}}
+
+
+def test_argv_must_be_a_list(config_file):
+    with pytest.raises(TypeError, match="argv must be a list of strings"):
+        parse_args(Arguments, config_file)
 
 
 def test_compute_train_steps():

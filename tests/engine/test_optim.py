@@ -25,7 +25,8 @@ def test_no_weight_decay_on_norms_and_biases():
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
 
 
-@pytest.mark.parametrize("kwargs, message", [({"lr": 0}, "lr must be > 0"), ({"optimizer_type": "sgd"}, "adamw")])
+@pytest.mark.parametrize("kwargs, message", [({"lr": 0}, "lr must be > 0"), ({"optimizer_type": "sgd"}, "adamw"),
+                                             ({"weight_decay": -0.1}, "weight_decay must be >= 0")])
 def test_optimizer_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_optimizer(Tiny(), **kwargs)
@@ -69,7 +70,10 @@ def test_scheduler_state_round_trip():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"lr_decay_style": "step"}, "lr_decay_style"), ({"train_steps": 0}, "train_steps"),
-     ({"lr_warmup_ratio": 2.0}, "lr_warmup_ratio"), ({"lr_min": 5.0}, "lr_min")],
+     ({"lr_warmup_ratio": 2.0}, "lr_warmup_ratio"), ({"lr_min": 5.0}, "lr_min"),
+     ({"lr_min": -0.5}, "lr_min must be >= 0"), ({"lr_decay_ratio": 0.0}, "lr_decay_ratio must be in"),
+     ({"lr_decay_ratio": -1.0}, "lr_decay_ratio must be in"), ({"train_steps": 2.5}, "train_steps must be an int"),
+     ({"lr": -1.0, "lr_min": -2.0}, "peak lr must be > 0")],
 )
 def test_scheduler_errors(kwargs, message):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

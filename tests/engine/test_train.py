@@ -2,6 +2,7 @@
 and a run killed after a checkpoint and resumed with ``load_path auto`` continues with the same losses."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -145,3 +146,33 @@ def test_resume_finished_run_and_other_world_size(tmp_path):
                      "--train.load_path", "auto", check=False, timeout=300)
     assert wider.returncode != 0
     assert "saved at world size 1 and this run's world size is 2" in wider.stderr, wider.stderr[-2000:]
+
+
+@pytest.mark.parametrize("output_dir, override, message", [
+    ("a_file/out", [], "train.output_dir '{tmp}/a_file/out' cannot be written: '{tmp}/a_file' is not a directory"),
+    ("out", ["--data.train_path", "null"], "data.train_path is required"),
+])
+def test_bad_setup_fails_before_anything_starts(tmp_path, output_dir, override, message):
+    """An output_dir that cannot be created and a missing train_path stop the run with the key named, before the
+    output directory (or its config.yaml) is written."""
+    (tmp_path / "a_file").write_text("")
+    proc = train_one_process(tmp_path / output_dir, *override)
+    assert proc.returncode != 0
+    assert message.format(tmp=tmp_path) in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / output_dir).exists()
+
+
+def test_metrics_log_the_lr_each_step_applied(tmp_path):
+    """metrics.jsonl's lr at step k is the lr that step k trained with: 2 linear warm-up steps, then cosine decay
+    from the peak towards lr_min; every record has a finite loss and tokens/s, and no MFU off the GPU."""
+    peak, floor = 2.0e-3, 4.0e-4
+    proc = train_one_process(tmp_path / "out", "--train.max_steps", "4", "--train.lr_warmup_ratio", "0.5",
+                             "--train.lr", str(peak), "--train.lr_min", str(floor), "--train.lr_decay_style", "cosine",
+                             "--train.save_steps", "0", "--data.eval_path", "null", "--train.eval_steps", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "out" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    warmup = [peak * (step + 1) / 2 for step in range(2)]
+    decay = [floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress)) for progress in (0.0, 0.5)]
+    assert [r["lr"] for r in records] == pytest.approx(warmup + decay, rel=1e-9)
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_sec"] > 0 and "mfu" not in r for r in records)

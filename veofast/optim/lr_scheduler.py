@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -55,11 +56,17 @@ def build_lr_scheduler(
     remaining steps to ``lr_min`` (``constant`` keeps the peak). ``lr`` defaults to the optimizer's."""
     if lr_decay_style not in DECAY_STYLES:
         raise ValueError(f"build_lr_scheduler: lr_decay_style must be one of {DECAY_STYLES}, got {lr_decay_style!r}")
-    if train_steps < 1:
-        raise ValueError(f"build_lr_scheduler: train_steps must be >= 1, got {train_steps}")
+    if isinstance(train_steps, bool) or not isinstance(train_steps, numbers.Integral) or train_steps < 1:
+        raise ValueError(f"build_lr_scheduler: train_steps must be an int >= 1, got {train_steps!r}")
     if not 0.0 <= lr_warmup_ratio <= 1.0:
         raise ValueError(f"build_lr_scheduler: lr_warmup_ratio must be in [0, 1], got {lr_warmup_ratio}")
+    if not 0.0 < lr_decay_ratio <= 1.0:
+        raise ValueError(f"build_lr_scheduler: lr_decay_ratio must be in (0, 1], got {lr_decay_ratio}")
     peak = lr if lr is not None else optimizer.param_groups[0]["lr"]
+    if not peak > 0:
+        raise ValueError(f"build_lr_scheduler: the peak lr must be > 0, got {peak}")
+    if not lr_min >= 0:
+        raise ValueError(f"build_lr_scheduler: lr_min must be >= 0, got {lr_min}")
     if lr_min > peak:
         raise ValueError(f"build_lr_scheduler: lr_min {lr_min} is above the peak lr {peak}")
     warmup = int(lr_warmup_ratio * train_steps)
@@ -67,6 +74,6 @@ def build_lr_scheduler(
     # A partial, not an object with state: nothing of the schedule itself is saved; ScheduleLR restores the step.
     schedule = functools.partial(
         lr_multiplier, train_steps=train_steps, warmup_steps=warmup, decay_steps=decay, style=lr_decay_style,
-        min_ratio=lr_min / peak if peak > 0 else 0.0,
+        min_ratio=lr_min / peak,
     )
     return ScheduleLR(optimizer, schedule)

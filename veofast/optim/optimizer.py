@@ -28,8 +28,10 @@ def build_optimizer(
     """
     if optimizer_type != "adamw":
         raise ValueError(f"build_optimizer: optimizer_type must be 'adamw', got {optimizer_type!r}")
-    if lr <= 0:
+    if not lr > 0:
         raise ValueError(f"build_optimizer: lr must be > 0, got {lr}")
+    if not weight_decay >= 0:
+        raise ValueError(f"build_optimizer: weight_decay must be >= 0, got {weight_decay}")
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:

@@ -1,8 +1,10 @@
 """Run configuration: dataclass schema, YAML file plus dotted command-line overrides, strict checking.
 
 ``parse_args(Arguments)`` reads ``python train.py config.yaml --train.lr 3e-4 --data.max_seq_len 4096``.
-Every key in the YAML and on the command line must name a field; an unknown key or a value of the wrong
-type is an ``ArgumentError`` that names the key and suggests the closest valid one. Custom arguments are
+Every key in the YAML and on the command line must name a field, once; an unknown key, a key given twice, a value
+of the wrong type or out of range is an ``ArgumentError`` that names the key and where it was set, and suggests the
+closest valid key for an unknown one. A dict field's keys can be set one by one
+(``--model.config_overrides.num_hidden_layers 4``), over the file's dict. Custom arguments are
 added by subclassing the argument classes, exactly as in VeOmni:
 
     @dataclass
@@ -24,19 +26,64 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from veofast.utils.helper import move_aside
 from veofast.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 
 class ArgumentError(ValueError):
-    """A configuration key or value that is not valid; the message names the key and where it came from."""
+    """A configuration key or value that is not valid; the message names the key and where it came from.
+
+    ``key``: the field of the section being built that the error is about, when there is one; ``parse_args`` then
+    adds where that key was set (the config file or the command line).
+    """
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _require(ok: bool, section: str, name: str, value: Any, expected: str) -> None:
+    """Raise an ``ArgumentError`` naming ``section.name`` unless ``ok``."""
+    if not ok:
+        raise ArgumentError(f"{section}.{name} must be {expected}, got {value!r}", key=name)
+
+
+def _require_all(section: str, obj: Any, checks: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """``checks``: field name -> (predicate on its value, what the value must be)."""
+    for name, (predicate, expected) in checks.items():
+        value = getattr(obj, name)
+        _require(predicate(value), section, name, value, expected)
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    """A check for ``_require_all``: the value is at least ``low``."""
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _none_or_at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    """A check for ``_require_all``: the value is null (derived or unlimited) or at least ``low``."""
+    return (lambda v: v is None or v >= low), f"null or >= {low}"
+
+
+def _in_range(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> tuple[Callable[[Any], bool], str]:
+    """A check for ``_require_all``: the value lies in the interval from ``low`` to ``high`` (each end closed unless
+    said open)."""
+
+    def inside(v):
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    return inside, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 @dataclass
@@ -86,6 +133,15 @@ class DataArguments:
     on_bad_record: Literal["raise", "skip"] = field(
         default="raise", metadata={"help": "A malformed record: raise, or skip it and count it in the logs."}
     )
+
+    def __post_init__(self):
+        _require_all("data", self, {
+            # a label needs a token before it: a 1-token document has nothing to train
+            "max_seq_len": _at_least(2),
+            "train_size": _at_least(1),
+            "num_workers": _at_least(0),
+            "prefetch_factor": _none_or_at_least(1),
+        })
 
 
 @dataclass
@@ -179,12 +235,9 @@ class TrainingArguments:
         self.global_rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        for name in ("micro_batch_size", "num_train_epochs", "ulysses_parallel_size", "ulysses_head_chunks",
-                     "expert_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ArgumentError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        self._check_values()
         if self.rmpad and self.rmpad_with_pos_ids:
-            raise ArgumentError("train.rmpad and train.rmpad_with_pos_ids are exclusive: set one of them")
+            raise ArgumentError("train.rmpad and train.rmpad_with_pos_ids are exclusive: set one of them", key="rmpad")
         if self.profile_trace_dir is None:
             self.profile_trace_dir = os.path.join(self.output_dir, "trace")
         if self.data_parallel_size == -1:
@@ -195,10 +248,46 @@ class TrainingArguments:
         if self.global_batch_size % dp_tokens:
             raise ArgumentError(
                 f"train.global_batch_size {self.global_batch_size} must be a multiple of "
-                f"micro_batch_size * data_parallel_size = {self.micro_batch_size} * {self.data_parallel_size}"
+                f"micro_batch_size * data_parallel_size = {self.micro_batch_size} * {self.data_parallel_size}",
+                key="global_batch_size",
             )
         self.gradient_accumulation_steps = self.global_batch_size // dp_tokens
+        if self.dataloader_batch_size not in (None, self.gradient_accumulation_steps):
+            raise ArgumentError(
+                f"train.dataloader_batch_size is derived (global_batch_size // (micro_batch_size * "
+                f"data_parallel_size) = {self.gradient_accumulation_steps}); leave it unset, got "
+                f"{self.dataloader_batch_size}",
+                key="dataloader_batch_size",
+            )
         self.dataloader_batch_size = self.gradient_accumulation_steps  # micro-batches per next(dataloader)
+
+    def _check_values(self) -> None:
+        """Every numeric setting within its range, so a bad value stops the run before anything starts."""
+        positive = (lambda v: math.isfinite(v) and v > 0), "a finite number > 0"
+        _require_all("train", self, {
+            **dict.fromkeys(
+                ("micro_batch_size", "num_train_epochs", "tensor_parallel_size", "expert_parallel_size",
+                 "pipeline_parallel_size", "context_parallel_size", "ulysses_parallel_size", "ulysses_head_chunks",
+                 "log_steps", "eval_batches", "max_bad_steps", "dyn_bsz_buffer_size", "bsz_warmup_init_mbtoken"),
+                _at_least(1)),
+            **dict.fromkeys(("global_batch_size", "max_steps", "train_steps"), _none_or_at_least(1)),
+            **dict.fromkeys(("save_steps", "eval_steps", "keep_checkpoints", "dyn_bsz_margin", "weight_decay",
+                             "lr_min"), _at_least(0)),
+            "data_parallel_size": ((lambda v: v == -1 or v >= 1), "-1 (what the other axes leave) or >= 1"),
+            "lr": positive,
+            "adam_eps": positive,
+            "lr_warmup_ratio": _in_range(0.0, 1.0),
+            "lr_decay_ratio": _in_range(0.0, 1.0, low_open=True),
+            "bsz_warmup_ratio": _in_range(0.0, 1.0, high_open=True),
+            "adam_beta1": _in_range(0.0, 1.0, high_open=True),
+            "adam_beta2": _in_range(0.0, 1.0, high_open=True),
+            "max_grad_norm": ((lambda v: not math.isnan(v)), "a number (<= 0: no clipping)"),
+        })
+        _require(bool(self.output_dir), "train", "output_dir", self.output_dir, "a directory path")
+        _require(self.lr_min <= self.lr, "train", "lr_min", self.lr_min, f"<= train.lr ({self.lr})")
+        if self.enable_profiling:
+            _require(1 <= self.profile_start_step < self.profile_end_step, "train", "profile_start_step",
+                     self.profile_start_step, f">= 1 and below train.profile_end_step ({self.profile_end_step})")
 
     def compute_train_steps(self, max_seq_len: int, train_size: int | None = None, dataset_length: int | None = None):
         """Set ``train_steps`` (steps per epoch) unless the config gave it.
@@ -234,6 +323,18 @@ def _suggest(key: str, valid: list[str], prefix: str) -> str:
 
 def _resolved_type_hints(cls) -> dict:
     return typing.get_type_hints(cls)
+
+
+def _to_float(value: Any) -> float | None:
+    """``value`` as a float (numbers, and strings such as "1e-4" that PyYAML leaves as text), or None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:
@@ -279,29 +380,29 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
                 pass
         raise ArgumentError(f"{where}: expected an int, got {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ArgumentError(f"{where}: expected a number, got {value!r}")
+        number = _to_float(value)
+        if number is None or math.isnan(number):
+            raise ArgumentError(f"{where}: expected a number, got {value!r}")
+        return number
     if annotation is str:
-        if isinstance(value, (dict, list)):
+        # null and true/false are YAML's, not strings: str() would make them the text "None" or "True"
+        if value is None or isinstance(value, (bool, dict, list)):
             raise ArgumentError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if annotation in (dict, list) or origin in (dict, list):
         target = origin or annotation
         if isinstance(value, str):
             try:
-                value = yaml.safe_load(value)
+                value = _load_yaml(value)
             except yaml.YAMLError as exc:
                 raise ArgumentError(f"{where}: cannot parse {value!r} as YAML: {exc}") from exc
         if not isinstance(value, target):
             raise ArgumentError(f"{where}: expected a {target.__name__}, got {value!r}")
         return value
     return value
+
+
+CLI_MARK = "__cli__"
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -311,11 +412,15 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ArgumentError(f"--{dotted}: '{part}' is not a section")
+    if parts[-1] in node:
+        raise ArgumentError(f"command line: --{dotted} is given twice (or together with one of its keys); give it once")
     node[parts[-1]] = value
 
 
 def _parse_command_line(argv: list[str]) -> tuple[str | None, dict]:
     """Split ``[config.yaml] --a.b value --c.d=value ...`` into the YAML path and a tree of overrides."""
+    if isinstance(argv, str) or not all(isinstance(token, str) for token in argv):
+        raise TypeError(f"parse_args: argv must be a list of strings (as sys.argv[1:]), got {argv!r}")
     config_path = None
     overrides: dict = {}
     i = 0
@@ -330,7 +435,7 @@ def _parse_command_line(argv: list[str]) -> tuple[str | None, dict]:
                     raise ArgumentError(f"command line: --{key} needs a value (write --{key} true for a flag)")
                 value = argv[i + 1]
                 i += 1
-            _set_dotted(overrides, key, ("__cli__", value))
+            _set_dotted(overrides, key, (CLI_MARK, value))
         elif config_path is None and token.endswith((".yaml", ".yml", ".json")):
             config_path = token
         else:
@@ -339,38 +444,72 @@ def _parse_command_line(argv: list[str]) -> tuple[str | None, dict]:
     return config_path, overrides
 
 
+def _is_cli_leaf(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and value[0] == CLI_MARK
+
+
 def _from_command_line(value: Any) -> bool:
-    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__cli__":
-        return True
-    return isinstance(value, dict) and any(_from_command_line(v) for v in value.values())
+    return _is_cli_leaf(value) or (isinstance(value, dict) and any(_from_command_line(v) for v in value.values()))
+
+
+def _dict_from_command_line(value: dict, where: str) -> dict:
+    """A dict field some of whose keys were set one by one (``--model.config_overrides.hidden_size 64``): those
+    values parsed as YAML scalars, the file's other keys kept."""
+    out = {}
+    for key, item in value.items():
+        if _is_cli_leaf(item):
+            try:
+                out[key] = _load_yaml(item[1])
+            except yaml.YAMLError as exc:
+                raise ArgumentError(f"command line: {where}.{key}: cannot parse {item[1]!r} as YAML: {exc}") from exc
+        elif isinstance(item, dict):
+            out[key] = _dict_from_command_line(item, f"{where}.{key}")
+        else:
+            out[key] = item
+    return out
+
+
+def _leaf_value(value: Any, annotation: Any, where: str) -> Any:
+    """The value of the field ``where`` (not a section) with the command line's marks taken off."""
+    if _is_cli_leaf(value):
+        return value[1]
+    if isinstance(value, dict) and _from_command_line(value):
+        if annotation is dict or typing.get_origin(annotation) is dict:
+            return _dict_from_command_line(value, where)
+        key = next(k for k, v in value.items() if _from_command_line(v))
+        raise ArgumentError(f"command line: unknown key '{where}.{key}': '{where}' is a setting, not a section")
+    return value
 
 
 def _build(cls, values: dict, prefix: str, origin: str):
     """Instantiate dataclass ``cls`` from ``values`` (possibly nested), strictly."""
+    section = prefix.rstrip(".") or "top level"
     if not isinstance(values, dict):
-        raise ArgumentError(f"{origin}: '{prefix or 'top level'}' must be a mapping, got {values!r}")
+        raise ArgumentError(f"{origin}: '{section}' must be a mapping, got {values!r}")
     hints = _resolved_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
+    kwargs, sources = {}, {}
     for key, value in values.items():
         where = f"{prefix}{key}"
+        source = "command line" if _from_command_line(value) else origin
         if key not in fields:
-            source = "command line" if _from_command_line(value) else origin
             raise ArgumentError(f"{source}: unknown key '{where}'{_suggest(key, list(fields), prefix)}")
+        sources[key] = source
         annotation = hints[key]
-        source = origin
-        if isinstance(value, tuple) and _from_command_line(value):
-            value, source = value[1], "command line"
         if dataclasses.is_dataclass(annotation):
+            if _is_cli_leaf(value):
+                raise ArgumentError(f"command line: '{where}' is a section: set its keys, as --{where}.KEY VALUE")
             kwargs[key] = _build(annotation, value, f"{where}.", origin)
         else:
-            kwargs[key] = _convert(value, annotation, f"{source}: {where}")
+            kwargs[key] = _convert(_leaf_value(value, annotation, where), annotation, f"{source}: {where}")
     try:
         return cls(**kwargs)
-    except ArgumentError:
+    except ArgumentError as exc:
+        if exc.key in sources:  # the section's own checks: say where the offending key was set
+            raise ArgumentError(f"{sources[exc.key]}: {exc}") from exc
         raise
     except (TypeError, ValueError) as exc:
-        raise ArgumentError(f"{origin}: {prefix.rstrip('.') or cls.__name__}: {exc}") from exc
+        raise ArgumentError(f"{origin}: {section}: {exc}") from exc
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -383,6 +522,29 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first_lines[key]} and {line})",
+                    key_node.start_mark,
+                )
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(stream) -> Any:
+    """Safe YAML loading that refuses duplicate keys."""
+    return yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config_file(path: str) -> dict:
     """Read a YAML (or JSON) config file into a dict; errors name the file."""
     p = Path(path)
@@ -390,7 +552,7 @@ def load_config_file(path: str) -> dict:
         raise ArgumentError(f"config file {path!r} does not exist")
     try:
         with open(p) as f:
-            data = yaml.safe_load(f) or {}
+            data = _load_yaml(f) or {}
     except yaml.YAMLError as exc:
         raise ArgumentError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -424,13 +586,7 @@ def _keep_previous(path: str, text: str) -> str | None:
     with open(path) as f:
         if f.read() == text:
             return None
-    stem, suffix = os.path.splitext(path)
-    index = 1
-    while os.path.exists(f"{stem}.{index}{suffix}"):
-        index += 1
-    kept = f"{stem}.{index}{suffix}"
-    os.replace(path, kept)
-    return kept
+    return move_aside(path)
 
 
 def save_args(args, output_dir: str, filename: str = "config.yaml") -> str:

@@ -1,4 +1,4 @@
-"""Run helpers: the profiler, seeding, and process exit that is safe with gloo."""
+"""Run helpers: the profiler, keeping an earlier run's files, seeding, and process exit that is safe with gloo."""
 
 from __future__ import annotations
 
@@ -42,6 +42,18 @@ def create_profiler(
         profile_memory=profile_memory,
         with_stack=with_stack,
     )
+
+
+def move_aside(path: str) -> str:
+    """Rename the file ``path`` to the first free ``<stem>.<k><suffix>`` (``config.1.yaml``, ``config.2.yaml``, ...)
+    and return the new name: an earlier run's file is kept, not overwritten or appended to."""
+    stem, suffix = os.path.splitext(path)
+    index = 1
+    while os.path.exists(f"{stem}.{index}{suffix}"):
+        index += 1
+    kept = f"{stem}.{index}{suffix}"
+    os.replace(path, kept)
+    return kept
 
 
 def set_seed(seed: int, *, deterministic: bool = False) -> None:

@@ -23,8 +23,10 @@ class RankLogger(logging.LoggerAdapter):
             self.warning(msg, *args, **kwargs)
 
 
-def get_logger(name: str) -> RankLogger:
-    """A rank-aware logger; the first call sets up one stderr handler for all of veofast."""
+def setup_logging() -> None:
+    """One stderr handler for all of veofast, at ``VEOFAST_LOG_LEVEL`` (default INFO), not propagated to the root
+    logger (no line twice). Entry points call it (``tasks/train.py``); library modules only take loggers, so that
+    importing them leaves the logging of the program that imports them as it was."""
     root = logging.getLogger("veofast")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -32,4 +34,8 @@ def get_logger(name: str) -> RankLogger:
         root.addHandler(handler)
         root.setLevel(os.environ.get("VEOFAST_LOG_LEVEL", "INFO"))
         root.propagate = False
+
+
+def get_logger(name: str) -> RankLogger:
+    """A rank-aware logger under ``veofast`` (what reaches the terminal is ``setup_logging``'s business)."""
     return RankLogger(logging.getLogger(name if name.startswith("veofast") else f"veofast.{name}"), {})

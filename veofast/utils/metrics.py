@@ -3,24 +3,41 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
+from .helper import move_aside
 from .logging import get_logger
 
 logger = get_logger(__name__)
 
 
-class MetricsWriter:
-    """Writes one JSON object per call to ``<output_dir>/metrics.jsonl`` (rank 0 only)."""
+def _finite_or_none(value):
+    """``value``, or None for a non-finite float."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    def __init__(self, output_dir: str, *, enabled: bool, use_tensorboard: bool = False, use_wandb: bool = False,
-                 wandb_project: str = "veofast", wandb_name: str | None = None, config: dict | None = None):
+
+class MetricsWriter:
+    """Writes one JSON object per call to ``<output_dir>/metrics.jsonl`` (rank 0 only).
+
+    A non-finite number (the loss of a skipped step) is written as null: ``NaN`` and ``Infinity`` are not JSON, and
+    strict readers (jq, JavaScript, Go) refuse the whole line. A resumed run (``resume``) appends to the file of the
+    run it continues; a run started from scratch keeps an earlier run's file as ``metrics.<k>.jsonl`` and starts a
+    new one, so one file never mixes two runs' steps.
+    """
+
+    def __init__(self, output_dir: str, *, enabled: bool, resume: bool = False, use_tensorboard: bool = False,
+                 use_wandb: bool = False, wandb_project: str = "veofast", wandb_name: str | None = None,
+                 config: dict | None = None):
         self.enabled = enabled
         self.tensorboard = self.wandb = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        path = os.path.join(output_dir, "metrics.jsonl")
+        if not resume and os.path.isfile(path) and os.path.getsize(path) > 0:
+            logger.info("metrics: %s holds an earlier run's metrics; kept them as %s", path, move_aside(path))
+        self.file = open(path, "a")
         if use_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -38,7 +55,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps({key: _finite_or_none(value) for key, value in record.items()}) + "\n")
         self.file.flush()
         step = record.get("step")
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
