@@ -75,7 +75,8 @@ def test_shard_micro_batch_three_ranks_and_no_padding():
 
 
 def test_shard_micro_batch_errors():
-    with pytest.raises(ValueError, match="packed micro-batches"):
+    # names the settings that pack micro-batches, in the section that holds them
+    with pytest.raises(ValueError, match=r"packed micro-batches .*\(set train\.rmpad_with_pos_ids or train\.rmpad\)"):
         shard_micro_batch({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, 0, 2)
     with pytest.raises(ValueError, match="sp_rank"):
         shard_micro_batch(packed_example(), 2, 2)

@@ -25,17 +25,32 @@ class Arguments:
 @pytest.fixture
 def config_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"config_overrides": {"model_type": "llama", "hidden_size": 64}},
-        "data": {"train_path": "x.jsonl", "max_seq_len": 512},
-        "train": {"lr": 1e-3, "micro_batch_size": 2, "global_batch_size": 8},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"config_overrides": {"model_type": "llama", "hidden_size": 64}},
+                "data": {"train_path": "x.jsonl", "max_seq_len": 512},
+                "train": {"lr": 1e-3, "micro_batch_size": 2, "global_batch_size": 8},
+            }
+        )
+    )
     return str(path)
 
 
 def test_yaml_and_overrides(config_file):
-    args = parse_args(Arguments, [config_file, "--train.lr", "3e-4", "--data.max_seq_len=4096",
-                                  "--train.enable_full_shard", "false", "--model.config_overrides", "{num_experts: 4}"])
+    args = parse_args(
+        Arguments,
+        [
+            config_file,
+            "--train.lr",
+            "3e-4",
+            "--data.max_seq_len=4096",
+            "--train.enable_full_shard",
+            "false",
+            "--model.config_overrides",
+            "{num_experts: 4}",
+        ],
+    )
     assert args.train.lr == 3e-4
     assert args.data.max_seq_len == 4096
     assert args.train.enable_full_shard is False
@@ -97,6 +112,15 @@ def test_subclass_adds_arguments(config_file):
         (["--train.output_dir="], r"train.output_dir must be a directory path"),
         (["--data.max_seq_len", "1"], r"command line: data.max_seq_len must be >= 2, got 1"),
         (["--data.num_workers", "-1"], r"data.num_workers must be >= 0, got -1"),
+        (
+            ["--train.ulysses_parallel_size", "2"],
+            r"ulysses_parallel_size \* train.tensor_parallel_size = 2 \* 1 must "
+            r"divide the world size 1",
+        ),
+        (
+            ["--train.ulysses_parallel_size", "2", "--train.rmpad_with_pos_ids", "false"],
+            r"ulysses_parallel_size > 1 splits packed micro-batches .* set train.rmpad_with_pos_ids",
+        ),
     ],
 )
 def test_bad_command_line(config_file, argv, message):
@@ -141,11 +165,22 @@ def test_yaml_scientific_notation_and_dotted_dict_keys(tmp_path):
     over the file's dict, their values parsed as YAML."""
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  config_overrides: {model_type: llama, hidden_size: 64}\ntrain:\n  lr: 1e-4\n")
-    args = parse_args(Arguments, [str(path), "--model.config_overrides.hidden_size", "32",
-                                  "--model.config_overrides.rope_scaling", "{type: linear, factor: 2.0}"])
+    args = parse_args(
+        Arguments,
+        [
+            str(path),
+            "--model.config_overrides.hidden_size",
+            "32",
+            "--model.config_overrides.rope_scaling",
+            "{type: linear, factor: 2.0}",
+        ],
+    )
     assert args.train.lr == 1e-4
-    assert args.model.config_overrides == {"model_type": "llama", "hidden_size": 32,
-                                           "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert args.model.config_overrides == {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "rope_scaling": {"type": "linear", "factor": 2.0},
+    }
 
 
 def test_argv_must_be_a_list(config_file):

@@ -1,9 +1,8 @@
 """Gradient norm and clipping that are correct under FSDP2, DDP and expert parallelism.
 
 Each gradient's squared norm is summed over exactly the ranks that hold distinct pieces of it: the mesh
-dimensions on which its DTensor is sharded, plus the expert-parallel group for expert weights sliced by
-expert parallelism (marked with the attribute ``_veofast_norm_groups``). Replicated copies are counted
-once. No host-device synchronisation: the norm and the clip factor stay on the device.
+dimensions on which its DTensor is sharded (FSDP2's, and expert parallelism's for expert weights). Replicated
+copies are counted once. No host-device synchronisation: the norm and the clip factor stay on the device.
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-NORM_GROUPS_ATTR = "_veofast_norm_groups"
-
 
 def _reduce_groups(param: torch.Tensor) -> tuple:
     groups = []
@@ -27,7 +24,6 @@ def _reduce_groups(param: torch.Tensor) -> tuple:
             # _StridedShard (FSDP2 over a dim that EP/TP also shards) is no Shard subclass in recent torch
             if isinstance(placement, (Shard, _StridedShard)) and mesh.size(dim) > 1:
                 groups.append(mesh.get_group(dim))
-    groups.extend(getattr(param, NORM_GROUPS_ATTR, ()))
     return tuple(groups)
 
 
@@ -57,7 +53,8 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None
     if max_norm <= 0:
         return None
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+    # decided on the norm, not on the factor: an infinite norm gives a finite factor of 0
+    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
 
 
 @torch.no_grad()

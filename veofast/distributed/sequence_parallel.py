@@ -75,7 +75,7 @@ def shard_micro_batch(micro_batch: dict, sp_rank: int, sp_size: int) -> dict:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
             f"shard_micro_batch: sequence parallelism needs packed micro-batches with input_ids of shape (1, T) "
-            f"(set data.rmpad or rmpad_with_pos_ids), got {tuple(input_ids.shape)}"
+            f"(set train.rmpad_with_pos_ids or train.rmpad), got {tuple(input_ids.shape)}"
         )
     mask = micro_batch.get("attention_mask")
     if mask is not None and not bool(mask.all()):

@@ -135,13 +135,17 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        _require_all("data", self, {
-            # a label needs a token before it: a 1-token document has nothing to train
-            "max_seq_len": _at_least(2),
-            "train_size": _at_least(1),
-            "num_workers": _at_least(0),
-            "prefetch_factor": _none_or_at_least(1),
-        })
+        _require_all(
+            "data",
+            self,
+            {
+                # a label needs a token before it: a 1-token document has nothing to train
+                "max_seq_len": _at_least(2),
+                "train_size": _at_least(1),
+                "num_workers": _at_least(0),
+                "prefetch_factor": _none_or_at_least(1),
+            },
+        )
 
 
 @dataclass
@@ -162,14 +166,18 @@ class TrainingArguments:
     ulysses_parallel_size: int = field(default=1)
     ulysses_head_chunks: int = field(
         default=1,
-        metadata={"help": "Chunks of whole GQA groups pipelined through the Ulysses all-to-alls (must divide the KV "
-                  "heads per SP rank); 1: unchunked."},
+        metadata={
+            "help": "Chunks of whole GQA groups pipelined through the Ulysses all-to-alls (must divide the KV "
+            "heads per SP rank); 1: unchunked."
+        },
     )
     ulysses_transport: Literal["auto", "nccl", "copy_engine"] = field(
         default="auto",
-        metadata={"help": "What carries the Ulysses all-to-alls: the GPUs' copy engines (no SMs taken from the "
-                  "attention they hide behind; SP ranks on one node) or NCCL. auto: copy engines when the SP group "
-                  "is on one node."},
+        metadata={
+            "help": "What carries the Ulysses all-to-alls: the GPUs' copy engines (no SMs taken from the "
+            "attention they hide behind; SP ranks on one node) or NCCL. auto: copy engines when the SP group "
+            "is on one node."
+        },
     )
     enable_full_shard: bool = field(default=True, metadata={"help": "ZeRO-3: reshard parameters after forward."})
     enable_mixed_precision: bool = field(default=True, metadata={"help": "bf16 compute, fp32 master weights."})
@@ -240,8 +248,14 @@ class TrainingArguments:
             raise ArgumentError("train.rmpad and train.rmpad_with_pos_ids are exclusive: set one of them", key="rmpad")
         if self.profile_trace_dir is None:
             self.profile_trace_dir = os.path.join(self.output_dir, "trace")
+        if self.ulysses_parallel_size > 1 and not (self.rmpad or self.rmpad_with_pos_ids):
+            raise ArgumentError(
+                "train.ulysses_parallel_size > 1 splits packed micro-batches over its ranks: set "
+                "train.rmpad_with_pos_ids (or train.rmpad) true",
+                key="ulysses_parallel_size",
+            )
         if self.data_parallel_size == -1:
-            self.data_parallel_size = self.world_size // (self.ulysses_parallel_size * self.tensor_parallel_size) or 1
+            self.data_parallel_size = self._derived_data_parallel_size()
         if self.global_batch_size is None:
             self.global_batch_size = self.micro_batch_size * self.data_parallel_size
         dp_tokens = self.micro_batch_size * self.data_parallel_size
@@ -261,33 +275,69 @@ class TrainingArguments:
             )
         self.dataloader_batch_size = self.gradient_accumulation_steps  # micro-batches per next(dataloader)
 
+    def _derived_data_parallel_size(self) -> int:
+        """What ``data_parallel_size: -1`` means: the world size over the Ulysses and tensor-parallel sizes, which
+        must divide it."""
+        others = self.ulysses_parallel_size * self.tensor_parallel_size
+        if self.world_size % others:
+            raise ArgumentError(
+                f"train.ulysses_parallel_size * train.tensor_parallel_size = {self.ulysses_parallel_size} * "
+                f"{self.tensor_parallel_size} must divide the world size {self.world_size} (processes started)",
+                key="ulysses_parallel_size",
+            )
+        return self.world_size // others
+
     def _check_values(self) -> None:
         """Every numeric setting within its range, so a bad value stops the run before anything starts."""
         positive = (lambda v: math.isfinite(v) and v > 0), "a finite number > 0"
-        _require_all("train", self, {
-            **dict.fromkeys(
-                ("micro_batch_size", "num_train_epochs", "tensor_parallel_size", "expert_parallel_size",
-                 "pipeline_parallel_size", "context_parallel_size", "ulysses_parallel_size", "ulysses_head_chunks",
-                 "log_steps", "eval_batches", "max_bad_steps", "dyn_bsz_buffer_size", "bsz_warmup_init_mbtoken"),
-                _at_least(1)),
-            **dict.fromkeys(("global_batch_size", "max_steps", "train_steps"), _none_or_at_least(1)),
-            **dict.fromkeys(("save_steps", "eval_steps", "keep_checkpoints", "dyn_bsz_margin", "weight_decay",
-                             "lr_min"), _at_least(0)),
-            "data_parallel_size": ((lambda v: v == -1 or v >= 1), "-1 (what the other axes leave) or >= 1"),
-            "lr": positive,
-            "adam_eps": positive,
-            "lr_warmup_ratio": _in_range(0.0, 1.0),
-            "lr_decay_ratio": _in_range(0.0, 1.0, low_open=True),
-            "bsz_warmup_ratio": _in_range(0.0, 1.0, high_open=True),
-            "adam_beta1": _in_range(0.0, 1.0, high_open=True),
-            "adam_beta2": _in_range(0.0, 1.0, high_open=True),
-            "max_grad_norm": ((lambda v: not math.isnan(v)), "a number (<= 0: no clipping)"),
-        })
+        _require_all(
+            "train",
+            self,
+            {
+                **dict.fromkeys(
+                    (
+                        "micro_batch_size",
+                        "num_train_epochs",
+                        "tensor_parallel_size",
+                        "expert_parallel_size",
+                        "pipeline_parallel_size",
+                        "context_parallel_size",
+                        "ulysses_parallel_size",
+                        "ulysses_head_chunks",
+                        "log_steps",
+                        "eval_batches",
+                        "max_bad_steps",
+                        "dyn_bsz_buffer_size",
+                        "bsz_warmup_init_mbtoken",
+                    ),
+                    _at_least(1),
+                ),
+                **dict.fromkeys(("global_batch_size", "max_steps", "train_steps"), _none_or_at_least(1)),
+                **dict.fromkeys(
+                    ("save_steps", "eval_steps", "keep_checkpoints", "dyn_bsz_margin", "weight_decay", "lr_min"),
+                    _at_least(0),
+                ),
+                "data_parallel_size": ((lambda v: v == -1 or v >= 1), "-1 (what the other axes leave) or >= 1"),
+                "lr": positive,
+                "adam_eps": positive,
+                "lr_warmup_ratio": _in_range(0.0, 1.0),
+                "lr_decay_ratio": _in_range(0.0, 1.0, low_open=True),
+                "bsz_warmup_ratio": _in_range(0.0, 1.0, high_open=True),
+                "adam_beta1": _in_range(0.0, 1.0, high_open=True),
+                "adam_beta2": _in_range(0.0, 1.0, high_open=True),
+                "max_grad_norm": ((lambda v: not math.isnan(v)), "a number (<= 0: no clipping)"),
+            },
+        )
         _require(bool(self.output_dir), "train", "output_dir", self.output_dir, "a directory path")
         _require(self.lr_min <= self.lr, "train", "lr_min", self.lr_min, f"<= train.lr ({self.lr})")
         if self.enable_profiling:
-            _require(1 <= self.profile_start_step < self.profile_end_step, "train", "profile_start_step",
-                     self.profile_start_step, f">= 1 and below train.profile_end_step ({self.profile_end_step})")
+            _require(
+                1 <= self.profile_start_step < self.profile_end_step,
+                "train",
+                "profile_start_step",
+                self.profile_start_step,
+                f">= 1 and below train.profile_end_step ({self.profile_end_step})",
+            )
 
     def compute_train_steps(self, max_seq_len: int, train_size: int | None = None, dataset_length: int | None = None):
         """Set ``train_steps`` (steps per epoch) unless the config gave it.
@@ -533,7 +583,9 @@ class _StrictLoader(yaml.SafeLoader):
             key, line = self.construct_object(key_node), key_node.start_mark.line + 1
             if key in first_lines:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (lines {first_lines[key]} and {line})",
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {first_lines[key]} and {line})",
                     key_node.start_mark,
                 )
             first_lines[key] = line
