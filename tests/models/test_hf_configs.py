@@ -160,3 +160,38 @@ def test_missing_size_key_is_named(missing):
     del config[missing]
     with pytest.raises(ValueError, match=f"config: {missing} is missing from the qwen3_moe config"):
         DecoderConfig.from_hf_dict(config)
+
+
+def test_misspelt_override_key_is_refused_and_unread_keys_are_logged(caplog):
+    base = hf_config("qwen3").to_dict()
+    with pytest.raises(ValueError, match="unknown key 'rope_thta'; did you mean 'rope_theta'"):
+        build_foundation_model(init_device="meta", config_overrides={**base, "rope_thta": 5e5})
+    with caplog.at_level("WARNING", logger="veofast.models"):
+        build_foundation_model(init_device="meta", config_overrides={**base, "my_note": "kept"})
+    assert "does not read ['my_note']" in caplog.text  # transformers' generic to_dict() fields are not listed
+
+
+def test_a_checkpoints_own_keys_may_be_overridden(tmp_path):
+    """A key the checkpoint's config.json holds is not an unknown key, even if veofast does not read it."""
+    save_hf_checkpoint("qwen3", tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["custom_field"] = 1
+    config_path.write_text(json.dumps(config))
+    _load_veofast(tmp_path / "hf", custom_field=2)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe_aux"])
+def test_every_key_veofast_writes_is_one_it_reads(case):
+    """READ_KEYS (the overrides check) covers every key of the config.json veofast saves."""
+    from veofast.models.config import INERT_KEYS, READ_KEYS
+
+    written = DecoderConfig.from_hf_dict(hf_config(case).to_dict()).replace(hf_config={}).to_hf_dict()
+    assert set(written) <= READ_KEYS | INERT_KEYS
+
+
+def test_sliding_layer_types_are_refused():
+    config = hf_config("qwen3").to_dict()
+    config["layer_types"] = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="layer_types other than full_attention are not supported"):
+        DecoderConfig.from_hf_dict(config)

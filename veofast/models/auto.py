@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .config import DecoderConfig, apply_overrides, load_hf_config_dict
+from .config import DecoderConfig, apply_overrides, check_override_keys, load_hf_config_dict
 from .decoder import CausalLM
 
 logger = logging.getLogger("veofast.models")
@@ -19,9 +19,12 @@ def build_config(
 ) -> DecoderConfig:
     """Read ``config_path`` (a config.json or a directory holding one) and apply ``config_overrides``.
 
-    Without ``config_path`` the overrides are the whole HF config and must name ``model_type``.
+    Without ``config_path`` the overrides are the whole HF config and must name ``model_type``. An override key
+    close to a key veofast reads but not it (a misspelling) is a ValueError (``config.check_override_keys``).
     """
-    hf = apply_overrides(load_hf_config_dict(config_path) if config_path else {}, config_overrides)
+    base = load_hf_config_dict(config_path) if config_path else {}
+    check_override_keys(config_overrides, base)
+    hf = apply_overrides(base, config_overrides)
     if not hf:
         raise ValueError("build_foundation_model: give model.config_path, model.model_path or model.config_overrides")
     return DecoderConfig.from_hf_dict(hf, ops_backend=ops_backend)

@@ -11,10 +11,14 @@ activations) raise rather than being ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+logger = logging.getLogger("veofast.models")
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _ARCHITECTURES = {
@@ -117,6 +121,8 @@ class DecoderConfig:
             raise ValueError("config: mlp_bias=true is not supported")
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ValueError("config: pretraining_tp > 1 is not supported")
+        if any(kind != "full_attention" for kind in hf.get("layer_types") or ()):
+            raise ValueError(f"config: layer_types other than full_attention are not supported: {hf['layer_types']}")
 
         rope_theta, rope_scaling = _read_rope(hf)
         qkv_bias, o_proj_bias = _attention_biases(model_type, hf)
@@ -269,6 +275,42 @@ def _write_rope(hf: dict, theta: float, scaling: dict | None) -> None:
     else:
         hf["rope_theta"] = theta
         hf["rope_scaling"] = scaling
+
+
+# Keys of a Hugging Face config dict that ``DecoderConfig.from_hf_dict`` reads (or refuses), and keys it leaves alone
+# knowingly: token ids, dtypes, the sliding-window sizes (which only act when use_sliding_window, refused, is set) and
+# the generic fields of transformers' PretrainedConfig.to_dict() that do not change a causal LM's training math.
+READ_KEYS = frozenset(
+    """architectures attention_bias attention_dropout decoder_sparse_step head_dim hidden_act hidden_size
+    initializer_range intermediate_size layer_types max_position_embeddings mlp_bias mlp_only_layers model_type
+    moe_intermediate_size norm_topk_prob num_attention_heads num_experts num_experts_per_tok num_hidden_layers
+    num_key_value_heads num_local_experts output_router_logits pretraining_tp qkv_bias rms_norm_eps rope_parameters
+    rope_scaling rope_theta router_aux_loss_coef shared_expert_intermediate_size tie_word_embeddings
+    use_sliding_window vocab_size""".split()
+)
+INERT_KEYS = frozenset(
+    """bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id torch_dtype dtype use_cache
+    transformers_version sliding_window max_window_layers output_hidden_states output_attentions return_dict
+    chunk_size_feed_forward is_encoder_decoder is_decoder add_cross_attention tie_encoder_decoder id2label label2id
+    problem_type finetuning_task task_specific_params tokenizer_class prefix torchscript pruned_heads
+    cross_attention_hidden_size""".split()
+)
+
+
+def check_override_keys(overrides: dict | None, base: dict) -> None:
+    """Refuse a ``config_overrides`` key that is neither in ``base`` (the checkpoint's config.json) nor one veofast
+    reads but is close to one of those (a misspelling, which would otherwise be silently ignored); log the other keys
+    that veofast does not read (they are kept in the config.json it saves). Private keys (``_name_or_path``, ...)
+    are transformers' own."""
+    unread = [
+        key for key in overrides or {} if key not in READ_KEYS | INERT_KEYS and key not in base and key[:1] != "_"
+    ]
+    for key in unread:
+        close = difflib.get_close_matches(key, sorted(READ_KEYS), n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"config_overrides: unknown key {key!r}; did you mean {close[0]!r}?")
+    if unread:
+        logger.warning("config_overrides: veofast does not read %s (kept in the config.json it saves)", unread)
 
 
 def apply_overrides(hf: dict, overrides: dict | None) -> dict:
