@@ -67,7 +67,9 @@ class Config:
 
 # (kernel, head-dim class, bits of the input dtype) -> config. Head dims 16 and 32 use the 64 class. The 16-bit
 # entries are the winners of bench/attention.py --sweep on an H200 (triton 3.6); rerun it when the compiler or the
-# kernels change. fp32 (CUDA-core dots) keeps small tiles that fit its registers and shared memory.
+# kernels change. fp32 (CUDA-core dots) keeps small tiles that fit its registers and shared memory. Also timed at
+# the anchor mix (d=128, 2026-11-29) and slower than the pinned ones: dK/dV 128x64 (8 warps, q_rows) 3.50 ms and
+# 128x32 4.07 ms against 2.17 ms; forward 128x64 (8 warps) 1.58-2.04 ms and 128x128 1.71 ms against 1.28 ms.
 CONFIGS: dict[tuple[str, int, int], Config] = {
     # head dims 128 and 256: timed at the packed anchor shape; head dim 64: at one 8192-token document (32/8 heads)
     ("fwd", 64, 16): Config(64, 128, 4, 2, tma=True),
