@@ -35,6 +35,16 @@ CASES = {
         "qwen3_moe",
         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=16, output_router_logits=True),
     ),
+    "qwen2_moe": (  # a shared expert beside the routed ones
+        "qwen2_moe",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            output_router_logits=True,
+        ),
+    ),
 }
 TOL = 1e-4
 
@@ -64,7 +74,7 @@ def test_same_logits_loss_and_grads(case):
     assert swapped.config._attn_implementation == ATTENTION_NAME
     kinds = {type(m) for m in swapped.modules()}
     assert VeofastRMSNorm in kinds
-    assert (VeofastExperts if case == "qwen3_moe" else VeofastSwiGLUMLP) in kinds
+    assert (VeofastExperts if case.endswith("_moe") else VeofastSwiGLUMLP) in kinds
     torch.manual_seed(1)
     input_ids = torch.randint(0, BASE["vocab_size"], (2, 13))
     labels = input_ids.clone()

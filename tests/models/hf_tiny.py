@@ -83,3 +83,12 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         with safe_open(file, framework="pt") as f:
             tensors.update({key: f.get_tensor(key) for key in f.keys()})
     return tensors
+
+
+def hf_and_veofast(case: str, path: str, *, seed: int = 0, **overrides):
+    """(a random transformers ``case`` model, the veofast ``CausalLM`` loaded from its checkpoint at ``path``),
+    both fp32 on the CPU, veofast with the torch reference ops."""
+    from veofast.models import build_foundation_model
+
+    hf = save_hf_checkpoint(case, path, seed=seed, **overrides)
+    return hf, build_foundation_model(weights_path=str(path), init_device="cpu", ops_backend="torch")

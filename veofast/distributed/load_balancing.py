@@ -26,8 +26,10 @@ class GlobalRouterStats:
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
 
-    def __call__(self, stats: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        totals = torch.cat([stats.detach().reshape(-1), stats.new_tensor([float(num_tokens)])])
+    def __call__(self, stats: torch.Tensor, num_tokens: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num_tokens``: an int, or a 0-dim tensor (the real tokens of a padded batch), read without a host sync."""
+        count = torch.as_tensor(num_tokens, dtype=stats.dtype, device=stats.device).reshape(1)
+        totals = torch.cat([stats.detach().reshape(-1), count])
         dist.all_reduce(totals, group=self.group)
         global_stats = totals[:-1].view_as(stats)
         return stats + (global_stats - stats.detach()), totals[-1]

@@ -44,6 +44,53 @@ class CausalLMOutput:
 torch.utils._pytree.register_dataclass(CausalLMOutput)
 
 
+def _row_positions(position_ids: torch.Tensor | None, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """``position_ids`` None, ``(T,)``, ``(1, T)`` or ``(B, T)`` -> ``(B, T)`` (``0..T-1`` in every row when None)."""
+    if position_ids is None:
+        return torch.arange(seq_len, device=device).expand(batch, seq_len)
+    rows = position_ids.numel() // seq_len if position_ids.shape[-1] == seq_len else -1
+    if position_ids.dim() > 2 or rows not in (1, batch):
+        raise ValueError(
+            f"position_ids must be (batch, seq_len) = ({batch}, {seq_len}) or (1, {seq_len}), got shape "
+            f"{tuple(position_ids.shape)}"
+        )
+    return position_ids.reshape(-1, seq_len).expand(batch, seq_len)
+
+
+def padding_layout(attention_mask: torch.Tensor, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention segments of a padded batch: ``attention_mask (B, T)`` (1 = token, 0 = padding) ->
+    ``(cu_seqlens (3B + 1,) int32, token_mask (B * T,) bool)``.
+
+    Each row is cut into three segments, some possibly empty: the left padding, the tokens, the right padding; so
+    tokens attend only to the tokens of their row. A row whose ones are not contiguous (inner padding), which
+    segments cannot express, is refused: with a ValueError for a CPU mask, and on an accelerator by a device-side
+    assertion with the same message (no host synchronisation).
+    """
+    if tuple(attention_mask.shape) != (batch, seq_len):
+        raise ValueError(
+            f"attention_mask must be a (batch, seq_len) = ({batch}, {seq_len}) padding mask, got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.bool()
+    first = mask.int().argmax(dim=1)
+    count = mask.sum(dim=1)
+    columns = torch.arange(seq_len, device=mask.device)
+    contiguous = (columns >= first[:, None]) & (columns < (first + count)[:, None])
+    message = (
+        "attention_mask has padding between tokens of a row; only left and right padding are supported: pack the "
+        "documents and pass cu_seqlens / position_ids instead"
+    )
+    if mask.device.type == "cpu":
+        if not torch.equal(contiguous, mask):
+            raise ValueError(message)
+    else:
+        torch._assert_async((contiguous == mask).all(), message)
+    row_start = torch.arange(batch, device=mask.device) * seq_len
+    bounds = torch.stack([row_start, row_start + first, row_start + first + count], dim=1).reshape(-1)
+    total = bounds.new_full((1,), batch * seq_len)
+    return torch.cat([bounds, total]).to(torch.int32), mask.reshape(-1)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
 
@@ -73,9 +120,11 @@ class DecoderLayer(nn.Module):
         inv_freq: torch.Tensor,
         rope_scaling: float,
         residual: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Stream ``hidden + residual`` (``hidden`` alone when ``residual`` is None), each ``(N, H)`` -> ``(out,
-        residual, router_stats (2, E) or None)``, the stream after the layer being ``out + residual``."""
+        residual, router_stats (2, E) or None)``, the stream after the layer being ``out + residual``.
+        ``token_mask (N,)`` bool (None: all) marks the tokens the router statistics count (padding is left out)."""
         if residual is None:
             normed, residual = self.input_layernorm(hidden), hidden
         else:
@@ -83,7 +132,7 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(normed, position_ids, cu_seqlens, max_seqlen, inv_freq, rope_scaling)
         normed, residual = self.post_attention_layernorm(attn, residual=residual)
         if self.is_moe:
-            out, stats = self.mlp(normed)
+            out, stats = self.mlp(normed, token_mask=token_mask)
         else:
             out, stats = self.mlp(normed), None
         return out, residual, stats
@@ -164,27 +213,42 @@ class CausalLM(nn.Module):
         shift_labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         num_label_tokens: int | None = None,
+        use_cache: bool | None = None,
+        past_key_values=None,
     ) -> CausalLMOutput:
         """Run the LM on ``input_ids (B, T)``.
 
         Packed micro-batches (B == 1) pass ``cu_seqlens (docs + 1,) int32``, ``max_seqlen`` and
-        ``position_ids (1, T)`` restarting per document. Without ``cu_seqlens`` each row is one document
-        (right padding, marked by ``attention_mask`` and ``labels == -100``, is harmless under causal masking).
+        ``position_ids (1, T)`` restarting per document. Without ``cu_seqlens`` each row is one document;
+        ``attention_mask (B, T)`` may pad rows on the left and/or the right (its ones contiguous in each row, checked
+        without a host sync on an accelerator): tokens attend only to the unpadded tokens of their row and the MoE
+        load-balancing loss counts only those, as in transformers. ``position_ids`` default to ``0..T-1`` in
+        every row (pads included, as transformers' forward does); ``(1, T)`` is broadcast over the rows.
 
         ``labels (B, T)`` are HF-style (the model shifts them); ``shift_labels (B, T)`` are already shifted
         (position t holds the label that logits at t predict; used under sequence parallelism). The loss is
         the sum over label tokens divided by ``num_items_in_batch`` when given (the loop passes the global
         label-token count of the step), else the mean over this micro-batch's label tokens.
         ``num_label_tokens`` is the collator's local count; the loss does not need it.
+
+        A training model: there is no KV cache, so ``use_cache=True`` or ``past_key_values`` raise ValueError.
         """
         del num_label_tokens  # the collator's count is for the loop; the loss counts on the device
+        if use_cache or past_key_values is not None:
+            raise ValueError(
+                "CausalLM has no KV cache (use_cache=True / past_key_values given): it runs training and full-sequence "
+                "forwards only; save it with save_hf_weights and generate with transformers"
+            )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape
         device = input_ids.device
-        if position_ids is None:
-            position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
-        if cu_seqlens is None:
+        position_ids = _row_positions(position_ids, batch, seq_len, device)
+        token_mask = None
+        if cu_seqlens is None and attention_mask is not None:
+            cu_seqlens, token_mask = padding_layout(attention_mask, batch, seq_len)
+            max_seqlen = seq_len
+        elif cu_seqlens is None:
             cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, device=device, dtype=torch.int32)
             max_seqlen = seq_len
         elif max_seqlen is None:
@@ -199,7 +263,7 @@ class CausalLM(nn.Module):
         stats_sum = None
         num_moe_layers = 0
         for layer in self.model.layers:
-            args = (hidden, flat_positions, cu_seqlens, max_seqlen, inv_freq, self.rope_scaling, residual)
+            args = (hidden, flat_positions, cu_seqlens, max_seqlen, inv_freq, self.rope_scaling, residual, token_mask)
             if self.gradient_checkpointing and self.training:
                 hidden, residual, stats = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -211,7 +275,7 @@ class CausalLM(nn.Module):
 
         aux_loss = None
         if stats_sum is not None:
-            num_routed = num_moe_layers * batch * seq_len
+            num_routed = num_moe_layers * (batch * seq_len if token_mask is None else token_mask.sum())
             if self.router_stats_reducer is not None:
                 stats_sum, num_routed = self.router_stats_reducer(stats_sum, num_routed)
             aux_loss = load_balancing_loss(stats_sum, num_routed)

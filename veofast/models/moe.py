@@ -56,34 +56,41 @@ class SparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = Experts(
-            config.num_experts, config.hidden_size, config.moe_intermediate_size, config.ops_backend
-        )
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size, config.ops_backend)
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size, config.ops_backend)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         else:
             self.shared_expert = self.shared_expert_gate = None
 
-    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden (N, H)`` -> ``topk_ids (N, K)``, ``topk_weights (N, K)``, ``router_stats (2, E)`` fp32.
 
         ``router_stats`` holds, per expert, the number of (token, slot) assignments and the summed router
-        probability over the N tokens: what the load-balancing loss needs, summable across layers and ranks.
+        probability over the N tokens (over those ``token_mask (N,)`` bool marks, when given): what the
+        load-balancing loss needs, summable across layers and ranks.
         """
         logits = self.gate(hidden)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        counted = torch.ones_like(topk_ids, dtype=torch.float32)
+        if token_mask is not None:
+            counted = counted * token_mask[:, None]
+            probs = probs * token_mask[:, None]
         counts = torch.zeros(self.num_experts, device=hidden.device, dtype=torch.float32)
-        counts.scatter_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids, dtype=torch.float32).reshape(-1))
+        counts.scatter_add_(0, topk_ids.reshape(-1), counted.reshape(-1))
         stats = torch.stack([counts, probs.sum(dim=0)])
         return topk_ids, topk_weights.to(logits.dtype), stats
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``hidden (N, H)`` -> ``(out (N, H), router_stats (2, E))``."""
-        topk_ids, topk_weights, stats = self.route(hidden)
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden (N, H)`` -> ``(out (N, H), router_stats (2, E))``; ``token_mask (N,)`` as in ``route``."""
+        topk_ids, topk_weights, stats = self.route(hidden, token_mask)
         shared = None
         if self.shared_expert is not None:
 
