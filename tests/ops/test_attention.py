@@ -184,8 +184,20 @@ def test_kernel_configs_match_reference(configs, causal, window_size):
 @pytest.mark.parametrize("d, causal, window_size", [(24, True, (-1, -1)), (40, False, (5, 2)), (9, True, (-1, -1))])
 def test_head_dims_between_kernel_sizes_run_padded(d, causal, window_size):
     """Head dims the kernels are not built for run zero-padded to the next size; the softmax scale stays d^-0.5."""
-    _check_against_reference([1, 17, 0, 30], [1, 17, 0, 30], 4, 2, d, torch.float32, causal=causal,
-                             window_size=window_size)
+    _check_against_reference(
+        [1, 17, 0, 30], [1, 17, 0, 30], 4, 2, d, torch.float32, causal=causal, window_size=window_size
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("lens_q, lens_k", [([0], [0]), ([3, 2], [0, 0])])
+def test_output_without_keys_is_differentiable(backend, lens_q, lens_k):
+    """No tokens, or no document with keys: the zero output is still in q's graph (zero gradient, no error)."""
+    q, k, v, dout = _inputs(lens_q, lens_k, 2, 1, 16, torch.float32, "cpu")
+    q.requires_grad_()
+    out = varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), backend=backend)
+    (grad_q,) = torch.autograd.grad(out, q, dout)
+    assert out.shape == q.shape and not out.any() and not grad_q.any()
 
 
 def test_negative_softmax_scale():

@@ -410,3 +410,29 @@ def test_gpu_torch_compile_inductor():
     for g, w in zip(got, want, strict=True):
         if w is not None:
             assert max_err(g, w) <= 1e-2 * w.abs().max().item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_float64_torch(reduction):
+    """Float64 inputs are computed in float64 on the torch path, and its graph supports the repeated backward passes
+    of gradcheck."""
+    hidden, weight, labels, bias = make_inputs(5, 7, 11, dtype=torch.float64, ignored=0.2, bias=True, seed=1)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    options = dict(reduction=reduction, label_smoothing=0.1, lse_square_scale=1e-2, softcap=3.0, backend="torch")
+    assert torch.autograd.gradcheck(lambda h, w, b: fused_linear_cross_entropy(h, w, labels, bias=b, **options), leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_of_one_graph(backend):
+    """retain_graph=True and a second backward: the torch path gives the same gradients again, the Triton path
+    (gradients scaled in place) raises a clear error."""
+    hidden, weight, labels, _ = make_inputs(9, 16, 37)
+    hidden.requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, backend=backend) * 0.5
+    (first,) = torch.autograd.grad(loss, hidden, retain_graph=True)
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="one backward per forward"):
+            torch.autograd.grad(loss, hidden)
+    else:
+        (second,) = torch.autograd.grad(loss, hidden)
+        torch.testing.assert_close(second, first, rtol=0, atol=0)

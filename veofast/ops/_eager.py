@@ -15,6 +15,7 @@ tensors (the op's fake implementation answers).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -40,10 +41,37 @@ def direct(op: Callable, impl: Callable) -> Callable:
     return call
 
 
-def with_autograd(op, impl: Callable, backward: Callable, setup_context: Callable) -> Callable:
+def first_order_only(name: str) -> Callable:
+    """Decorate an autograd backward that is not itself differentiable (kernel launches) so that it raises a
+    RuntimeError naming the op ``name`` when called with ``create_graph=True`` (a second-order gradient), rather than
+    return gradients without a graph, whose contribution a gradient penalty would then silently miss. (torch's
+    ``once_differentiable`` only raises when a later backward passes through its node, which
+    ``torch.autograd.grad(..., inputs)`` skips.) Calls while torch.compile traces pass through."""
+
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"veofast.ops.{name}: second-order gradients are not supported on this path (backward with "
+                    "create_graph=True)"
+                )
+            return backward(ctx, *grads)
+
+        return checked
+
+    return decorate
+
+
+def with_autograd(
+    op, impl: Callable, backward: Callable, setup_context: Callable, *, differentiable_backward: bool = False
+) -> Callable:
     """Register ``backward``/``setup_context`` (``register_autograd`` signatures) on the custom op ``op``
     (implemented by ``impl``) and return it as a callable that runs plain eager calls through an
     ``autograd.Function`` with the same forward, setup_context and backward.
+
+    ``differentiable_backward``: whether ``backward`` is itself differentiable (made of differentiable ops). When it
+    is not (a kernel launch), the eager Function's backward is ``first_order_only``.
 
     The Function's forward takes ``ctx`` and calls ``setup_context`` itself: a Function that defines a separate
     ``setup_context`` has ``Function.apply`` bind its arguments through ``inspect.signature`` on every call
@@ -58,7 +86,10 @@ def with_autograd(op, impl: Callable, backward: Callable, setup_context: Callabl
     function = type(
         f"{impl.__name__}_eager",
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward if differentiable_backward else first_order_only(op._name)(backward)),
+        },
     )
 
     def call(*args):

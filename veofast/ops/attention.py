@@ -163,9 +163,9 @@ def varlen_attention_reference(
             )
             od = od.masked_fill(blind[None, :, None], 0.0)
         outs.append(od.transpose(0, 1))
-    if not outs:
-        return q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
-    return torch.cat(outs, dim=0)
+    # q[:0] adds no row; it keeps the output in q's autograd graph when every row is a zero row (no tokens, or no
+    # document with keys), as on the Triton path.
+    return torch.cat([*outs, q[:0]], dim=0)
 
 
 # ---------------------------------------------------------------------------------------------------- triton path

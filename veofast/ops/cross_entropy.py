@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
+from ._eager import first_order_only
 
 OP = "fused_linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -38,15 +39,17 @@ def _reference_pass(
     """Plain-torch twin of ``veofast.kernels.cross_entropy.linear_cross_entropy_pass`` (same arguments, same results).
 
     hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,); token_scale: 0-dim or (N,) fp32.
-    Returns ce (N,) fp32, z (N,) fp32 and the gradients of ``sum_n token_scale[n] * (ce[n] + z[n])`` (or None).
+    Returns ce (N,) and z (N,) in fp32 (float64 for float64 inputs) and the gradients of
+    ``sum_n token_scale[n] * (ce[n] + z[n])`` (or None).
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     compute_grad = grad_hidden or grad_weight or grad_bias
-    ce = hidden.new_zeros(n_tokens, dtype=torch.float32)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    ce = hidden.new_zeros(n_tokens, dtype=acc)
     z = torch.zeros_like(ce)
     g_hidden = torch.zeros_like(hidden) if grad_hidden else None
-    g_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None
-    g_bias = hidden.new_zeros(vocab, dtype=torch.float32) if grad_bias else None
+    g_weight = torch.zeros_like(weight, dtype=acc) if grad_weight else None
+    g_bias = hidden.new_zeros(vocab, dtype=acc) if grad_bias else None
     rows = max(1, REFERENCE_CHUNK_ELEMENTS // vocab)
     for start in range(0, n_tokens, rows):
         end = min(start + rows, n_tokens)
@@ -54,7 +57,7 @@ def _reference_pass(
         logits = h @ weight.t()
         if bias is not None:
             logits = logits + bias
-        logits = logits.float()
+        logits = logits.to(acc)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         lse = torch.logsumexp(logits, dim=-1)
@@ -76,9 +79,9 @@ def _reference_pass(
         if g_hidden is not None:
             g_hidden[start:end] = dlogits @ weight
         if g_weight is not None:
-            g_weight += (dlogits.t() @ h).float()
+            g_weight += (dlogits.t() @ h).to(acc)
         if g_bias is not None:
-            g_bias += dlogits.float().sum(0)
+            g_bias += dlogits.to(acc).sum(0)
     if g_weight is not None:
         g_weight = g_weight.to(weight.dtype)
     if g_bias is not None and bias is not None:
@@ -191,6 +194,24 @@ def _run_pass(backend: str, hidden, weight, bias, labels, token_scale, options: 
     return (ce, z, *(g if w else None for g, w in zip(grads, wanted, strict=True)))
 
 
+def _scale_saved_grads_once(ctx, grad_loss: torch.Tensor) -> tuple:
+    """The Triton path's backward for "mean"/"sum": scale the gradients saved by the forward pass in place (no copy
+    of the (N, H) and (V, H) gradients; nothing is read or written when grad_loss is 1). They are then spent, so a
+    second backward through the same graph raises."""
+    if ctx.grads_spent:
+        raise RuntimeError(
+            f"{OP}: the Triton path with reduction='mean'/'sum' runs one backward per forward (its gradients are made "
+            "in the forward pass and scaled in place); for retain_graph=True and several backward passes use "
+            "reduction='none' and reduce the per-token loss yourself"
+        )
+    ctx.grads_spent = True
+    grads = ctx.saved_tensors
+    for g in grads:
+        if g is not None:
+            _scale_unless_one_op(g, grad_loss.float())
+    return grads
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Outputs (loss, z_loss_term). For "mean"/"sum" the gradients are made in forward and scaled in backward."""
 
@@ -202,6 +223,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             backend, hidden, weight, bias, labels, token_scale, options, needs if precompute else (False, False, False)
         )
         ctx.reduction, ctx.options, ctx.backend = reduction, options, backend
+        ctx.grads_spent = False
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels)
             loss, z_term = ce + z, z
@@ -212,22 +234,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss, z_term
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_loss, grad_z):
         if ctx.reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
-            scale = grad_loss.float().contiguous()
+            scale = grad_loss.to(torch.promote_types(grad_loss.dtype, torch.float32)).contiguous()
             _, _, *grads = _run_pass(
                 ctx.backend, hidden, weight, bias, labels, scale, ctx.options, ctx.needs_input_grad[:3]
             )
+        elif ctx.backend == "torch":
+            grads = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
         else:
-            grads = ctx.saved_tensors
-            for g in grads:  # scaled in place: the saved gradient is not needed again
-                if g is None:
-                    continue
-                if ctx.backend == "torch":
-                    g.mul_(grad_loss)
-                else:
-                    _scale_unless_one_op(g, grad_loss.float())
+            grads = _scale_saved_grads_once(ctx, grad_loss)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -316,7 +334,9 @@ def fused_linear_cross_entropy(
       sum is then 0). "sum" sums; "none" returns the per-token loss, shape ``hidden.shape[:-1]``, 0 where ignored.
     - ``return_z_loss``: also return the z-loss term (reduced like the loss, already included in it, detached).
 
-    Returns the fp32 loss (0-dim, or per token for "none"), and the z-loss term when ``return_z_loss``.
+    Returns the loss in fp32 (float64 for float64 inputs on the torch backend; 0-dim, or per token for "none"), and
+    the z-loss term when ``return_z_loss``. The gradients are made in the forward pass for "mean"/"sum", so a
+    second-order gradient raises, and so does a second backward through one graph on the Triton backend.
     Labels outside [0, V) other than ``ignore_index`` raise ValueError on the torch backend (not checked under
     ``torch.compile``); the Triton backend does not check them (that would need a host-device sync) and treats them
     as ignored, in the loss and in the count.

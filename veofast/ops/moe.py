@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from veofast.ops._backend import resolve_backend
+from veofast.ops._eager import first_order_only
 
 logger = logging.getLogger("veofast.ops")
 
@@ -311,6 +312,7 @@ class _MoEPermute(torch.autograd.Function):
         return rows, expert_offsets, row_index, tokens_per_expert
 
     @staticmethod
+    @first_order_only("moe_permute")
     def backward(ctx, grad_rows, *_):
         (row_index,) = ctx.saved_tensors
         grad_hidden = _kernels()[0].unpermute(grad_rows, row_index, None, ctx.num_tokens, ctx.topk)
@@ -325,6 +327,7 @@ class _MoEUnpermute(torch.autograd.Function):
         return _kernels()[0].unpermute(rows, row_index, topk_weights, num_tokens, topk)
 
     @staticmethod
+    @first_order_only("moe_unpermute")
     def backward(ctx, grad_out):
         rows, row_index, topk_weights = ctx.saved_tensors
         grad_rows, grad_weights = _kernels()[0].unpermute_backward(
@@ -345,6 +348,7 @@ class _GroupedMM(torch.autograd.Function):
         return _gmm(x, w, expert_offsets)
 
     @staticmethod
+    @first_order_only("grouped_mm")
     def backward(ctx, grad_out):
         x, w, expert_offsets = ctx.saved_tensors
         grad_out = grad_out.contiguous()
@@ -364,6 +368,7 @@ class _ExpertFFN(torch.autograd.Function):
         return _gmm(a, down_proj.transpose(1, 2), expert_offsets)  # (M, H)
 
     @staticmethod
+    @first_order_only("expert_ffn")
     def backward(ctx, grad_out):
         rows, expert_offsets, gate_up_proj, down_proj, h = ctx.saved_tensors
         need_rows, _, need_gate_up, need_down = ctx.needs_input_grad

@@ -109,7 +109,7 @@ def _backward_rotary(ctx, dq, dk):
     return dq, dk, None, None, None, None
 
 
-_rotary = with_autograd(_rotary_op, _rotary_impl, _backward_rotary, _setup_rotary)
+_rotary = with_autograd(_rotary_op, _rotary_impl, _backward_rotary, _setup_rotary, differentiable_backward=True)
 
 
 def _rotary_inplace_impl(
