@@ -375,18 +375,6 @@ def _resolved_type_hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _to_float(value: Any) -> float | None:
-    """``value`` as a float (numbers, and strings such as "1e-4" that PyYAML leaves as text), or None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
 def _convert(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against ``annotation``, converting strings from the command line; raise ArgumentError."""
     origin = typing.get_origin(annotation)
@@ -430,7 +418,14 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
                 pass
         raise ArgumentError(f"{where}: expected an int, got {value!r}")
     if annotation is float:
-        number = _to_float(value)
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):  # from the command line, or "1e-4", which PyYAML leaves as text
+            try:
+                number = float(value)
+            except ValueError:
+                pass
         if number is None or math.isnan(number):
             raise ArgumentError(f"{where}: expected a number, got {value!r}")
         return number
