@@ -41,7 +41,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 class Config:
     """Launch choices of one kernel. ``block_m``: query rows per tile or step, ``block_n``: keys per tile or step;
     ``tma``: load tiles through TMA descriptors; ``split_mask`` (dK/dV only): separate loops for masked and whole
-    query blocks; ``tile_store`` (forward and dK/dV): store the output tiles through one int64 tile base and int32
+    query blocks; ``tile_store``: store the output tiles through one int64 tile base and int32
     offsets within the tile instead of a tile of int64 pointers (for dK/dV an sm_90 compile with triton 3.9 spills
     216 instead of 1040 bytes at an earlier d=128 config and needs 168 instead of 244 registers at d=64; on the
     H200 with triton 3.6 it times within 1% of the pointer tiles, and 1.6% faster for the d=128 forward, the one
@@ -325,6 +325,7 @@ def attention_bwd_dq(
         max(window_right, 0),
         num_heads // k.shape[1],
         HEAD_DIM=head_dim,
+        TILE_STORE=config.tile_store,
         USE_TMA=use_tma,
         **_mask_flags(window_left, window_right, q.dtype),
     )

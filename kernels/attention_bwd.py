@@ -33,7 +33,7 @@ and a partial last key block need a mask; the blocks that every row sees whole r
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, _block_range, _load_rows, _tile, _visible
+from .attention_fwd import LOG2E, _block_range, _load_rows, _store_rows, _tile, _visible
 
 
 @triton.jit
@@ -133,6 +133,7 @@ def _attn_bwd_dq_kernel(
     HAS_RIGHT: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TILE_STORE: tl.constexpr,
 ):
     """DELTA and dQ of one BLOCK_M query tile of one query head."""
     pid = tl.program_id(0)
@@ -145,7 +146,6 @@ def _attn_bwd_dq_kernel(
     kv_head = head // group_size
     m0 = block * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < seqlen_q
     q_row = q_start + m0
     q = _load_rows(Q, q_row, head * stride_qh, stride_qt, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
@@ -180,12 +180,7 @@ def _attn_bwd_dq_kernel(
         BLOCK_N, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, USE_TMA, DOT_PRECISION,
     )
     # fmt: on
-    q_rows = q_start.to(tl.int64) + rows
-    tl.store(
-        DQ + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-        (dq * sm_scale).to(DQ.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    _store_rows(DQ, q_row, head * stride_dqh, stride_dqt, dq * sm_scale, seqlen_q - m0, BLOCK_M, HEAD_DIM, TILE_STORE)
 
 
 @triton.jit
@@ -335,8 +330,7 @@ def _attn_bwd_dkdv_kernel(
     Q_ROWS: tl.constexpr,
 ):
     """dK, dV of one BLOCK_N key tile of one KV head, summed over its query-head group. Without ``SPLIT_MASK`` all
-    query blocks go through one masked loop (smaller code, fewer registers). ``TILE_STORE``: the stores address the
-    tile from one int64 base with int32 offsets (fewer live registers next to the two accumulators)."""
+    query blocks go through one masked loop (smaller code, fewer registers)."""
     pid = tl.program_id(0)
     slot = pid // num_kv_heads
     kv_head = pid - slot * num_kv_heads
@@ -346,7 +340,6 @@ def _attn_bwd_dkdv_kernel(
     off = seqlen_k - seqlen_q
     n0 = block * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     k = _load_rows(K, k_start + n0, kv_head * stride_kh, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, True, USE_TMA)
     v = _load_rows(V, k_start + n0, kv_head * stride_vh, stride_vt, seqlen_k - n0, BLOCK_N, HEAD_DIM, True, USE_TMA)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -384,25 +377,9 @@ def _attn_bwd_dkdv_kernel(
             )
     # fmt: on
 
-    col_ok = (cols < seqlen_k)[:, None]
-    if TILE_STORE:  # offsets within the tile stay below BLOCK_N * stride: int32
-        tile_row = (k_start + n0).to(tl.int64)
-        in_tile = tl.arange(0, BLOCK_N)[:, None]
-        dv_tile = DV + tile_row * stride_dvt + kv_head * stride_dvh
-        tl.store(dv_tile + (in_tile * stride_dvt + offs_d[None, :]), dv.to(DV.dtype.element_ty), mask=col_ok)
-        dk_tile = DK + tile_row * stride_dkt + kv_head * stride_dkh
-        tl.store(
-            dk_tile + (in_tile * stride_dkt + offs_d[None, :]), (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok
-        )
-    else:
-        k_rows = k_start.to(tl.int64) + cols
-        tl.store(
-            DK + k_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-            (dk * sm_scale).to(DK.dtype.element_ty),
-            mask=col_ok,
-        )
-        tl.store(
-            DV + k_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=col_ok,
-        )
+    # fmt: off
+    _store_rows(DV, k_start + n0, kv_head * stride_dvh, stride_dvt, dv, seqlen_k - n0, BLOCK_N, HEAD_DIM, TILE_STORE)
+    _store_rows(
+        DK, k_start + n0, kv_head * stride_dkh, stride_dkt, dk * sm_scale, seqlen_k - n0, BLOCK_N, HEAD_DIM, TILE_STORE
+    )
+    # fmt: on

@@ -112,6 +112,25 @@ def _load_rows(
 
 
 @triton.jit
+def _store_rows(
+    X, row, col, stride_t, tile, num_rows, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_STORE: tl.constexpr
+):
+    """Store ``tile`` (BLOCK, HEAD_DIM) to tokens ``row .. row + min(BLOCK, num_rows)``, elements ``col .. col +
+    HEAD_DIM`` of each (token stride ``stride_t``), in ``X``'s dtype. ``TILE_STORE``: address the tile from one int64
+    base with int32 offsets within it (below BLOCK * stride_t), instead of a tile of int64 pointers."""
+    offs_r = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (offs_r < num_rows)[:, None]
+    value = tile.to(X.dtype.element_ty)
+    if TILE_STORE:
+        base = X + row.to(tl.int64) * stride_t + col
+        tl.store(base + (offs_r[:, None] * stride_t + offs_d[None, :]), value, mask=row_ok)
+    else:
+        rows = row.to(tl.int64) + offs_r
+        tl.store(X + rows[:, None] * stride_t + col + offs_d[None, :], value, mask=row_ok)
+
+
+@triton.jit
 def _visible(
     rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr
 ):
@@ -280,7 +299,6 @@ def _attn_fwd_kernel(
     kv_head = head // group_size
     m0 = block * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q, q_start + m0, head * stride_qh, stride_qt, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
 
     b_lo, f_lo, f_hi, b_hi = _block_range(
@@ -314,16 +332,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
+    _store_rows(OUT, q_start + m0, head * stride_oh, stride_ot, out, seqlen_q - m0, BLOCK_M, HEAD_DIM, TILE_STORE)
     row_ok = rows < seqlen_q
     q_rows = q_start.to(tl.int64) + rows
-    if TILE_STORE:  # one int64 tile base, int32 offsets within the tile (below BLOCK_M * stride)
-        out_tile = OUT + (q_start + m0).to(tl.int64) * stride_ot + head * stride_oh
-        in_tile = tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :]
-        tl.store(out_tile + in_tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(
-            OUT + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-            out.to(OUT.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
     tl.store(LSE + head.to(tl.int64) * total_q + q_rows, lse, mask=row_ok)
