@@ -1,21 +1,25 @@
-"""Benchmark of the fused linear cross-entropy: forward + backward, bf16, 10% of labels ignored, mean loss.
+"""Benchmark of the fused linear cross-entropy: forward + backward, bf16, 10% of labels ignored (``--ignored``), mean
+loss.
 
 Providers side by side in one process: veofast (Triton, and the torch reference), torch eager
 (``x @ W.T`` -> float -> ``F.cross_entropy``), torch.compile of eager, and, when importable, liger-kernel's
-``LigerFusedLinearCrossEntropyLoss`` and cut-cross-entropy's ``linear_cross_entropy``. At the anchor shape veofast
-also runs with several fixed logits-chunk budgets besides the default (``kernels.cross_entropy.default_chunk_bytes``:
-256 MiB there).
+``LigerFusedLinearCrossEntropyLoss`` and cut-cross-entropy's ``linear_cross_entropy``. veofast also runs with the
+host's count of kept labels (``num_label_tokens``, which the collators give the training loop; counted outside the
+timing): the ignored tokens are then left out of the matmuls (``tflops`` and ``pct_floor`` still count the matmuls of
+all N tokens, so that row can pass 100%). At the anchor shape veofast also runs with several
+fixed logits-chunk budgets besides the default (``kernels.cross_entropy.default_chunk_bytes``: 256 MiB there).
 
 Extra peak memory = peak allocated during fwd+bwd minus what existed before (inputs, weight) minus the gradients of
 hidden and weight that the step leaves behind: the ANCHORS.md convention ("above the steady state where inputs,
 weight and their grads exist").
 
-    python bench/cross_entropy.py [--quick] [--repeats 10]
+    python bench/cross_entropy.py [--quick] [--repeats 10] [--tokens 4096 65536] [--ignored 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import traceback
 from pathlib import Path
@@ -63,13 +67,14 @@ def providers() -> dict:
     return found
 
 
-def make_inputs(n: int, h: int, v: int, *, seed: int = 0):
-    """bf16 hidden (n, h) ~ N(0, 1), weight (v, h) ~ N(0, 0.02^2), both leaves; labels (n,) with 10% ignored."""
+def make_inputs(n: int, h: int, v: int, *, ignored: float = 0.1, seed: int = 0):
+    """bf16 hidden (n, h) ~ N(0, 1), weight (v, h) ~ N(0, 0.02^2), both leaves; labels (n,), each ignored (-100) with
+    probability ``ignored``."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     hidden = torch.randn(n, h, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
     weight = (torch.randn(v, h, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02).requires_grad_()
     labels = torch.randint(0, v, (n,), device="cuda", generator=gen)
-    labels[torch.rand(n, device="cuda", generator=gen) < 0.1] = -100
+    labels[torch.rand(n, device="cuda", generator=gen) < ignored] = -100
     return hidden, weight, labels
 
 
@@ -77,7 +82,8 @@ def measure(name: str, fn, hidden, weight, labels, repeats: int) -> dict:
     """Median fwd+bwd time and extra peak memory of one provider; an OOM or error is recorded, not raised."""
     n, h = hidden.shape
     v = weight.shape[0]
-    row = {"provider": name, "N": n, "H": h, "V": v, "dtype": "bfloat16", "ignored": 0.1}
+    ignored = round((labels == -100).sum().item() / n, 3)
+    row = {"provider": name, "N": n, "H": h, "V": v, "dtype": "bfloat16", "ignored": ignored}
 
     def step():
         hidden.grad = weight.grad = None
@@ -140,7 +146,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the anchor shape")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tokens", type=int, nargs="*", help="only the shapes with these token counts N")
+    parser.add_argument("--ignored", type=float, default=0.1, help="share of ignored labels (SFT masks prompts)")
     args = parser.parse_args()
+    if not 0.0 <= args.ignored < 1.0:
+        raise SystemExit(f"--ignored must be in [0, 1), got {args.ignored}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/cross_entropy.py needs a CUDA GPU")
     import veofast.kernels.cross_entropy as kernels
@@ -151,11 +160,14 @@ def main() -> None:
     if not shapes:
         raise SystemExit(f"--tokens {args.tokens}: no shape has these token counts; shapes: {SHAPES}")
     for n, h, v in shapes:
-        hidden, weight, labels = make_inputs(n, h, v)
+        hidden, weight, labels = make_inputs(n, h, v, ignored=args.ignored)
         if (n, h, v) == ANCHOR:
             correctness(hidden, weight, labels)
         for name, fn in found.items():
             rows.append(measure(name, fn, hidden, weight, labels, args.repeats))
+        count = int((labels != -100).sum())
+        counted = functools.partial(fused_linear_cross_entropy, backend="triton", num_label_tokens=count)
+        rows.append(measure("veofast-triton[label count]", counted, hidden, weight, labels, args.repeats))
         if (n, h, v) == ANCHOR:
             default = kernels.DEFAULT_CHUNK_BYTES, kernels.MAX_CHUNK_BYTES
             for mib in CHUNK_SWEEP_MIB:
@@ -169,7 +181,8 @@ def main() -> None:
         del hidden, weight, labels
         torch.cuda.empty_cache()
     print(
-        f"\nfused linear cross-entropy, fwd+bwd, bf16, {torch.cuda.get_device_name()}; default chunk "
+        f"\nfused linear cross-entropy, fwd+bwd, bf16, {args.ignored:.0%} of labels ignored, "
+        f"{torch.cuda.get_device_name()}; default chunk "
         f"{kernels.DEFAULT_CHUNK_BYTES // 2**20} MiB, up to {kernels.MAX_CHUNK_BYTES // 2**20} MiB with more tokens; "
         f"floor = 6NHV at {H200_BF16_TFLOPS} TFLOP/s"
     )

@@ -150,7 +150,7 @@ def evaluate(model, make_loader, device, group, num_steps: int) -> float:
             if ps.sp_enabled:  # this rank's slice of the sequence, as in training
                 micro_batch = shard_micro_batch(micro_batch, ps.sp_rank, ps.sp_size)
             batch = to_device(micro_batch, device)
-            count = batch.pop("num_label_tokens")
+            count = batch["num_label_tokens"]
             out = model(**batch, num_items_in_batch=1)  # loss = sum over label tokens
             totals += torch.stack([out.lm_loss.double(), torch.tensor(float(count), device=device).double()])
     dist.all_reduce(totals, group=group)  # over data and sequence parallel ranks: each counted its own slice

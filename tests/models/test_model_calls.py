@@ -103,3 +103,23 @@ def test_gradient_checkpointing_and_eval_give_the_same_gradients(tmp_path):
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=0, rtol=0, msg=name)
         torch.testing.assert_close(evaluated[name], grad, atol=0, rtol=0, msg=name)
+
+
+def test_num_label_tokens_leaves_ignored_tokens_out_of_the_loss(tmp_path):
+    """The collator's label count lets the loss skip the ignored tokens: same loss and gradients as without it (and
+    as transformers); a count that does not match the shifted labels raises."""
+    hf, model = hf_and_veofast("llama", tmp_path)
+    input_ids = _batch(hf.config.vocab_size)
+    mask, labels = _padded(input_ids)
+    count = int((labels != -100).sum())  # what the collators count: each row's first label is already -100
+    hf_loss = hf(input_ids, attention_mask=mask, labels=labels).loss
+    out = model(input_ids, attention_mask=mask, labels=labels, num_label_tokens=count)
+    torch.testing.assert_close(out.loss, hf_loss, **LOSS_TOL)
+    out.loss.backward()
+    counted = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    model(input_ids, attention_mask=mask, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(counted[name], param.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match=f"num_label_tokens={count + 1}"):
+        model(input_ids, attention_mask=mask, labels=labels, num_label_tokens=count + 1)

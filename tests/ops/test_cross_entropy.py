@@ -301,6 +301,70 @@ def test_torch_compile(backend):
     assert_close64(run(compiled, *inputs, lse_square_scale=1e-3), oracle_run(*inputs, lse_square_scale=1e-3), rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignored", [0.0, 0.45, 1.0])
+def test_num_label_tokens_skips_ignored_rows(backend, reduction, ignored, monkeypatch):
+    """Given the count of kept labels, only those rows are computed (in several chunks here) and the results match
+    the float64 oracle, as without the count."""
+    import veofast.kernels.cross_entropy as kernels
+
+    monkeypatch.setattr(kernels, "CHUNK_ROW_MULTIPLE", 8)
+    monkeypatch.setattr(kernels, "DEFAULT_CHUNK_BYTES", 1)  # chunks of 8 kept rows
+    inputs = make_inputs(53, 16, 257, ignored=ignored, bias=True, seed=3)
+    count = int((inputs[2] != -100).sum())
+    grad_out = torch.rand(53) + 0.5 if reduction == "none" else None
+    kwargs = dict(reduction=reduction, label_smoothing=0.1, lse_square_scale=1e-3)
+    got = run(call(backend), *inputs, grad_out, num_label_tokens=count, **kwargs)
+    assert_close64(got, oracle_run(*inputs, grad_out, **kwargs), rtol=1e-5)
+
+
+def test_kernel_row_index_matches_reference(monkeypatch):
+    """The launcher computing a subset of rows (gathered per chunk) matches the reference pass on that subset; the
+    rows left out get zero loss and gradient."""
+    import veofast.kernels.cross_entropy as kernels
+
+    from veofast.ops.cross_entropy import _reference_pass
+
+    monkeypatch.setattr(kernels, "CHUNK_ROW_MULTIPLE", 4)
+    hidden, weight, labels, bias = make_inputs(30, 16, 129, ignored=0.0, bias=True)
+    scale = torch.rand(30) + 0.5
+    rows = torch.tensor([0, 3, 4, 9, 17, 18, 19, 25, 29])
+    got = kernels.linear_cross_entropy_pass(
+        hidden, weight, bias, labels, scale, chunk_bytes=1, row_index=rows, **PASS_OPTIONS
+    )
+    want = _reference_pass(hidden, weight, bias, labels, scale, row_index=rows, **PASS_OPTIONS)
+    left_out = torch.ones(30, dtype=torch.bool)
+    left_out[rows] = False
+    for g, w in zip(got, want, strict=True):
+        assert max_err(g, w) <= 1e-5 * w.abs().max().item()
+    for g in (got[0], got[1], got[2]):
+        assert g[left_out].eq(0).all()
+    dense = _reference_pass(hidden, weight, bias, torch.where(left_out, -100, labels), scale, **PASS_OPTIONS)
+    for g, w in zip(got, dense, strict=True):
+        assert max_err(g, w) <= 1e-5 * w.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_label_tokens_errors(backend):
+    hidden, weight, labels, _ = make_inputs(20, 8, 31, ignored=0.3)
+    count = int((labels != -100).sum())
+    f = call(backend)
+    with pytest.raises(ValueError, match=rf"num_label_tokens={count + 1} .* \({count}\)"):
+        f(hidden, weight, labels, num_label_tokens=count + 1)
+    for bad in (-1, 21, 2.0, True, torch.tensor(count)):
+        with pytest.raises(ValueError, match="num_label_tokens must be"):
+            f(hidden, weight, labels, num_label_tokens=bad)
+
+
+def test_num_label_tokens_under_torch_compile():
+    inputs = make_inputs(16, 16, 101, ignored=0.5)
+    count = int((inputs[2] != -100).sum())
+    torch._dynamo.reset()
+    compiled = torch.compile(call("torch"), backend="aot_eager", fullgraph=True)
+    assert_close64(run(compiled, *inputs, num_label_tokens=count), oracle_run(*inputs), rtol=1e-5)
+
 # --- GPU ---------------------------------------------------------------------------------------------------------
 
 
@@ -389,6 +453,7 @@ def test_gpu_no_host_sync():
     hidden, weight, labels, _ = make_inputs(1024, 256, 32003, dtype=torch.bfloat16, device="cuda")
     hidden.requires_grad_()
     weight.requires_grad_()
+    count = int((labels != -100).sum())  # the host's count, as a collator gives it
     fused_linear_cross_entropy(hidden, weight, labels).backward()  # warm-up (kernel compilation)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -396,9 +461,23 @@ def test_gpu_no_host_sync():
         loss = fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=1000, lse_square_scale=1e-4)
         loss.backward()
         fused_linear_cross_entropy(hidden, weight, labels).backward()
+        fused_linear_cross_entropy(hidden, weight, labels, num_label_tokens=count).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
+
+@pytest.mark.gpu
+def test_gpu_num_label_tokens_bf16():
+    """bf16 with the count given: the skipped rows change nothing beyond rounding (the same chunks of kept rows)."""
+    hidden, weight, labels, _ = make_inputs(3000, 512, 32003, dtype=torch.bfloat16, device="cuda", ignored=0.4)
+    count = int((labels != -100).sum())
+    got = run(call("triton"), hidden, weight, labels, num_label_tokens=count)
+    want = oracle_run(hidden, weight, labels)
+    eager = run(eager_torch, hidden, weight, labels)
+    for i, name in [(0, "loss"), (2, "grad_hidden"), (3, "grad_weight")]:
+        floor = 1e-3 * want[i].abs().max().item()
+        assert max_err(got[i], want[i]) <= 2 * max_err(eager[i], want[i]) + floor, name
+    assert got[2][labels == -100].eq(0).all()
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_inductor():

@@ -229,11 +229,13 @@ class CausalLM(nn.Module):
         (position t holds the label that logits at t predict; used under sequence parallelism). The loss is
         the sum over label tokens divided by ``num_items_in_batch`` when given (the loop passes the global
         label-token count of the step), else the mean over this micro-batch's label tokens.
-        ``num_label_tokens`` is the collator's local count; the loss does not need it.
+        ``num_label_tokens``, the collator's count of this micro-batch's label tokens (those of the shifted labels
+        other than -100; the collators set each document's first label to -100 so that shifting keeps the count),
+        lets the loss leave the other tokens out of its matmuls; a wrong count raises (a device-side assertion on
+        an accelerator).
 
         A training model: there is no KV cache, so ``use_cache=True`` or ``past_key_values`` raise ValueError.
         """
-        del num_label_tokens  # the collator's count is for the loop; the loss counts on the device
         if use_cache or past_key_values is not None:
             raise ValueError(
                 "CausalLM has no KV cache (use_cache=True / past_key_values given): it runs training and full-sequence "
@@ -291,6 +293,7 @@ class CausalLM(nn.Module):
             shift_labels.reshape(-1),
             ignore_index=IGNORE_INDEX,
             num_items_in_batch=num_items_in_batch,
+            num_label_tokens=num_label_tokens,
             backend=self.config.ops_backend,
         )
         loss = lm_loss

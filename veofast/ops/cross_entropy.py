@@ -35,13 +35,36 @@ def _reference_pass(
     grad_hidden: bool,
     grad_weight: bool,
     grad_bias: bool,
+    row_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Plain-torch twin of ``veofast.kernels.cross_entropy.linear_cross_entropy_pass`` (same arguments, same results).
 
-    hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,); token_scale: 0-dim or (N,) fp32.
+    hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,); token_scale: 0-dim or (N,) fp32;
+    row_index: (K,) int64 rows to compute or None for all (the others get loss 0 and no gradient).
     Returns ce (N,) and z (N,) in fp32 (float64 for float64 inputs) and the gradients of
     ``sum_n token_scale[n] * (ce[n] + z[n])`` (or None).
     """
+    if row_index is not None:  # the rows alone, spread back over N with zeros
+        scale = token_scale.index_select(0, row_index) if token_scale.dim() else token_scale
+        ce, z, g_hidden, g_weight, g_bias = _reference_pass(
+            hidden.index_select(0, row_index),
+            weight,
+            bias,
+            labels.index_select(0, row_index),
+            scale,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale,
+            softcap=softcap,
+            grad_hidden=grad_hidden,
+            grad_weight=grad_weight,
+            grad_bias=grad_bias,
+        )
+
+        def spread(part: torch.Tensor) -> torch.Tensor:
+            return part.new_zeros((hidden.shape[0], *part.shape[1:])).index_copy_(0, row_index, part)
+
+        return spread(ce), spread(z), None if g_hidden is None else spread(g_hidden), g_weight, g_bias
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     compute_grad = grad_hidden or grad_weight or grad_bias
     acc = torch.promote_types(hidden.dtype, torch.float32)
@@ -93,7 +116,7 @@ def _reference_pass(
 _PASS_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor token_scale, int ignore_index, "
     "float label_smoothing, float lse_square_scale, float? softcap, bool grad_hidden, bool grad_weight, "
-    "bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool grad_bias, Tensor? row_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -111,6 +134,7 @@ def _triton_pass_op(
     grad_hidden: bool,
     grad_weight: bool,
     grad_bias: bool,
+    row_index: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton pass as an opaque op (so ``torch.compile`` does not trace the launcher); grads that were not
     asked for come back as empty (0,) tensors."""
@@ -129,6 +153,7 @@ def _triton_pass_op(
         grad_hidden=grad_hidden,
         grad_weight=grad_weight,
         grad_bias=grad_bias,
+        row_index=row_index,
     )
     return (ce, z, *(hidden.new_empty(0) if g is None else g for g in grads))
 
@@ -147,6 +172,7 @@ def _(
     grad_hidden,
     grad_weight,
     grad_bias,
+    row_index,
 ):
     ce = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     g_bias = bias.new_empty(bias.shape) if grad_bias and bias is not None else hidden.new_empty(0)
@@ -172,10 +198,13 @@ def _(t, scale):
     return None
 
 
-def _run_pass(backend: str, hidden, weight, bias, labels, token_scale, options: tuple, needs: tuple[bool, bool, bool]):
+def _run_pass(
+    backend: str, hidden, weight, bias, labels, token_scale, row_index, options: tuple, needs: tuple[bool, bool, bool]
+):
     """Dispatch one pass to the Triton op or the torch reference; returns ce, z, grad_hidden, grad_weight, grad_bias.
 
-    options: (ignore_index, label_smoothing, lse_square_scale, softcap); needs: which grads to compute.
+    row_index: the rows to compute, or None for all; options: (ignore_index, label_smoothing, lse_square_scale,
+    softcap); needs: which grads to compute.
     """
     ignore_index, label_smoothing, lse_square_scale, softcap = options
     wanted = (needs[0], needs[1], needs[2] and bias is not None)
@@ -187,6 +216,7 @@ def _run_pass(backend: str, hidden, weight, bias, labels, token_scale, options: 
         grad_hidden=wanted[0],
         grad_weight=wanted[1],
         grad_bias=wanted[2],
+        row_index=row_index,
     )
     if backend == "torch":
         return _reference_pass(hidden, weight, bias, labels, token_scale, **kwargs)
@@ -216,16 +246,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Outputs (loss, z_loss_term). For "mean"/"sum" the gradients are made in forward and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_scale, reduction, options, backend, grad_enabled):
+    def forward(ctx, hidden, weight, bias, labels, token_scale, row_index, reduction, options, backend, grad_enabled):
         needs = ctx.needs_input_grad[:3]
         precompute = reduction != "none" and grad_enabled
         ce, z, *grads = _run_pass(
-            backend, hidden, weight, bias, labels, token_scale, options, needs if precompute else (False, False, False)
+            backend,
+            hidden,
+            weight,
+            bias,
+            labels,
+            token_scale,
+            row_index,
+            options,
+            needs if precompute else (False, False, False),
         )
         ctx.reduction, ctx.options, ctx.backend = reduction, options, backend
         ctx.grads_spent = False
         if reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, labels)
+            ctx.save_for_backward(hidden, weight, bias, labels, row_index)
             loss, z_term = ce + z, z
         else:
             ctx.save_for_backward(*grads)
@@ -237,16 +275,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @first_order_only(OP)
     def backward(ctx, grad_loss, grad_z):
         if ctx.reduction == "none":
-            hidden, weight, bias, labels = ctx.saved_tensors
+            hidden, weight, bias, labels, row_index = ctx.saved_tensors
             scale = grad_loss.to(torch.promote_types(grad_loss.dtype, torch.float32)).contiguous()
             _, _, *grads = _run_pass(
-                ctx.backend, hidden, weight, bias, labels, scale, ctx.options, ctx.needs_input_grad[:3]
+                ctx.backend, hidden, weight, bias, labels, scale, row_index, ctx.options, ctx.needs_input_grad[:3]
             )
         elif ctx.backend == "torch":
             grads = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
         else:
             grads = _scale_saved_grads_once(ctx, grad_loss)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _check_inputs(
@@ -306,6 +344,25 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
         )
 
 
+def _label_rows(labels: torch.Tensor, ignore_index: int, count: int) -> torch.Tensor | None:
+    """(count,) int64 positions of the labels that are not ``ignore_index`` (None when that is all of them), found
+    without a host sync; ``count`` is checked against them at once on a CPU, by a device-side assertion elsewhere."""
+    kept = labels != ignore_index
+    message = (
+        f"{OP}: num_label_tokens={count} but the labels hold a different number of values other than "
+        f"ignore_index={ignore_index}"
+    )
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        actual = int(kept.sum())
+        if actual != count:
+            raise ValueError(f"{message} ({actual})")
+    else:
+        torch._assert_async(kept.sum() == count, message)
+    if count == labels.numel():
+        return None
+    return torch.nonzero_static(kept, size=count).squeeze(1)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -319,6 +376,7 @@ def fused_linear_cross_entropy(
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
     return_z_loss: bool = False,
+    num_label_tokens: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``logits = hidden @ weight.T (+ bias)`` against ``labels``, never materialising all logits.
@@ -333,6 +391,10 @@ def fused_linear_cross_entropy(
       ``num_items_in_batch`` (int or 1-element tensor on hidden's device) when given; a count of 0 counts as 1 (the
       sum is then 0). "sum" sums; "none" returns the per-token loss, shape ``hidden.shape[:-1]``, 0 where ignored.
     - ``return_z_loss``: also return the z-loss term (reduced like the loss, already included in it, detached).
+    - ``num_label_tokens``: how many labels are not ``ignore_index``, when the caller knows it on the host (the
+      collators count them): the tokens with an ignored label are then left out of the matmuls, without a host
+      sync (their share of the work is saved; results are unchanged). A wrong count raises ValueError on a CPU and
+      fails a device-side assertion on an accelerator.
 
     Returns the loss in fp32 (float64 for float64 inputs on the torch backend; 0-dim, or per token for "none"), and
     the z-loss term when ``return_z_loss``. The gradients are made in the forward pass for "mean"/"sum", so a
@@ -345,6 +407,15 @@ def fused_linear_cross_entropy(
     _check_inputs(
         hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, lse_square_scale, softcap
     )
+    if num_label_tokens is not None and (
+        isinstance(num_label_tokens, bool)
+        or not isinstance(num_label_tokens, int)
+        or not 0 <= num_label_tokens <= labels.numel()
+    ):
+        raise ValueError(
+            f"{OP}: num_label_tokens must be None or an int in [0, {labels.numel()}] (labels.numel()), "
+            f"got {num_label_tokens!r}"
+        )
     chosen = resolve_backend(OP, backend, hidden.device)
     vocab = weight.shape[0]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
@@ -368,8 +439,11 @@ def fused_linear_cross_entropy(
         float(lse_square_scale),
         None if softcap is None else float(softcap),
     )
+    row_index = None
+    if num_label_tokens is not None:
+        row_index = _label_rows(labels1d, ignore_index, num_label_tokens)
     loss, z_term = _FusedLinearCrossEntropy.apply(
-        hidden2d, weight, bias, labels1d, token_scale, reduction, options, chosen, torch.is_grad_enabled()
+        hidden2d, weight, bias, labels1d, token_scale, row_index, reduction, options, chosen, torch.is_grad_enabled()
     )
     if reduction == "none":
         loss, z_term = loss.reshape(labels.shape), z_term.reshape(labels.shape)
@@ -389,6 +463,7 @@ def fused_linear_cross_entropy_reference(
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
     return_z_loss: bool = False,
+    num_label_tokens: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The plain-torch definition of ``fused_linear_cross_entropy`` (same arguments and results), chunked over
     tokens; it is the CPU backend. Raises ValueError for labels outside [0, V) other than ``ignore_index``."""
@@ -404,5 +479,6 @@ def fused_linear_cross_entropy_reference(
         lse_square_scale=lse_square_scale,
         softcap=softcap,
         return_z_loss=return_z_loss,
+        num_label_tokens=num_label_tokens,
         backend="torch",
     )
