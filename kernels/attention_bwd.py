@@ -24,6 +24,8 @@ take 3.93 ms there) and are not kept:
   takes at best ~3.75 ms, for 4% and up to 8.6 GB of dS buffer at this shape.
 - running the dQ and dK/dV kernels side by side on two streams (delta from a separate pass): 4.05 instead of
   3.93 ms (3.89 vs 3.79 ms at 16 documents of 2048): the heaviest-first schedule leaves no tail to fill.
+- rotating the dK/dV loop by hand (the next step's Q K^T and dO V^T issued before this step's two accumulations):
+  4.40-9.89 ms instead of 2.19 ms over five tile configs (2026-11-29); triton no longer pipelines the loads.
 
 Both recompute ``P = exp2(S * qk_scale - LSE * log2(e))`` from the forward's LSE; ``dS = P * (dP - delta)``.
 Queries past the end of a document get LSE = +inf, hence P = 0, so only the window edges (the causal diagonal)

@@ -17,6 +17,11 @@ of loads before its first tile load, and no empty (document, block) programs are
 Tile loads go through TMA tensor descriptors over the 2-D view ``(tokens, heads * head_dim)`` (``USE_TMA``) or
 through pointers. A TMA tile that runs past its document reads the next document's rows, and past the tensor
 zeros; those rows are kept out of every result by the masks (keys) or never stored (queries).
+
+Measured at the anchor mix (d=128, H200, triton 3.6, 2026-11-29) and not kept, against 1.31 ms for this kernel:
+rescaling the accumulator only when a row max grows by more than 8 (log2 units; a block-wide branch) took 1.62
+instead of 1.51 ms in the same probe kernel, and issuing the next block's Q K^T before this block's P V (the loop
+rotated by hand) 1.53 ms at 64x64 tiles and 1.56 ms at 128x128; no tile config made either faster.
 """
 
 import triton
