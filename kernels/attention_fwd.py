@@ -21,7 +21,9 @@ zeros; those rows are kept out of every result by the masks (keys) or never stor
 Measured at the anchor mix (d=128, H200, triton 3.6, 2026-11-29) and not kept, against 1.31 ms for this kernel:
 rescaling the accumulator only when a row max grows by more than 8 (log2 units; a block-wide branch) took 1.62
 instead of 1.51 ms in the same probe kernel, and issuing the next block's Q K^T before this block's P V (the loop
-rotated by hand) 1.53 ms at 64x64 tiles and 1.56 ms at 128x128; no tile config made either faster.
+rotated by hand) 1.53 ms at 64x64 tiles and 1.56 ms at 128x128; no tile config made either faster. Nor did a
+persistent grid (1-8 programs per SM, each looping over the tile table): 1.31-1.94 ms against 1.30 ms, and 1.87-1.92
+ms against 1.80 ms for the dQ kernel.
 """
 
 import triton
