@@ -78,12 +78,13 @@ def make_inputs(n: int, h: int, v: int, *, ignored: float = 0.1, seed: int = 0):
     return hidden, weight, labels
 
 
-def measure(name: str, fn, hidden, weight, labels, repeats: int) -> dict:
-    """Median fwd+bwd time and extra peak memory of one provider; an OOM or error is recorded, not raised."""
+def measure(name: str, fn, hidden, weight, labels, repeats: int, ignored: float) -> dict:
+    """Median fwd+bwd time and extra peak memory of one provider; an OOM or error is recorded, not raised.
+    ``ignored``: the share of ignored labels asked of ``make_inputs`` (the row also has the share drawn)."""
     n, h = hidden.shape
     v = weight.shape[0]
-    ignored = round((labels == -100).sum().item() / n, 3)
-    row = {"provider": name, "N": n, "H": h, "V": v, "dtype": "bfloat16", "ignored": ignored}
+    drawn = round((labels == -100).sum().item() / n, 3)
+    row = {"provider": name, "N": n, "H": h, "V": v, "dtype": "bfloat16", "ignored": ignored, "ignored_drawn": drawn}
 
     def step():
         hidden.grad = weight.grad = None
@@ -164,17 +165,23 @@ def main() -> None:
         if (n, h, v) == ANCHOR:
             correctness(hidden, weight, labels)
         for name, fn in found.items():
-            rows.append(measure(name, fn, hidden, weight, labels, args.repeats))
+            rows.append(measure(name, fn, hidden, weight, labels, args.repeats, args.ignored))
         count = int((labels != -100).sum())
         counted = functools.partial(fused_linear_cross_entropy, backend="triton", num_label_tokens=count)
-        rows.append(measure("veofast-triton[label count]", counted, hidden, weight, labels, args.repeats))
+        rows.append(measure("veofast-triton[label count]", counted, hidden, weight, labels, args.repeats, args.ignored))
         if (n, h, v) == ANCHOR:
             default = kernels.DEFAULT_CHUNK_BYTES, kernels.MAX_CHUNK_BYTES
             for mib in CHUNK_SWEEP_MIB:
                 kernels.DEFAULT_CHUNK_BYTES = kernels.MAX_CHUNK_BYTES = mib * 2**20
                 rows.append(
                     measure(
-                        f"veofast-triton[chunk {mib}MiB]", found["veofast-triton"], hidden, weight, labels, args.repeats
+                        f"veofast-triton[chunk {mib}MiB]",
+                        found["veofast-triton"],
+                        hidden,
+                        weight,
+                        labels,
+                        args.repeats,
+                        args.ignored,
                     )
                 )
             kernels.DEFAULT_CHUNK_BYTES, kernels.MAX_CHUNK_BYTES = default

@@ -32,6 +32,7 @@ CASE_KEYS = (
     "T",
     "H",
     "V",
+    "ignored",
     "E",
     "I",
     "K",
