@@ -44,8 +44,8 @@ class Config:
     query blocks; ``tile_store``: store the output tiles through one int64 tile base and int32
     offsets within the tile instead of a tile of int64 pointers (for dK/dV an sm_90 compile with triton 3.9 spills
     216 instead of 1040 bytes at an earlier d=128 config and needs 168 instead of 244 registers at d=64; on the
-    H200 with triton 3.6 it times within 1% of the pointer tiles, and 1.6% faster for the d=128 forward, the one
-    pinned config that uses it); ``q_rows``
+    H200 with triton 3.6 it times within 1% of the pointer tiles: 1.6% faster for the d=128 forward while that
+    kernel loaded V after the softmax, 0.5% slower since V is loaded next to K, so no pinned config uses it); ``q_rows``
     (dK/dV only): score tiles of (queries, keys), as in the forward, instead of (keys, queries) (see
     ``attention_bwd._dkdv_loop``)."""
 
@@ -73,7 +73,7 @@ class Config:
 CONFIGS: dict[tuple[str, int, int], Config] = {
     # head dims 128 and 256: timed at the packed anchor shape; head dim 64: at one 8192-token document (32/8 heads)
     ("fwd", 64, 16): Config(64, 128, 4, 2, tma=True),
-    ("fwd", 128, 16): Config(64, 64, 4, 3, tma=True, tile_store=True),
+    ("fwd", 128, 16): Config(64, 64, 4, 3, tma=True),
     ("fwd", 256, 16): Config(128, 64, 8, 2, tma=True),
     ("dq", 64, 16): Config(64, 64, 4, 3, tma=True),
     ("dq", 128, 16): Config(128, 64, 8, 4, tma=True),
