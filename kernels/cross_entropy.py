@@ -23,7 +23,8 @@ with 256 MiB chunks (0.22 GiB extra memory), liger-kernel 103.2 ms (0.15 GiB), t
 93.4 ms (4.64 GiB) (one run, 2026-11-29); it cuts the tokens into 22 chunks of up to 768 rows. Per chunk (timed
 with 832 rows in a probe): logits 1.45 ms, grad_hidden 1.50 ms, grad_weight 1.40
 ms for the first chunk and 1.73 ms for the others (the GEMM re-reads and re-writes grad_weight), the row kernel
-0.28 ms (0.35 ms with a running max per logit, which made it exp-bound). Triton GEMMs in place of cuBLAS, a logits
+0.28 ms (0.35 ms with a running max per logit, which made it exp-bound), now 0.19 ms at 768 rows since its
+gradient pass runs backwards (see ``ce_rows``). Triton GEMMs in place of cuBLAS, a logits
 GEMM whose epilogue wrote per-block softmax statistics (740 TFLOP/s; the row kernel then read the logits once) or a
 grad_weight GEMM accumulating with TMA reduce-adds, changed the total by under 1%, within noise, so they are not
 kept. At N=8192, H=2048, V=128256:
