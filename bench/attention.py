@@ -274,7 +274,7 @@ SWEEP_ALTERNATIVES = {
         (64, 64, 4, 4, True),
         (64, 128, 4, 2, True),
         (128, 64, 8, 3, False),
-        (64, 64, 4, 3, True),
+        (64, 64, 4, 3, True, True, True),  # tile_store (pinned before the V load moved next to K)
     ],
     ("fwd", 256): [(128, 32, 8, 3, False), (128, 32, 8, 3, True), (64, 64, 4, 3, True), (64, 32, 4, 3, True)],
     ("dq", 64): [(128, 64, 8, 3, True), (64, 32, 4, 3, True)],

@@ -58,10 +58,20 @@ from veofast.models.decoder import DecoderLayer  # noqa: E402
 from veofast.models.rotary import rotary_frequencies  # noqa: E402
 from veofast.utils.helper import exit_process  # noqa: E402
 
-SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "head_dim": 128}
-SHAPE_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 4,
-              "head_dim": 8}  # 2 local KV heads at SP=2: the pipeline runs with 2 chunks
+SHAPE_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+}
+SHAPE_TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+}  # 2 local KV heads at SP=2: the pipeline runs with 2 chunks
 DOC_SHARES = (6, 4, 3, 2, 1)  # five documents: 3/8, 1/4, 3/16, 1/8, 1/16 of the tokens
 logger = logging.getLogger("bench.ulysses")
 
@@ -146,8 +156,11 @@ def all_to_all_alone(
     n, d = tokens // size, config.head_dim
     kv = max(config.num_key_value_heads, size)
     widths = [config.num_attention_heads, kv, kv, config.num_attention_heads] * 2
-    buffers = [torch.randn(size, n, w // (size * chunks) * d, device=device, dtype=dtype)
-               for w in widths for _ in range(chunks)]
+    buffers = [
+        torch.randn(size, n, w // (size * chunks) * d, device=device, dtype=dtype)
+        for w in widths
+        for _ in range(chunks)
+    ]
 
     def run() -> None:
         for send in buffers:
@@ -254,9 +267,13 @@ def run(args) -> list[dict]:
     dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
     tokens = args.tokens if not tiny else 512
     tokens -= tokens % size
-    config = DecoderConfig(model_type="llama", num_hidden_layers=1, vocab_size=32000,
-                           ops_backend="torch" if device_type == "cpu" else args.ops_backend,
-                           **(SHAPE_TINY if tiny else SHAPE_7B))
+    config = DecoderConfig(
+        model_type="llama",
+        num_hidden_layers=1,
+        vocab_size=32000,
+        ops_backend="torch" if device_type == "cpu" else args.ops_backend,
+        **(SHAPE_TINY if tiny else SHAPE_7B),
+    )
     config, fallback = pick_ops_backend(config, device, dtype)
     torch.manual_seed(0)
     with torch.device(device):
@@ -282,23 +299,32 @@ def run(args) -> list[dict]:
     }
     for c in counts:
         steps[f"comm/{c}"] = all_to_all_alone(config, tokens, size, device, dtype, ps.sp_group, args.transport, c)
-    base = {"shape": "tiny" if tiny else "7B-layer", "tokens": tokens, "docs": lengths, "sp": size,
-            "transport": args.transport,
-            "ops_backend": config.ops_backend, "dtype": str(dtype).removeprefix("torch."), "fallback": fallback}
+    base = {
+        "shape": "tiny" if tiny else "7B-layer",
+        "tokens": tokens,
+        "docs": lengths,
+        "sp": size,
+        "transport": args.transport,
+        "ops_backend": config.ops_backend,
+        "dtype": str(dtype).removeprefix("torch."),
+        "fallback": fallback,
+    }
 
     # correctness: this rank's slice of the SP output against the whole-sequence layer, for every chunk count
     set_mode(sp_layer, "async", args.transport)
     errs = {}
     with torch.no_grad():
         n = tokens // size
-        whole = layer_output(layer, inputs.hidden, inputs.positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq,
-                             scaling)
-        ref = whole[rank * n:(rank + 1) * n].float()
+        whole = layer_output(
+            layer, inputs.hidden, inputs.positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling
+        )
+        ref = whole[rank * n : (rank + 1) * n].float()
         del whole
         for c in counts:
             set_mode(sp_layer, "async", head_chunks=c)
-            part = layer_output(sp_layer, local_hidden, local_positions, inputs.cu_seqlens, inputs.max_seqlen,
-                                inv_freq, scaling)
+            part = layer_output(
+                sp_layer, local_hidden, local_positions, inputs.cu_seqlens, inputs.max_seqlen, inv_freq, scaling
+            )
             errs[c] = ((part.float() - ref).abs().max() / ref.abs().max()).item()
             del part
         del ref
@@ -354,17 +380,27 @@ def run(args) -> list[dict]:
         name, _, chunks = case.partition("/")
         tok = {"1gpu_half": sum(half_lengths)}.get(name, tokens)
         flops = {"1gpu": flops_full, "1gpu_half": flops_half, "comm": None}.get(name, flops_full / size)
-        rows.append({**base, "case": name, "head_chunks": int(chunks) if chunks else None, "ms": ms[case],
-                     "ms_all": times[case], "tokens_case": tok,
-                     "tflops_per_gpu": flops / ms[case] / 1e9 if flops else None, "peak_gib": peaks.get(case),
-                     "error": errors.get(case)})
+        rows.append(
+            {
+                **base,
+                "case": name,
+                "head_chunks": int(chunks) if chunks else None,
+                "ms": ms[case],
+                "ms_all": times[case],
+                "tokens_case": tok,
+                "tflops_per_gpu": flops / ms[case] / 1e9 if flops else None,
+                "peak_gib": peaks.get(case),
+                "error": errors.get(case),
+            }
+        )
     exposed_sync1 = ms["sync/1"] - ms["compute/1"] if 1 in counts else float("nan")
     for c in counts:
         trace_info: dict = {}
         if f"overlap/{c}" not in errors:
             set_mode(sp_layer, "async", head_chunks=c)
-            trace_path = write_trace(steps["sp"], 2 if tiny else 3, rank, output_dir(),
-                                     f"ulysses_trace_rank0_chunks{c}.json.gz")
+            trace_path = write_trace(
+                steps["sp"], 2 if tiny else 3, rank, output_dir(), f"ulysses_trace_rank0_chunks{c}.json.gz"
+            )
             if trace_path is not None:
                 trace_info = {"trace": str(trace_path), **trace_overlap(trace_path)}
         overlap, sync, compute, comm = (ms[f"{name}/{c}"] for name in ("overlap", "sync", "compute", "comm"))
@@ -396,12 +432,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer timed rounds")
     parser.add_argument("--tiny", action="store_true", help="tiny layer on CPU/gloo (a smoke run of this script)")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per SP group (default 64k)")
-    parser.add_argument("--ops-backend", default="auto", choices=("auto", "triton", "torch"),
-                        help="backend of the layer's fused ops (falls back to 'torch', logged, if a small run fails)")
-    parser.add_argument("--transport", default="nccl", choices=TRANSPORTS,
-                        help="what carries the all-to-alls: NCCL kernels or the copy engines (symmetric memory)")
-    parser.add_argument("--head-chunks", type=int, nargs="+", default=None, metavar="N",
-                        help="chunk counts of the head-chunked pipeline to compare (default: 2 and 1)")
+    parser.add_argument(
+        "--ops-backend",
+        default="auto",
+        choices=("auto", "triton", "torch"),
+        help="backend of the layer's fused ops (falls back to 'torch', logged, if a small run fails)",
+    )
+    parser.add_argument(
+        "--transport",
+        default="nccl",
+        choices=TRANSPORTS,
+        help="what carries the all-to-alls: NCCL kernels or the copy engines (symmetric memory)",
+    )
+    parser.add_argument(
+        "--head-chunks",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="chunk counts of the head-chunked pipeline to compare (default: 2 and 1)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     code, rank = 0, 0
@@ -418,13 +468,28 @@ def main() -> None:
             record("ulysses", row)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         print(f"\n{device}: one decoder layer fwd+bwd, ms per step on each rank (median of rounds)")
-        print_table([r for r in rows if r.get("case") != "summary"],
-                    ["case", "head_chunks", "ms", "tokens_case", "tflops_per_gpu", "peak_gib", "error"])
+        print_table(
+            [r for r in rows if r.get("case") != "summary"],
+            ["case", "head_chunks", "ms", "tokens_case", "tflops_per_gpu", "peak_gib", "error"],
+        )
         summaries = [r for r in rows if r.get("case") == "summary"]
         if summaries:
             print("\nper chunk count (hidden% = 1 - (overlap - compute) / (sync - compute)):")
-            print_table(summaries, ["head_chunks", "hidden%", "hidden%_vs_sync1", "exposed_overlap_ms",
-                                    "exposed_sync_ms", "eff", "eff_half", "sp_mfu%", "max_rel_err", "trace_hidden%"])
+            print_table(
+                summaries,
+                [
+                    "head_chunks",
+                    "hidden%",
+                    "hidden%_vs_sync1",
+                    "exposed_overlap_ms",
+                    "exposed_sync_ms",
+                    "eff",
+                    "eff_half",
+                    "sp_mfu%",
+                    "max_rel_err",
+                    "trace_hidden%",
+                ],
+            )
         for row in summaries:
             print("\n" + "\n".join(f"{k}: {v}" for k, v in row.items() if k not in ("docs", "dtype")))
     exit_process(code)
