@@ -33,6 +33,7 @@ picks some of these shapes, ``--smoke`` runs it on CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import multiprocessing
 import os
@@ -278,7 +279,7 @@ SWEEP_ALTERNATIVES = {
     ],
     ("fwd", 256): [(128, 32, 8, 3, False), (128, 32, 8, 3, True), (64, 64, 4, 3, True), (64, 32, 4, 3, True)],
     ("dq", 64): [(128, 64, 8, 3, True), (64, 32, 4, 3, True)],
-    ("dq", 128): [(128, 64, 8, 3, True), (64, 64, 4, 2, True), (64, 32, 4, 2, True)],
+    ("dq", 128): [(128, 64, 8, 4, True), (128, 64, 8, 3, True), (64, 64, 4, 2, True), (64, 32, 4, 2, True)],
     ("dq", 256): [(64, 32, 4, 3, False), (128, 32, 8, 2, True), (64, 64, 4, 2, True)],
     # dK/dV: (block_m, block_n, warps, stages, tma, split_mask, tile_store, q_rows)
     ("dkdv", 64): [
@@ -329,11 +330,10 @@ def sweep_setup(smoke: bool) -> dict:
         }
     from veofast.kernels.attention import CONFIGS, Config
 
-    def as_tuple(c):
-        return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.split_mask, c.tile_store, c.q_rows)
-
     def candidates(kernel, d):  # the CONFIGS entry first, no duplicates
-        specs = [as_tuple(CONFIGS[(kernel, d, 16)])] + [as_tuple(Config(*s)) for s in SWEEP_ALTERNATIVES[kernel, d]]
+        specs = [dataclasses.astuple(CONFIGS[(kernel, d, 16)])] + [
+            dataclasses.astuple(Config(*s)) for s in SWEEP_ALTERNATIVES[kernel, d]
+        ]
         return list(dict.fromkeys(specs))
 
     return {

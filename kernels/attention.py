@@ -12,6 +12,11 @@ Tile sizes, warps, stages and the load path are fixed per (kernel, head-dim clas
 aligned data and token stride; otherwise the pointer path runs (logged once). Under ``TRITON_INTERPRET=1`` each
 kernel runs one small config.
 
+Programmatic dependent launch (each kernel waits on ``griddepcontrol.wait`` and releases the next one with
+``launch_dependents``, at its start or after its main loop) was measured on an H200 (triton 3.6, fwd+bwd of the op,
+2026-11-29) and is not used: at the anchor mix -0.7% to +0.5% depending on the run, but 2-5% slower at documents of
+8192 tokens and up to 2.9% slower at 2048.
+
 Supported: fp16/bf16 (tensor-core dots, fp32 accumulation) and fp32 (exact ``ieee`` dots: correct but slow on a
 GPU); head dims 16, 32, 64, 128, 256. The caller (``veofast.ops.attention``) validates the inputs.
 """
@@ -47,7 +52,16 @@ class Config:
     H200 with triton 3.6 it times within 1% of the pointer tiles: 1.6% faster for the d=128 forward while that
     kernel loaded V after the softmax, 0.5% slower since V is loaded next to K, so no pinned config uses it); ``q_rows``
     (dK/dV only): score tiles of (queries, keys), as in the forward, instead of (keys, queries) (see
-    ``attention_bwd._dkdv_loop``)."""
+    ``attention_bwd._dkdv_loop``); ``max_registers``: cap on the registers per thread (triton's ``maxnreg``), None
+    for the compiler's choice. A cap that spills nothing can still change the instruction schedule: on an H200
+    (triton 3.6, anchor mix, 2026-11-29) the d=128 dQ kernel takes 1.758 ms with 3 stages at 168 registers against
+    1.796 ms for the former pin (4 stages, the 177 registers it picks itself), 1.788 ms with 3 stages uncapped, and
+    1.761-1.770 ms at caps of 160, 176 and 192 (fwd+bwd of the op: 5.152 instead of 5.177 ms). Caps below what the
+    other kernels pick were no faster (d=128 forward: 128-160 registers, 1.30-1.46 ms against 1.30 ms) or
+    did not hold up in the op (d=64 dK/dV at 168: 1.221 instead of 1.254 ms alone, but the op's fwd+bwd at one
+    8192-token document took 2.40 instead of 2.33 ms, in a run with dependent launches on), and a
+    cap that opens a second program per multiprocessor did not beat the pinned tiles (d=128 forward at 128x64, 8
+    warps, 2 stages: 1.317 ms capped at 128, 2.05 ms uncapped)."""
 
     block_m: int
     block_n: int
@@ -57,11 +71,13 @@ class Config:
     split_mask: bool = True
     tile_store: bool = False
     q_rows: bool = False
+    max_registers: int | None = None
 
     def __str__(self) -> str:
         flags = ("-tma" if self.tma else "-ptr") + ("" if self.split_mask else "-onemask")
         flags += "-tilestore" if self.tile_store else ""
         flags += "-qrows" if self.q_rows else ""
+        flags += f"-r{self.max_registers}" if self.max_registers else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
@@ -76,7 +92,7 @@ CONFIGS: dict[tuple[str, int, int], Config] = {
     ("fwd", 128, 16): Config(64, 64, 4, 3, tma=True),
     ("fwd", 256, 16): Config(128, 64, 8, 2, tma=True),
     ("dq", 64, 16): Config(64, 64, 4, 3, tma=True),
-    ("dq", 128, 16): Config(128, 64, 8, 4, tma=True),
+    ("dq", 128, 16): Config(128, 64, 8, 3, tma=True, max_registers=168),
     ("dq", 256, 16): Config(64, 32, 4, 3, tma=True),
     ("dkdv", 64, 16): Config(64, 64, 4, 3, tma=True, q_rows=True),
     ("dkdv", 128, 16): Config(64, 64, 4, 2, tma=True, q_rows=True),
@@ -187,6 +203,7 @@ def _heavy_last(window_left: int, window_right: int) -> bool:
 
 
 def _launch(kernel, grid: int, config: Config, *args, **constexprs) -> None:
+    options = {} if config.max_registers is None else {"maxnreg": config.max_registers}
     kernel[(grid,)](
         *args,
         BLOCK_M=config.block_m,
@@ -194,6 +211,7 @@ def _launch(kernel, grid: int, config: Config, *args, **constexprs) -> None:
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **constexprs,
+        **options,
     )
 
 

@@ -172,6 +172,16 @@ def test_triton_matches_reference(lens_q, lens_k, hq, hk, d, dtype, causal, wind
             (6, 3),
             id="qrows-ptr-window",
         ),
+        pytest.param(  # a register cap (maxnreg) on each kernel
+            [
+                (16, 16, 4, 1, False, True, False, False, 128),
+                (16, 32, 4, 1, True, True, False, False, 168),
+                (16, 16, 4, 1, True, True, False, True, 128),
+            ],
+            True,
+            (-1, -1),
+            id="register-cap",
+        ),
     ],
 )
 def test_kernel_configs_match_reference(configs, causal, window_size):
