@@ -59,6 +59,9 @@ MAX_CHUNK_BYTES = 1024 * 2**20
 # Chunk row counts are multiples of CHUNK_ROW_MULTIPLE, so the GEMMs see well-shaped tiles, and of
 # LARGE_CHUNK_ROW_MULTIPLE once the budget holds twice that many rows: cuBLAS picked slow kernels for 1664-row chunks
 # (at N=65536: 402 ms against 377 ms for 2048 rows; at N=32768: 200 against 191 ms for 1536 rows, same run as above).
+# Finer multiples fit more rows in the 256 MiB default but were no faster at N=16384, V=151936 (one run, 2026-11-29):
+# 832-row chunks (multiple 64) 109.7 ms and 99.4 ms with the label count, 864 rows (multiple 32) 100.8 ms, against
+# 100.5 and 92.5 ms for 768 rows; 832 rows with the label count also took 0.256 GiB extra, above the 0.25 GiB target.
 CHUNK_ROW_MULTIPLE = 128
 LARGE_CHUNK_ROW_MULTIPLE = 512
 MAX_BLOCK_V = 4096
