@@ -16,21 +16,39 @@ one run (2026-11-29): 92.6 instead of 101.9 ms with 10% of labels ignored, 50.5 
 (0.236 instead of 0.218 GiB extra; torch.compile 94.4 and 90.6 ms).
 
 Measured on an H200 (bf16, forward + backward of the public op, 10% of labels ignored; "floor" = 6NHV FLOP at the
-784 TFLOP/s of ANCHORS.md): at N=16384, H=4096, V=151936 (floor 78.0 ms) the three GEMMs alone, unchunked on cuBLAS,
-take 90.6 ms (logits / grad_hidden / grad_weight at 709 / 656 / 664 TFLOP/s; an 8192^3 matmul ran at 698 TFLOP/s
-in the same run), so 84 ms (93% of the floor's rate) is out of reach with cuBLAS GEMMs. This pass takes 98.4 ms
-with 256 MiB chunks (0.22 GiB extra memory), liger-kernel 103.2 ms (0.15 GiB), torch.compile of the eager loss
-93.4 ms (4.64 GiB) (one run, 2026-11-29); it cuts the tokens into 22 chunks of up to 768 rows. Per chunk (timed
-with 832 rows in a probe): logits 1.45 ms, grad_hidden 1.50 ms, grad_weight 1.40
-ms for the first chunk and 1.73 ms for the others (the GEMM re-reads and re-writes grad_weight), the row kernel
-0.28 ms (0.35 ms with a running max per logit, which made it exp-bound), now 0.19 ms at 768 rows since its
-gradient pass runs backwards (see ``ce_rows``). Triton GEMMs in place of cuBLAS, a logits
-GEMM whose epilogue wrote per-block softmax statistics (740 TFLOP/s; the row kernel then read the logits once) or a
-grad_weight GEMM accumulating with TMA reduce-adds, changed the total by under 1%, within noise, so they are not
-kept. At N=8192, H=2048, V=128256:
-21.2 ms (floor 16.5) against torch.compile 22.1 and liger 28.5. At N=4096, H=4096, V=151936 (floor 19.5 ms) the
-tokens go in one chunk (N <= H, see ``DEFAULT_CHUNK_BYTES``): 21.8 ms (1.12x the floor, 1.16 GiB extra, as
-torch.compile's) against torch.compile 22.6 and liger 54.5, where six 256 MiB chunks took 25.3 ms.
+784 TFLOP/s of ANCHORS.md). At N=16384, H=4096, V=151936 (floor 78.0 ms), one run of bench/cross_entropy.py
+(2026-11-29): 98.7 ms with 0.22 GiB extra memory, 90.0 ms given the label count, against torch.compile 92.6 ms
+(4.64 GiB) and liger-kernel 104.0 ms (0.15 GiB). The pass cuts the tokens into 22 chunks of up to 768 rows.
+
+- Where the time goes (torch.profiler, same machine, per fwd+bwd): 96.5 ms of kernels, of which the three cuBLAS
+  GEMMs take 91.9 ms and the row kernel 4.5 ms (0.204 ms per chunk, 3.6 TB/s over its three passes). Per chunk:
+  logits 1.29 ms, grad_hidden 1.30 ms, grad_weight 1.45 ms for the first chunk and 1.67 ms for the others (the GEMM
+  re-reads and re-writes all of grad_weight). The first two run at about 740 TFLOP/s.
+- The same GEMMs timed alone, with the GPU idle between calls, run 8-12% faster (logits and grad_hidden 1.19 ms,
+  grad_weight 1.28 ms, or 1.49 ms re-reading grad_weight). Under the ~100 ms of sustained load of a whole pass they
+  do not. So even with no overhead at all, the GEMMs of all N tokens take about 90 ms, and those of the kept 90%
+  about 81 ms, while 84 ms and 1.14x torch.compile need about 81 ms in all.
+- Measured and not kept (changes under 1% of the total, or a loss elsewhere):
+  - Triton GEMMs in place of cuBLAS.
+  - A logits GEMM whose epilogue wrote per-block softmax statistics (740 TFLOP/s; the row kernel then read the
+    logits once).
+  - grad_weight GEMMs in Triton, one 768-row chunk, against cuBLAS ``addmm_`` at 1.49 ms (2026-11-29):
+    - a persistent TMA kernel adding the old value in its epilogue takes 1.74 ms (only 128x128 tiles fit in shared
+      memory);
+    - one that accumulates with TMA reduce-adds takes 1.45 ms, but it rounds each chunk's product to bf16 before
+      the add (error 2.34e-3 against 1.66e-3 for one chunk), on top of the 2.64e-3 the op's grad_weight already
+      has at the anchor (torch's bf16 path: 1.79e-3; the bound is twice that).
+  - ``torch._grouped_mm`` with the kept-row count on the device, which would let the pass skip ignored rows without
+    the host's count:
+    - logits: 1.215 ms against 1.191 ms for ``mm``, and 0.79 ms at half the rows;
+    - grad_hidden: 1.415 ms against 1.194 ms, and still 1.38 ms at half the rows (K = V is long and M short, and
+      it does not split K).
+  - The row kernel with 1-8 programs per multiprocessor looping over rows, or with 2048- or 8192-wide vocab blocks:
+    0.192 ms at best, as one program per row with 4096-wide blocks.
+
+At N=8192, H=2048, V=128256: 21.2 ms (floor 16.5) against torch.compile 22.1 and liger 28.5. At N=4096, H=4096,
+V=151936 (floor 19.5 ms) the tokens go in one chunk (N <= H, see ``DEFAULT_CHUNK_BYTES``): 22.5 ms (1.15x the floor,
+1.16 GiB extra, as torch.compile's) against torch.compile 22.1 and liger 54.5; six 256 MiB chunks took 25.3 ms.
 """
 
 from __future__ import annotations
@@ -41,10 +59,12 @@ import triton.language as tl
 
 # Bytes of the reused (chunk_rows, V) logits buffer, the only extra memory besides the gradients themselves. The
 # grad_weight GEMM has K = chunk_rows and re-reads and re-writes all of grad_weight once per chunk, so bigger chunks are
-# faster and cost memory (256 MiB = 768 rows at V=151936 in bf16, rounded down to CHUNK_ROW_MULTIPLE). On an H200 at
-# N=16384, H=4096, V=151936, 256 MiB took 98.7 ms against 101.0 ms for 512 MiB, with 0.22 instead of 0.47 GiB extra
-# (bench/cross_entropy.py). At N=8192, H=2048, V=128256 (the 1B model's training loss, no label ignored): 20.8 ms with
-# 256 MiB (0.25 GiB extra), 20.3 with 512 MiB, 20.2 with 1 GiB and 19.7 ms in one chunk (1.96 GiB extra) (2026-11-29).
+# faster and cost memory (256 MiB = 768 rows at V=151936 in bf16, rounded down to CHUNK_ROW_MULTIPLE). 256 MiB keeps
+# the extra memory within 0.25 GiB at N=16384, H=4096, V=151936. One H200 run there (bench/cross_entropy.py,
+# 2026-11-29): 256 MiB 98.7 ms (0.22 GiB extra), 512 MiB 94.1 ms (0.44), 1 GiB 92.1 ms (0.87), 2 GiB 92.9 ms (1.59);
+# an earlier run had 512 MiB slower (101.0 ms). At N=8192, H=2048, V=128256 (the 1B model's training loss, no label
+# ignored): 20.8 ms with 256 MiB (0.25 GiB extra), 20.3 with 512 MiB, 20.2 with 1 GiB and 19.7 ms in one chunk
+# (1.96 GiB extra) (2026-11-29).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # For more tokens the default budget grows to what the hidden states and their gradient take (2 * N * H elements,
 # which exist anyway), up to this cap. H200, H=4096, V=151936, fwd+bwd (one run, 2026-11-29): at N=65536, 768 rows
