@@ -162,10 +162,13 @@ def check_evaluation_args(args: Arguments) -> None:
     """Evaluation runs when both data.eval_path and train.eval_steps > 0 are set; one without the other is an error
     (a validation set that would never be read, or evaluations with no data)."""
     if bool(args.data.eval_path) != (args.train.eval_steps > 0):
+        if args.data.eval_path:
+            remedy = "pass --train.eval_steps N to evaluate every N steps, or --data.eval_path null"
+        else:
+            remedy = "pass --data.eval_path FILE to evaluate on it, or --train.eval_steps 0"
         raise ArgumentError(
             f"evaluation needs both data.eval_path and train.eval_steps > 0 (got data.eval_path="
-            f"{args.data.eval_path!r}, train.eval_steps={args.train.eval_steps}): pass --train.eval_steps N to "
-            "evaluate every N steps, or --data.eval_path null to train without evaluation"
+            f"{args.data.eval_path!r}, train.eval_steps={args.train.eval_steps}): {remedy} to train without evaluation"
         )
 
 

@@ -104,14 +104,18 @@ def test_train_kill_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override", [["--train.eval_steps", "0"], ["--data.eval_path", "null", "--train.eval_steps", "5"]]
+    "override, remedy",
+    [
+        (["--train.eval_steps", "0"], "--data.eval_path null to train without evaluation"),
+        (["--data.eval_path", "null", "--train.eval_steps", "5"], "--train.eval_steps 0 to train without evaluation"),
+    ],
 )
-def test_evaluation_needs_both_a_path_and_a_period(tmp_path, override):
-    """Half an evaluation setup fails at once, saying how to complete it or turn it off."""
+def test_evaluation_needs_both_a_path_and_a_period(tmp_path, override, remedy):
+    """Half an evaluation setup fails at once, saying how to complete it or to turn off the half that is set."""
     proc = train_one_process(tmp_path / "out", *override)
     assert proc.returncode != 0
     assert "evaluation needs both data.eval_path and train.eval_steps > 0" in proc.stderr
-    assert "--data.eval_path null" in proc.stderr
+    assert remedy in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing was started
 
 
