@@ -24,10 +24,12 @@ Measured on an H200 (bf16, forward + backward of the public op, 10% of labels ig
   GEMMs take 91.9 ms and the row kernel 4.5 ms (0.204 ms per chunk, 3.6 TB/s over its three passes). Per chunk:
   logits 1.29 ms, grad_hidden 1.30 ms, grad_weight 1.45 ms for the first chunk and 1.67 ms for the others (the GEMM
   re-reads and re-writes all of grad_weight). The first two run at about 740 TFLOP/s.
-- The same GEMMs timed alone, with the GPU idle between calls, run 8-12% faster (logits and grad_hidden 1.19 ms,
-  grad_weight 1.28 ms, or 1.49 ms re-reading grad_weight). Under the ~100 ms of sustained load of a whole pass they
-  do not. So even with no overhead at all, the GEMMs of all N tokens take about 90 ms, and those of the kept 90%
-  about 81 ms, while 84 ms and 1.14x torch.compile need about 81 ms in all.
+- The same GEMMs timed alone, with the GPU idle between calls, run 8-14% faster (logits and grad_hidden 1.17-1.19
+  ms, grad_weight 1.28-1.30 ms, or 1.49 ms re-reading grad_weight). Under the sustained load of a whole pass the GPU
+  sits at its 700 W power limit and they do not: the op's kernel sequence took 101.1 ms of kernel time back to
+  back and 88.4 ms with 0.5 ms of idle before each kernel; 21 logits GEMMs back to back took 1.424 ms each, with
+  idle gaps 1.245 ms (one probe, 2026-11-29). So even with no overhead at all, the GEMMs of all N tokens take about
+  90 ms, and those of the kept 90% about 81 ms, while 84 ms and 1.14x torch.compile need about 81 ms in all.
 - Measured and not kept (changes under 1% of the total, or a loss elsewhere):
   - Triton GEMMs in place of cuBLAS.
   - A logits GEMM whose epilogue wrote per-block softmax statistics (740 TFLOP/s; the row kernel then read the
