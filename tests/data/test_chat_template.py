@@ -66,8 +66,23 @@ def test_errors(tokenizer):
         template.encode_messages([{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}])
     with pytest.raises(BadRecordError, match=r"messages\[0\]\['content'\]"):
         template.encode_messages([{"role": "assistant", "content": None}])
+    with pytest.raises(BadRecordError, match=r"messages\[0\]\['role'\] must be one of .* got 'tool'"):
+        template.encode_messages([{"role": "tool", "content": "42"}, {"role": "assistant", "content": "x"}])
     with pytest.raises(ValueError, match="unknown chat_template"):
         build_chat_template("alpaca", tokenizer)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+@pytest.mark.parametrize("extra", [{"tool_calls": [{"name": "f"}]}, {"reasoning_content": "hm"}, {"loss": False}])
+def test_keys_the_template_would_drop_are_bad_records(tokenizer, name, extra):
+    """These templates render role and content only: a tool call, reasoning or per-turn flag would be lost silently;
+    keys that hold nothing (Parquet's None for an absent struct field, an empty list) are fine."""
+    template = build_chat_template(name, tokenizer)
+    key = next(iter(extra))
+    with pytest.raises(BadRecordError, match=rf"messages\[1\] has \['{key}'\], which chat template"):
+        template.encode_messages([CONVERSATION[1], {**CONVERSATION[2], **extra}])
+    empty = {**CONVERSATION[2], key: None, "tool_calls": [], "name": ""}
+    assert template.encode_messages([CONVERSATION[1], empty]) == template.encode_messages(CONVERSATION[1:3])
     with pytest.raises(ValueError, match="no chat_template"):
         build_chat_template("tokenizer", tokenizer)
 

@@ -183,6 +183,38 @@ def test_custom_map_style_dataset():
     assert mb["input_ids"].shape == (2, 3)
 
 
+def cut_samples(i: int) -> dict:
+    """12 tokens; even samples train only their last 2 tokens (lost to a cut at 8), odd ones train all. Pre-packed:
+    two documents of 6 tokens (position_ids restart at 6)."""
+    ids = [100 * i + t for t in range(12)]
+    labels = [-100] * 10 + ids[10:] if i % 2 == 0 else list(ids)
+    return {"input_ids": ids, "labels": labels, "position_ids": list(range(6)) * 2}
+
+
+@pytest.mark.parametrize("mode", ["padding", "rmpad", "rmpad_with_pos_ids"])
+def test_samples_left_untrainable_by_truncation_are_dropped(mode, monkeypatch):
+    """The loader cuts samples to its budget (8 tokens here); one left with no trained label is dropped and logged,
+    not collated into a micro-batch that stops the run, and pre-packed position_ids are cut with the tokens."""
+    kwargs = {"rmpad": True} if mode == "rmpad" else {"rmpad_with_pos_ids": True} if mode != "padding" else {}
+    build = partial(build_dataloader, micro_batch_size=1, global_batch_size=2, max_seq_len=8, dp_rank=0, dp_size=1)
+    loader = build([cut_samples(i) for i in range(8)], **kwargs)
+    micro_batches = [mb for _ in range(2) for mb in next(loader)]  # one epoch: the 4 odd samples
+    assert sorted(mb["input_ids"][0, 0].item() // 100 for mb in micro_batches) == [1, 3, 5, 7]
+    for mb in micro_batches:
+        assert mb["input_ids"].shape == (1, 8) and mb["num_label_tokens"] == (7 if mode != "rmpad_with_pos_ids" else 6)
+        if mode == "rmpad_with_pos_ids":
+            assert mb["cu_seqlens"].tolist() == [0, 6, 8] and mb["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1]]
+    from veofast.data.dynamic_batching import _Truncator
+
+    monkeypatch.setattr(_Truncator, "MAX_DROPPED_IN_A_ROW", 5)
+    with pytest.raises(ValueError, match="5 samples in a row had no trained label within"):
+        next(build([cut_samples(2 * i) for i in range(8)], **kwargs))
+    with pytest.raises(ValueError, match="max_seq_len must be >= 2"):
+        build([cut_samples(1)], max_seq_len=1, global_batch_size=1)
+    with pytest.raises(ValueError, match=r"dyn_bsz_margin must be in \[0, micro_batch_size \* max_seq_len - 2\]"):
+        build([cut_samples(1)], dyn_bsz_margin=7, rmpad=True)
+
+
 class PlainIterable(torch.utils.data.IterableDataset):
     def __iter__(self):
         yield {"input_ids": [1, 2], "labels": [1, 2]}
@@ -199,6 +231,8 @@ def test_argument_errors(data_dir, transform):
         build(global_batch_size=8, dp_size=1, rmpad=True, rmpad_with_pos_ids=True)
     with pytest.raises(ValueError, match="needs train_steps"):
         build(global_batch_size=8, dp_size=1, rmpad=True, bsz_warmup_ratio=0.1)
+    with pytest.raises(ValueError, match=r"= 16777218 tokens per packed micro-batch is more than the packer's 2\*\*24"):
+        build(global_batch_size=8, dp_size=1, rmpad=True, max_seq_len=2**23 + 1)
     with pytest.raises(ValueError, match="dp_rank must be in"):
         build_dataloader(dataset, micro_batch_size=1, global_batch_size=2, max_seq_len=8, dp_rank=2, dp_size=2)
     with pytest.raises(ValueError, match="fewer than the 6 shards"):

@@ -47,6 +47,10 @@ def test_resolve_data_files(data_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .jsonl or .parquet files"):
         resolve_data_files(tmp_path / "empty")
+    (tmp_path / "run[1]").mkdir()  # glob characters in a path that exists: the path itself
+    write_jsonl(tmp_path / "run[1]" / "x.jsonl", records(1))
+    assert resolve_data_files(str(tmp_path / "run[1]")) == [str(tmp_path / "run[1]" / "x.jsonl")]
+    assert resolve_data_files(str(tmp_path / "run[1]" / "x.jsonl")) == [str(tmp_path / "run[1]" / "x.jsonl")]
 
 
 def test_directories_skip_hidden_entries(data_dir):
@@ -57,6 +61,16 @@ def test_directories_skip_hidden_entries(data_dir):
     files = resolve_data_files(data_dir)
     assert [f.rsplit("/", 1)[1] for f in files] == ["a.jsonl", "c.jsonl", "sub_b.parquet"]
     assert resolve_data_files(data_dir / "._a.jsonl") == [str(data_dir / "._a.jsonl")]  # named: read as asked
+
+
+def test_directories_follow_symlinked_subdirectories(data_dir, tmp_path_factory):
+    # a data directory assembled from links to other places is read whole; a link back up is read once
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    write_jsonl(elsewhere / "linked.jsonl", records(3))
+    (data_dir / "web").symlink_to(elsewhere, target_is_directory=True)
+    (data_dir / "loop").symlink_to(data_dir, target_is_directory=True)
+    files = resolve_data_files(data_dir)
+    assert [f.rsplit("/", 1)[1] for f in files] == ["a.jsonl", "c.jsonl", "sub_b.parquet", "linked.jsonl"]
 
 
 def test_unreadable_parquet_files(data_dir, transform, tokenizer):

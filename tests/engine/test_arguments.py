@@ -1,6 +1,9 @@
 """Argument parsing: YAML + dotted overrides, subclassing, strict errors, derived values, saving."""
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,6 +96,10 @@ def test_subclass_adds_arguments(config_file):
         (["--train.ulysses_transport", "ring"], r"train.ulysses_transport: must be one of"),
         (["--train.lr", "1", "--train.lr", "2"], r"--train.lr is given twice"),
         (["--train.lr", "1", "--train", "{lr: 2}"], r"--train is given twice"),
+        (
+            ["--model.config_overrides", "{a: 1}", "--model.config_overrides.b", "2"],
+            r"--model.config_overrides.b is given twice \(or together with its section",
+        ),
         (["--train.lr.x", "1"], r"unknown key 'train.lr.x': 'train.lr' is a setting, not a section"),
         (["--train", "5"], r"command line: 'train' is a section: set its keys, as --train.KEY VALUE"),
         (["--train.lr", "-1"], r"command line: train.lr must be a finite number > 0, got -1.0"),
@@ -112,6 +119,9 @@ def test_subclass_adds_arguments(config_file):
         (["--train.output_dir="], r"train.output_dir must be a directory path"),
         (["--data.max_seq_len", "1"], r"command line: data.max_seq_len must be >= 2, got 1"),
         (["--data.num_workers", "-1"], r"data.num_workers must be >= 0, got -1"),
+        (["--data.chat_template", "alpaca"], r"command line: data.chat_template must be one of \['chatml', "),
+        (["--train.seed", "-1"], r"command line: train.seed must be in \[0, 2\*\*64\), got -1"),
+        (["--train.weight_decay", "inf"], r"train.weight_decay must be a finite number >= 0, got inf"),
         (
             ["--train.ulysses_parallel_size", "2"],
             r"ulysses_parallel_size \* train.tensor_parallel_size = 2 \* 1 must "
@@ -126,6 +136,45 @@ def test_subclass_adds_arguments(config_file):
 def test_bad_command_line(config_file, argv, message):
     with pytest.raises(ArgumentError, match=message):
         parse_args(Arguments, [config_file, *argv])
+
+
+@pytest.mark.parametrize(
+    "argv, key, value",
+    [
+        (["--train.rmpad_with_pos_ids", "off"], "train.rmpad_with_pos_ids", False),  # YAML's spellings, as in a file
+        (["--train.enable_full_shard", "On"], "train.enable_full_shard", True),
+        (["--train.compile", "1"], "train.compile", True),
+        (["--train.seed", "12345678901234567891"], "train.seed", 12345678901234567891),  # exactly, not via float
+        (["--data.train_size", "1e10"], "data.train_size", 10**10),
+        (["--data.max_seq_len", "4096.0"], "data.max_seq_len", 4096),
+        (["--train.global_batch_size", "null"], "train.global_batch_size", 2),  # derived: micro_batch_size * 1 rank
+        (["--data.text_keys", "None"], "data.text_keys", None),
+        (["--model.basic_modules", "[A, B]"], "model.basic_modules", ["A", "B"]),
+        (["--train.wandb_name", "123"], "train.wandb_name", "123"),
+    ],
+)
+def test_command_line_values(config_file, argv, key, value):
+    section, name = key.split(".")
+    got = getattr(getattr(parse_args(Arguments, [config_file, *argv]), section), name)
+    assert got == value and type(got) is type(value)
+
+
+def test_help_lists_every_key(capsys):
+    """``--help`` prints every key with its type, default and help, and exits; every field has a help text."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(Arguments, ["--train.lr", "1", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for section, cls in (("model", ModelArguments), ("data", DataArguments), ("train", TrainingArguments)):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{section}.{f.name} has no help text"
+            assert f"--{section}.{f.name} " in text and f.metadata["help"] in text
+    assert '--data.datasets_type {mapping,iterable} (default: "mapping")' in text
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("*.yaml")))
+def test_shipped_configs_parse(config):
+    parse_args(Arguments, [str(Path(__file__).parents[2] / "configs" / config)])
 
 
 def test_unknown_yaml_key_names_file(tmp_path):
@@ -149,6 +198,8 @@ def test_unknown_yaml_key_names_file(tmp_path):
         ("train:\n  output_dir: yes\n", r"bad.yaml: train.output_dir: expected a string, got True"),
         ("train:\n  lr_warmup_ratio: 1.5\n", r"bad.yaml: train.lr_warmup_ratio must be in \[0.0, 1.0\], got 1.5"),
         ("train:\n", r"bad.yaml: 'train' must be a mapping, got None"),
+        ("train:\n  1: 2\n", r"bad.yaml: unknown key 'train.1'; valid keys under 'train.'"),
+        ("on: 1\n", r"bad.yaml: unknown key 'True'"),  # YAML reads the key ``on`` as a bool
     ],
 )
 def test_bad_yaml_names_file_and_key(tmp_path, text, message):
@@ -188,9 +239,12 @@ def test_argv_must_be_a_list(config_file):
         parse_args(Arguments, config_file)
 
 
-def test_compute_train_steps():
+def test_compute_train_steps(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("veofast"), "propagate", True)  # setup_logging() may have turned it off
     train = TrainingArguments(micro_batch_size=2, global_batch_size=4, rmpad_with_pos_ids=False)
-    assert train.compute_train_steps(128, dataset_length=41) == 10
+    with caplog.at_level(logging.WARNING, logger="veofast"):
+        assert train.compute_train_steps(128, dataset_length=41) == 10
+    assert "41 samples / global_batch_size 4 = 10 step(s) per epoch: the last 1 samples" in caplog.text
     dyn = TrainingArguments(micro_batch_size=2, global_batch_size=4, rmpad_with_pos_ids=True)
     assert dyn.compute_train_steps(1000, train_size=40_001) == 11
     fixed = TrainingArguments(train_steps=7)

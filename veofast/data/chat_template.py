@@ -9,7 +9,9 @@
 In every template the trained tokens of an assistant turn are its content and its end-of-turn token (so the
 model learns to stop); the role header, system and user turns, and the newline after an end-of-turn token are
 not trained. Messages are ``{"role": "system"|"user"|"assistant", "content": str}``; any number of turns, an
-optional system prompt first.
+optional system prompt first. Other roles (``tool``) are refused, and so are other keys with a value
+(``tool_calls``, ``reasoning_content``, ...) in ``"chatml"`` and ``"llama3"``, which would drop them; ``"tokenizer"``
+passes whole messages to the tokenizer's template.
 
 A custom template subclasses ``ChatTemplate`` and implements ``encode_messages`` and ``get_jinja_template``.
 """
@@ -23,6 +25,7 @@ from veofast.data.records import BadRecordError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+EMPTY = (None, "", [], {})  # message values that hold nothing (Parquet gives None for absent struct fields)
 
 
 def check_messages(messages: Sequence[dict]) -> None:
@@ -90,6 +93,14 @@ class SegmentTemplate(ChatTemplate):
 
     def encode_messages(self, messages: Sequence[dict[str, str]], max_seq_len: int = 8192) -> dict[str, list[int]]:
         check_messages(messages)
+        for i, message in enumerate(messages):  # rendered: role and content only; refuse what would be lost
+            dropped = sorted(k for k, v in message.items() if k not in ("role", "content") and v not in EMPTY)
+            if dropped:
+                raise BadRecordError(
+                    f"messages[{i}] has {dropped}, which chat template {type(self).__name__} does not render (only "
+                    "'role' and 'content'; tool calls, reasoning, per-turn loss flags would be lost): remove them, or "
+                    "use chat_template='tokenizer' with a template that renders them"
+                )
         input_ids: list[int] = []
         labels: list[int] = []
         for text, trained in self.segments(messages):

@@ -31,6 +31,7 @@ import torch
 from veofast.data.data_collator import DataCollatorWithPacking, DataCollatorWithPadding, DataCollatorWithPositionIDs
 from veofast.data.dataset import MappingShardStream
 from veofast.data.dynamic_batching import DynamicBatcher, FixedBatcher
+from veofast.data.packing import MAX_BUDGET
 
 logger = logging.getLogger(__name__)
 
@@ -350,6 +351,8 @@ def build_dataloader(
     micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
     global_batch_size = _positive_int("global_batch_size", global_batch_size)
     max_seq_len = _positive_int("max_seq_len", max_seq_len)
+    if max_seq_len < 2:
+        raise ValueError("build_dataloader: max_seq_len must be >= 2 (a sample needs 2 tokens to train one), got 1")
     if dp_rank is None or dp_size is None:
         from veofast.distributed.parallel_state import get_parallel_state, is_parallel_state_initialized
 
@@ -382,9 +385,15 @@ def build_dataloader(
     schedule = None
     if rmpad or rmpad_with_pos_ids:
         full = micro_batch_size * max_seq_len - dyn_bsz_margin
-        if not 0 <= dyn_bsz_margin < micro_batch_size * max_seq_len:
+        if not 0 <= dyn_bsz_margin <= micro_batch_size * max_seq_len - 2:
             raise ValueError(
-                f"build_dataloader: dyn_bsz_margin must be in [0, micro_batch_size * max_seq_len), got {dyn_bsz_margin}"
+                "build_dataloader: dyn_bsz_margin must be in [0, micro_batch_size * max_seq_len - 2] (a micro-batch "
+                f"needs 2 tokens to train one), got {dyn_bsz_margin}"
+            )
+        if full > MAX_BUDGET:
+            raise ValueError(
+                f"build_dataloader: micro_batch_size * max_seq_len - dyn_bsz_margin = {full} tokens per packed "
+                "micro-batch is more than the packer's 2**24"
             )
         if not 0.0 <= bsz_warmup_ratio < 1.0:
             raise ValueError(f"build_dataloader: bsz_warmup_ratio must be in [0, 1), got {bsz_warmup_ratio}")

@@ -12,8 +12,10 @@ only, that bin is ready. Ready micro-batches are given out in bin order, samples
 Budget: ``budget_at(step)`` tokens for the micro-batches of optimizer step ``step`` (constant outside the
 batch-size warm-up). When the budget changes, ready micro-batches packed for the old budget go back to the
 buffer. Over-long samples follow one documented rule: a sample longer than ``max_tokens`` (the full budget)
-is truncated to it, counted and logged; during warm-up, a sample longer than the warm-up budget (but not than
-``max_tokens``) gets a micro-batch of its own.
+is truncated to it (``input_ids``, ``labels`` and ``position_ids`` if it has them), counted and logged; during
+warm-up, a sample longer than the warm-up budget (but not than ``max_tokens``) gets a micro-batch of its own.
+A sample that truncation leaves with no trained label after its first token (an SFT answer beyond the cut) is
+dropped, counted and logged: it has nothing left to train, and a micro-batch of such samples could not be collated.
 """
 
 from __future__ import annotations
@@ -27,23 +29,56 @@ from veofast.data.packing import pack_sequences
 
 logger = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100
+
 
 class _Truncator:
-    """Cuts samples to ``limit`` tokens, counting and logging (first 10, then every 1000th)."""
+    """Cuts samples to ``limit`` tokens, counting and logging (first 10, then every 1000th).
+
+    Returns None for a sample left with nothing to train (no label != -100 after its first token), which the
+    batchers drop; ``MAX_DROPPED_IN_A_ROW`` such samples in a row mean the limit leaves nothing trainable at all.
+    """
+
+    MAX_DROPPED_IN_A_ROW = 1000
 
     def __init__(self, limit: int, what: str) -> None:
-        self.limit, self.what, self.count = limit, what, 0
+        if limit < 2:
+            raise ValueError(f"{what} = {limit}: a sample needs at least 2 tokens to train one")
+        self.limit, self.what, self.count, self.dropped, self.dropped_in_a_row = limit, what, 0, 0, 0
 
-    def __call__(self, sample: dict) -> dict:
+    def __call__(self, sample: dict) -> dict | None:
         n = len(sample["input_ids"])
         if n <= self.limit:
+            self.dropped_in_a_row = 0
             return sample
         self.count += 1
         if self.count <= 10 or self.count % 1000 == 0:
             logger.warning(
                 "truncated a sample of %d tokens to %s = %d (%d truncated so far)", n, self.what, self.limit, self.count
             )
-        return {**sample, "input_ids": sample["input_ids"][: self.limit], "labels": sample["labels"][: self.limit]}
+        cut = {key: sample[key][: self.limit] for key in ("input_ids", "labels", "position_ids") if key in sample}
+        if not np.any(np.asarray(cut["labels"][1:]) != IGNORE_INDEX):
+            return self._drop(n)
+        self.dropped_in_a_row = 0
+        return {**sample, **cut}
+
+    def _drop(self, n: int) -> None:
+        self.dropped += 1
+        self.dropped_in_a_row += 1
+        if self.dropped <= 10 or self.dropped % 1000 == 0:
+            logger.warning(
+                "dropped a sample of %d tokens: cut to %s = %d, it has no trained label left (%d dropped so far)",
+                n,
+                self.what,
+                self.limit,
+                self.dropped,
+            )
+        if self.dropped_in_a_row >= self.MAX_DROPPED_IN_A_ROW:
+            raise ValueError(
+                f"{self.dropped_in_a_row} samples in a row had no trained label within {self.what} = {self.limit} "
+                "tokens: raise data.max_seq_len (or micro_batch_size), or lower dyn_bsz_margin"
+            )
+        return None
 
 
 class FixedBatcher:
@@ -55,8 +90,13 @@ class FixedBatcher:
         self.emitted = 0
 
     def next_micro_batch(self) -> list[dict]:
+        samples = []
+        while len(samples) < self.micro_batch_size:
+            sample = self.truncate(next(self.stream))
+            if sample is not None:
+                samples.append(sample)
         self.emitted += 1
-        return [self.truncate(next(self.stream)) for _ in range(self.micro_batch_size)]
+        return samples
 
     def state_dict(self) -> dict:
         return {"emitted": self.emitted}
@@ -108,7 +148,9 @@ class DynamicBatcher:
 
     def _pack(self, budget: int) -> None:
         while len(self.buffer) < self.buffer_size:
-            self.buffer.append(self.truncate(next(self.stream)))
+            sample = self.truncate(next(self.stream))
+            if sample is not None:
+                self.buffer.append(sample)
         lengths = np.fromiter((min(len(s["input_ids"]), budget) for s in self.buffer), np.int64, len(self.buffer))
         indices, offsets = pack_sequences(lengths, budget, backend=self.backend)
         grouped = [self.buffer[i] for i in indices.tolist()]  # bin by bin, stream order within a bin

@@ -54,10 +54,11 @@ class BadRecordPolicy:
 def resolve_data_files(data_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The data files a path names: a file, a directory (searched recursively) or a glob; or a list of those.
 
-    Returns the ``.jsonl`` and ``.parquet`` files, sorted within each entry. As with a glob, a directory's hidden
-    entries (names starting with ``.``: ``.ipynb_checkpoints/``, macOS ``._*`` files, caches) are not searched.
-    Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` when no data file is found or
-    a named file has another suffix.
+    Returns the ``.jsonl`` and ``.parquet`` files, sorted within each entry. A path that exists is taken as it is,
+    even with glob characters in it (``run[1]/``). As with a glob, a directory's hidden entries (names starting with
+    ``.``: ``.ipynb_checkpoints/``, macOS ``._*`` files, caches) are not searched; symlinked subdirectories are
+    followed, each real directory searched once. Raises ``FileNotFoundError`` for a path that does not exist and
+    ``ValueError`` when no data file is found or a named file has another suffix.
     """
     entries = [data_path] if isinstance(data_path, (str, os.PathLike)) else list(data_path)
     if not entries:
@@ -65,13 +66,18 @@ def resolve_data_files(data_path: str | os.PathLike | Sequence[str | os.PathLike
     files: list[str] = []
     for entry in entries:
         entry = os.fspath(entry)
-        if any(ch in entry for ch in "*?["):
+        if any(ch in entry for ch in "*?[") and not os.path.exists(entry):  # an existing "run[1]/" is a path
             matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise FileNotFoundError(f"data path {entry!r}: the glob matches no file")
             files.extend(p for p in matches if file_format(p) is not None)
         elif os.path.isdir(entry):
-            for root, dirs, names in os.walk(entry):
+            visited = set()  # symlinked directories are followed, each real directory read once (no cycles)
+            for root, dirs, names in os.walk(entry, followlinks=True):
+                if os.path.realpath(root) in visited:
+                    dirs[:] = []
+                    continue
+                visited.add(os.path.realpath(root))
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 files.extend(
                     os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and file_format(n) is not None

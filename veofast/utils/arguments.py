@@ -119,17 +119,37 @@ class DataArguments:
     train_path: str | None = field(default=None, metadata={"help": "JSONL/Parquet file, directory or glob."})
     eval_path: str | None = field(default=None, metadata={"help": "Validation data; evaluated every eval_steps."})
     train_size: int = field(default=10_000_000, metadata={"help": "Tokens to train on (iterable datasets)."})
-    datasets_type: Literal["mapping", "iterable"] = field(default="mapping")
-    data_type: Literal["plaintext", "conversation"] = field(default="plaintext")
+    datasets_type: Literal["mapping", "iterable"] = field(
+        default="mapping",
+        metadata={"help": "mapping: records read into memory (small data); iterable: files streamed (large data)."},
+    )
+    data_type: Literal["plaintext", "conversation"] = field(
+        default="plaintext",
+        metadata={
+            "help": "plaintext: pre-training, all tokens trained; conversation: chat messages, assistant turns trained."
+        },
+    )
     text_keys: str | None = field(
         default=None, metadata={"help": "Record field with the text (default 'text') or messages ('messages')."}
     )
-    chat_template: str = field(default="chatml", metadata={"help": "chatml, llama3, or tokenizer."})
-    max_seq_len: int = field(default=2048)
-    num_workers: int = field(default=0)
-    drop_last: bool = field(default=True)
-    pin_memory: bool = field(default=False)
-    prefetch_factor: int | None = field(default=None)
+    chat_template: str = field(
+        default="chatml",
+        metadata={"help": "chatml (alias qwen), llama3, or tokenizer (the tokenizer's own Jinja template)."},
+    )
+    max_seq_len: int = field(
+        default=2048,
+        metadata={"help": "Longest sample in tokens: longer texts are split (plaintext), conversations truncated."},
+    )
+    num_workers: int = field(default=0, metadata={"help": "Dataloader worker processes per rank; 0: the main process."})
+    drop_last: bool = field(
+        default=True, metadata={"help": "Kept for VeOmni configs: the loader is endless and drops nothing."}
+    )
+    pin_memory: bool = field(
+        default=False, metadata={"help": "Pin micro-batches in host memory (faster copies to the GPU)."}
+    )
+    prefetch_factor: int | None = field(
+        default=None, metadata={"help": "Micro-batches each worker prepares ahead (with num_workers > 0)."}
+    )
     on_bad_record: Literal["raise", "skip"] = field(
         default="raise", metadata={"help": "A malformed record: raise, or skip it and count it in the logs."}
     )
@@ -146,24 +166,43 @@ class DataArguments:
                 "prefetch_factor": _none_or_at_least(1),
             },
         )
+        from veofast.data.chat_template import TEMPLATES  # here: the data package imports torch
+
+        _require(
+            self.chat_template in TEMPLATES, "data", "chat_template", self.chat_template, f"one of {list(TEMPLATES)}"
+        )
 
 
 @dataclass
 class TrainingArguments:
     """How to train: parallelism, batch, optimizer, schedule, checkpoints, logging."""
 
-    output_dir: str = field(default="outputs/run")
+    output_dir: str = field(
+        default="outputs/run", metadata={"help": "Where config.yaml, metrics.jsonl and checkpoints/ are written."}
+    )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start anew in an output_dir that holds another run's checkpoints."}
+        default=False,
+        metadata={
+            "help": "Start anew in an output_dir that holds another run's checkpoints (kept as checkpoints.<k>)."
+        },
     )
     # parallelism
     data_parallel_size: int = field(default=-1, metadata={"help": "-1: what the other axes leave."})
-    data_parallel_mode: Literal["ddp", "fsdp1", "fsdp2"] = field(default="fsdp2")
-    tensor_parallel_size: int = field(default=1)
-    expert_parallel_size: int = field(default=1)
-    pipeline_parallel_size: int = field(default=1)
-    context_parallel_size: int = field(default=1)
-    ulysses_parallel_size: int = field(default=1)
+    data_parallel_mode: Literal["ddp", "fsdp1", "fsdp2"] = field(
+        default="fsdp2", metadata={"help": "fsdp2: sharded parameters; ddp: replicated (fsdp1 is not supported)."}
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "Tensor-parallel mesh axis; build_parallelize_model does not implement TP."}
+    )
+    expert_parallel_size: int = field(
+        default=1, metadata={"help": "Ranks the MoE experts are sliced over; must divide the world size."}
+    )
+    pipeline_parallel_size: int = field(default=1, metadata={"help": "Not implemented: 1."})
+    context_parallel_size: int = field(default=1, metadata={"help": "Not implemented: 1 (use ulysses_parallel_size)."})
+    ulysses_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Ulysses sequence-parallel ranks each packed micro-batch is split over (needs rmpad*)."},
+    )
     ulysses_head_chunks: int = field(
         default=1,
         metadata={
@@ -181,41 +220,66 @@ class TrainingArguments:
     )
     enable_full_shard: bool = field(default=True, metadata={"help": "ZeRO-3: reshard parameters after forward."})
     enable_mixed_precision: bool = field(default=True, metadata={"help": "bf16 compute, fp32 master weights."})
-    enable_gradient_checkpointing: bool = field(default=False)
-    enable_fsdp_offload: bool = field(default=False)
-    init_device: Literal["meta", "cpu", "cuda"] = field(default="meta")
+    enable_gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute each decoder layer's activations in backward (less memory)."}
+    )
+    enable_fsdp_offload: bool = field(
+        default=False, metadata={"help": "Keep parameter shards and optimizer state on the CPU."}
+    )
+    init_device: Literal["meta", "cpu", "cuda"] = field(
+        default="meta", metadata={"help": "Device the model is built on before it is parallelized."}
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block."})
     global_load_balancing: bool = field(
         default=True, metadata={"help": "MoE load-balancing loss over all data-parallel ranks' micro-batches."}
     )
     # batch
-    micro_batch_size: int = field(default=1)
+    micro_batch_size: int = field(
+        default=1,
+        metadata={
+            "help": "Samples per micro-batch when padding; packed (rmpad*): micro_batch_size * max_seq_len tokens."
+        },
+    )
     global_batch_size: int | None = field(default=None, metadata={"help": "Default: micro_batch_size * dp size."})
     dataloader_batch_size: int | None = field(
         default=None, metadata={"help": "Micro-batches per next(dataloader); derived, leave unset."}
     )
-    rmpad: bool = field(default=False)
-    rmpad_with_pos_ids: bool = field(default=True)
-    dyn_bsz_margin: int = field(default=0)
-    dyn_bsz_buffer_size: int = field(default=200)
-    bsz_warmup_ratio: float = field(default=0.0)
-    bsz_warmup_init_mbtoken: int = field(default=200)
+    rmpad: bool = field(
+        default=False, metadata={"help": "Pack samples into one row under the token budget, no padding."}
+    )
+    rmpad_with_pos_ids: bool = field(
+        default=True, metadata={"help": "Pack as rmpad; documents start where position_ids restart at 0."}
+    )
+    dyn_bsz_margin: int = field(default=0, metadata={"help": "Tokens left free in each packed micro-batch."})
+    dyn_bsz_buffer_size: int = field(
+        default=200, metadata={"help": "Samples packed together (more: fuller micro-batches)."}
+    )
+    bsz_warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of train_steps over which the packed budget grows to the full one."}
+    )
+    bsz_warmup_init_mbtoken: int = field(
+        default=200, metadata={"help": "Packed micro-batch token budget at the start of the warm-up."}
+    )
     # optimization
-    optimizer: Literal["adamw"] = field(default="adamw")
-    lr: float = field(default=3e-4)
-    lr_min: float = field(default=0.0)
-    lr_warmup_ratio: float = field(default=0.0)
-    lr_decay_style: Literal["constant", "linear", "cosine"] = field(default="cosine")
+    optimizer: Literal["adamw"] = field(default="adamw", metadata={"help": "veofast.optim.AdamW."})
+    lr: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    lr_min: float = field(default=0.0, metadata={"help": "Learning rate at the end of the decay."})
+    lr_warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of the steps over which lr rises linearly to its peak."}
+    )
+    lr_decay_style: Literal["constant", "linear", "cosine"] = field(
+        default="cosine", metadata={"help": "Decay from lr to lr_min after the warm-up."}
+    )
     lr_decay_ratio: float = field(default=1.0, metadata={"help": "Fraction of steps over which lr decays."})
-    weight_decay: float = field(default=0.0)
-    adam_beta1: float = field(default=0.9)
-    adam_beta2: float = field(default=0.95)
-    adam_eps: float = field(default=1e-8)
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; <= 0: off."})
-    num_train_epochs: int = field(default=1)
+    num_train_epochs: int = field(default=1, metadata={"help": "Epochs of train_steps steps each."})
     train_steps: int | None = field(default=None, metadata={"help": "Steps per epoch; computed when unset."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps in total."})
-    seed: int = field(default=42)
+    seed: int = field(default=42, metadata={"help": "Seed of the model init, the torch RNG and the data order."})
     deterministic: bool = field(default=False, metadata={"help": "Deterministic algorithms (bitwise resume)."})
     max_bad_steps: int = field(default=5, metadata={"help": "Stop after this many non-finite losses in a row."})
     # checkpoints
@@ -226,18 +290,20 @@ class TrainingArguments:
     # evaluation and logging
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (needs data.eval_path)."})
     eval_batches: int = field(default=8, metadata={"help": "Loader steps (global batches) per evaluation."})
-    log_steps: int = field(default=1)
-    use_tensorboard: bool = field(default=False)
-    use_wandb: bool = field(default=False)
-    wandb_project: str = field(default="veofast")
-    wandb_name: str | None = field(default=None)
-    enable_profiling: bool = field(default=False)
-    profile_start_step: int = field(default=1)
-    profile_end_step: int = field(default=2)
+    log_steps: int = field(default=1, metadata={"help": "Write metrics every N steps."})
+    use_tensorboard: bool = field(default=False, metadata={"help": "Also write metrics to <output_dir>/tensorboard."})
+    use_wandb: bool = field(default=False, metadata={"help": "Also log metrics to Weights & Biases."})
+    wandb_project: str = field(default="veofast", metadata={"help": "Weights & Biases project."})
+    wandb_name: str | None = field(default=None, metadata={"help": "Weights & Biases run name."})
+    enable_profiling: bool = field(
+        default=False, metadata={"help": "Trace steps [profile_start_step, profile_end_step) with torch.profiler."}
+    )
+    profile_start_step: int = field(default=1, metadata={"help": "First traced step (1-based)."})
+    profile_end_step: int = field(default=2, metadata={"help": "Step the trace stops before."})
     profile_trace_dir: str | None = field(default=None, metadata={"help": "Default: <output_dir>/trace."})
-    profile_record_shapes: bool = field(default=True)
-    profile_profile_memory: bool = field(default=True)
-    profile_with_stack: bool = field(default=False)
+    profile_record_shapes: bool = field(default=True, metadata={"help": "Record op input shapes."})
+    profile_profile_memory: bool = field(default=True, metadata={"help": "Record memory use."})
+    profile_with_stack: bool = field(default=False, metadata={"help": "Record Python stacks."})
 
     def __post_init__(self):
         self.global_rank = int(os.environ.get("RANK", "0"))
@@ -314,9 +380,11 @@ class TrainingArguments:
                 ),
                 **dict.fromkeys(("global_batch_size", "max_steps", "train_steps"), _none_or_at_least(1)),
                 **dict.fromkeys(
-                    ("save_steps", "eval_steps", "keep_checkpoints", "dyn_bsz_margin", "weight_decay", "lr_min"),
-                    _at_least(0),
+                    ("save_steps", "eval_steps", "keep_checkpoints", "dyn_bsz_margin", "lr_min"), _at_least(0)
                 ),
+                "weight_decay": ((lambda v: math.isfinite(v) and v >= 0), "a finite number >= 0"),
+                # numpy's generators (data order) take seeds >= 0, torch's below 2**64
+                "seed": ((lambda v: 0 <= v < 2**64), "in [0, 2**64)"),
                 "data_parallel_size": ((lambda v: v == -1 or v >= 1), "-1 (what the other axes leave) or >= 1"),
                 "lr": positive,
                 "adam_eps": positive,
@@ -343,7 +411,8 @@ class TrainingArguments:
         """Set ``train_steps`` (steps per epoch) unless the config gave it.
 
         A mapping dataset of ``dataset_length`` samples gives ``dataset_length // global_batch_size`` steps
-        with fixed batches; with dynamic batching (rmpad) a step holds about ``global_batch_size * max_seq_len``
+        with fixed batches (a remainder that does not fill a step is logged: the endless loader gives it at the start
+        of the next epoch); with dynamic batching (rmpad) a step holds about ``global_batch_size * max_seq_len``
         tokens, so an iterable dataset of ``train_size`` tokens gives ``train_size / that``.
         """
         if self.train_steps is not None:
@@ -351,6 +420,16 @@ class TrainingArguments:
         dynamic = self.rmpad or self.rmpad_with_pos_ids
         if dataset_length is not None and not dynamic:
             steps = dataset_length // self.global_batch_size
+            if steps and dataset_length % self.global_batch_size:  # (with no full step, the one step repeats)
+                logger.warning_rank0(
+                    "compute_train_steps: %d samples / global_batch_size %d = %d step(s) per epoch: the last %d "
+                    "samples of an epoch do not fill a step and come first in the next one (with num_train_epochs = 1 "
+                    "they are not trained; set train.train_steps to choose)",
+                    dataset_length,
+                    self.global_batch_size,
+                    steps,
+                    dataset_length % self.global_batch_size,
+                )
         elif train_size is not None:
             steps = math.ceil(train_size / (self.global_batch_size * max_seq_len))
         else:
@@ -364,8 +443,8 @@ class TrainingArguments:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _suggest(key: str, valid: list[str], prefix: str) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+def _suggest(key: Any, valid: list[str], prefix: str) -> str:
+    match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)  # YAML keys may be numbers or bools
     if match:
         return f"; did you mean '{prefix}{match[0]}'?"
     return f"; valid keys under '{prefix or 'top level'}': {', '.join(sorted(valid))}"
@@ -373,6 +452,11 @@ def _suggest(key: str, valid: list[str], prefix: str) -> str:
 
 def _resolved_type_hints(cls) -> dict:
     return typing.get_type_hints(cls)
+
+
+# bools on the command line: YAML's spellings (a config file's ``on`` is true too), and 1 / 0
+TRUE_SPELLINGS = ("true", "yes", "on", "1")
+FALSE_SPELLINGS = ("false", "no", "off", "0")
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:
@@ -399,9 +483,9 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+        if isinstance(value, str) and value.lower() in TRUE_SPELLINGS:
             return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+        if isinstance(value, str) and value.lower() in FALSE_SPELLINGS:
             return False
         raise ArgumentError(f"{where}: expected a bool, got {value!r}")
     if annotation is int:
@@ -411,11 +495,17 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
+        if isinstance(value, str):  # "42" exactly (int(float()) would round above 2**53), or "1e6"
             try:
-                return int(float(value)) if float(value).is_integer() else int(value)
+                return int(value)
             except ValueError:
                 pass
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
         raise ArgumentError(f"{where}: expected an int, got {value!r}")
     if annotation is float:
         number = None
@@ -453,12 +543,13 @@ CLI_MARK = "__cli__"
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
+    twice = f"command line: --{dotted} is given twice (or together with its section or one of its keys); give it once"
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ArgumentError(f"--{dotted}: '{part}' is not a section")
+        if _is_cli_leaf(node):  # --a.b VALUE, then --a.b.c VALUE
+            raise ArgumentError(twice)
     if parts[-1] in node:
-        raise ArgumentError(f"command line: --{dotted} is given twice (or together with one of its keys); give it once")
+        raise ArgumentError(twice)
     node[parts[-1]] = value
 
 
@@ -607,13 +698,48 @@ def load_config_file(path: str) -> dict:
     return data
 
 
+def _type_name(annotation: Any) -> str:
+    """How ``--help`` shows a field's type: ``int``, ``str | null``, ``{mapping,iterable}``."""
+    if typing.get_origin(annotation) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def format_help(root_class) -> str:
+    """Every key of ``root_class``'s sections with its type, default and help (what ``--help`` prints)."""
+    lines = ["usage: [CONFIG.yaml] [--section.key VALUE ...]; every key, its type, default and meaning:"]
+
+    def section(cls, prefix: str) -> None:
+        hints = _resolved_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                lines.append(f"\n{prefix}{f.name}:")
+                section(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  --{prefix}{f.name} {_type_name(hints[f.name])} (default: {json.dumps(default)})")
+            if f.metadata.get("help"):
+                lines.append(f"      {f.metadata['help']}")
+
+    section(root_class, "")
+    return "\n".join(lines)
+
+
 def parse_args(root_class, argv: list[str] | None = None):
     """Build ``root_class`` (a dataclass of argument sections) from a YAML file and dotted overrides.
 
     ``argv`` defaults to ``sys.argv[1:]``: an optional ``config.yaml`` then ``--section.key value`` pairs
-    (``--section.key=value`` works too). Command-line values override the file's.
+    (``--section.key=value`` works too). Command-line values override the file's. ``-h``/``--help`` prints every
+    key (``format_help``) and exits.
     """
     argv = sys.argv[1:] if argv is None else argv
+    if not isinstance(argv, str) and any(token in ("-h", "--help") for token in argv):
+        print(format_help(root_class))
+        raise SystemExit(0)
     config_path, overrides = _parse_command_line(argv)
     file_values = load_config_file(config_path) if config_path else {}
     merged = _merge(file_values, overrides)
