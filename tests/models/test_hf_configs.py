@@ -90,6 +90,12 @@ def _drop_original_length(config: dict) -> None:
     config["max_position_embeddings"] = 32
 
 
+def _original_length_at_top_level(config: dict) -> None:
+    """transformers 5 takes a top-level ``original_max_position_embeddings`` (Phi-3's spelling) over the RoPE dict's."""
+    config["original_max_position_embeddings"] = 8
+    config["rope_parameters"].pop("original_max_position_embeddings")
+
+
 @pytest.mark.parametrize(
     "case,edit",
     [
@@ -100,6 +106,8 @@ def _drop_original_length(config: dict) -> None:
         ("qwen3_moe_aux", _keep_shape_keys),  # norm_topk_prob left out: transformers' default is false
         ("qwen3", _add_yarn_rope_scaling),
         ("llama_tied_llama3_rope", _drop_original_length),
+        ("llama_tied_llama3_rope", _original_length_at_top_level),
+        ("qwen3_yarn", _original_length_at_top_level),
     ],
 )
 def test_edited_config_reads_as_transformers_reads_it(case, edit, tmp_path):
@@ -190,8 +198,33 @@ def test_every_key_veofast_writes_is_one_it_reads(case):
     assert set(written) <= READ_KEYS | INERT_KEYS
 
 
-def test_sliding_layer_types_are_refused():
-    config = hf_config("qwen3").to_dict()
-    config["layer_types"] = ["full_attention", "sliding_attention"]
-    with pytest.raises(ValueError, match="layer_types other than full_attention are not supported"):
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types other than full_attention"),
+        (dict(use_sliding_window=True, sliding_window=8), "use_sliding_window=true is not supported"),
+        (dict(attention_dropout=0.1), "attention_dropout=0.1 is not supported"),
+        (dict(model_type="mistral"), "model_type 'mistral' .* is not supported"),
+        (dict(rope_parameters=dict(rope_type="dynamic", factor=2.0)), "rope type 'dynamic' is not supported"),
+        (dict(quantization_config={"quant_method": "fp8"}), "quantization_config .* dequantize the checkpoint"),
+        (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
+        (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), "'llama3' needs low_freq_factor, high_freq_factor"),
+        (dict(rope_scaling=dict(type="linear")), "rope type 'linear' needs factor"),
+    ],
+    ids=[
+        "sliding_layer_types",
+        "use_sliding_window",
+        "attention_dropout",
+        "model_type",
+        "dynamic_rope",
+        "quantization_config",
+        "string_flag",
+        "llama3_rope_keys",
+        "linear_rope_factor",
+    ],
+)
+def test_fields_veofast_does_not_implement_are_refused(changes, message):
+    """Each raises a ValueError naming the field, rather than being ignored (or, for a string flag, read as true)."""
+    config = {**hf_config("qwen3").to_dict(), **changes}
+    with pytest.raises(ValueError, match=f"config: .*{message}"):
         DecoderConfig.from_hf_dict(config)

@@ -72,6 +72,13 @@ def test_tied_checkpoint_with_or_without_lm_head(tmp_path):
     _rewrite(tmp_path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
     _assert_same_as_hf(_veofast(tmp_path), hf)
 
+    # a stored lm_head that differs: transformers unties them; veofast, whose tied model cannot, refuses
+    _rewrite(tmp_path, lambda t: t["lm_head.weight"].mul_(2))
+    with pytest.raises(ValueError, match="holds lm_head.weight with other values .* Set tie_word_embeddings false"):
+        _veofast(tmp_path)
+    untied = _veofast(tmp_path, tie_word_embeddings=False)
+    torch.testing.assert_close(untied.lm_head.weight, 2 * hf.lm_head.weight, atol=0, rtol=0)
+
 
 def test_all_mismatches_in_one_error(tmp_path):
     save_hf_checkpoint("llama", tmp_path)
@@ -80,6 +87,7 @@ def test_all_mismatches_in_one_error(tmp_path):
         del tensors["model.norm.weight"], tensors["lm_head.weight"]
         tensors["model.layers.7.mlp.extra.weight"] = torch.zeros(2)
         tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 64)
+        tensors["model.rotary_emb.inv_freq"] = torch.ones(8)  # older checkpoints carry it: skipped, not unexpected
 
     _rewrite(tmp_path, damage)
     with pytest.raises(ValueError) as info:
@@ -88,6 +96,32 @@ def test_all_mismatches_in_one_error(tmp_path):
     assert "missing keys (2)" in message and "model.norm.weight" in message and "lm_head.weight" in message
     assert "unexpected keys (1)" in message and "model.layers.7.mlp.extra.weight" in message
     assert "shape mismatches (1)" in message and "model.layers.0.self_attn.q_proj.weight: checkpoint (3, 64)" in message
+
+
+def test_quantized_dtypes_and_keys_in_two_files_are_refused(tmp_path):
+    """Integer and float8 tensors are not cast (their scales would be lost), and a key two files hold is no guess."""
+    save_hf_checkpoint("llama", tmp_path)
+
+    def quantize(tensors):
+        tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].to(torch.int8)
+        tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(
+            torch.float8_e4m3fn
+        )
+
+    _rewrite(tmp_path, quantize)
+    save_file({"model.norm.weight": torch.zeros(64)}, str(tmp_path / "model-extra.safetensors"))
+    weight_map = {key: "model.safetensors" for key in read_checkpoint(tmp_path / "model.safetensors")}
+    weight_map["model.norm.weight"] = "model-extra.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError) as info:
+        _veofast(tmp_path)
+    message = str(info.value)
+    assert "dtypes other than F16, BF16, F32, F64 (a quantized checkpoint? dequantize it first) (2)" in message
+    assert "model.layers.0.mlp.down_proj.weight: I8" in message
+    assert "model.layers.1.mlp.up_proj.weight: F8_E4M3" in message
+    assert "keys stored in two files (1):\n    model.norm.weight: in model-extra.safetensors and model.safetensors" in (
+        message
+    )
 
 
 def test_missing_expert_is_named(tmp_path):

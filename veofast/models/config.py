@@ -123,6 +123,11 @@ class DecoderConfig:
             raise ValueError("config: pretraining_tp > 1 is not supported")
         if any(kind != "full_attention" for kind in hf.get("layer_types") or ()):
             raise ValueError(f"config: layer_types other than full_attention are not supported: {hf['layer_types']}")
+        if hf.get("quantization_config"):
+            raise ValueError(
+                f"config: quantization_config {hf['quantization_config']!r} is set; veofast trains unquantized weights "
+                "only: dequantize the checkpoint first (e.g. load it with transformers and save_pretrained it in bf16)"
+            )
 
         rope_theta, rope_scaling = _read_rope(hf)
         qkv_bias, o_proj_bias = _attention_biases(model_type, hf)
@@ -144,7 +149,7 @@ class DecoderConfig:
             attention_bias=qkv_bias,
             o_proj_bias=o_proj_bias,
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(hf, "tie_word_embeddings", False),
             initializer_range=hf.get("initializer_range", 0.02),
             ops_backend=ops_backend,
             hf_config=hf,
@@ -154,9 +159,9 @@ class DecoderConfig:
                 num_experts=_require(hf, "num_experts", "num_local_experts"),
                 num_experts_per_tok=_require(hf, "num_experts_per_tok"),
                 moe_intermediate_size=_require(hf, "moe_intermediate_size"),
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),  # both Qwen MoE configs default to false
+                norm_topk_prob=_flag(hf, "norm_topk_prob", False),  # both Qwen MoE configs default to false
                 router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
-                output_router_logits=bool(hf.get("output_router_logits", False)),
+                output_router_logits=_flag(hf, "output_router_logits", False),
                 decoder_sparse_step=hf.get("decoder_sparse_step", 1),
                 mlp_only_layers=list(hf.get("mlp_only_layers") or []),
                 shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0)
@@ -184,6 +189,9 @@ class DecoderConfig:
             initializer_range=self.initializer_range,
             hidden_act="silu",
         )
+        derived_head_dim = self.head_dim == self.hidden_size // self.num_attention_heads
+        if self.model_type in ("qwen2", "qwen2_moe") and "head_dim" not in self.hf_config and derived_head_dim:
+            del hf["head_dim"]  # as transformers writes these families, whose configs have no head_dim field
         _write_rope(hf, self.rope_theta, self.rope_scaling)
         self._write_attention_biases(hf)
         if self.is_moe:
@@ -228,14 +236,25 @@ def _require(hf: dict, *names: str) -> Any:
     raise ValueError(f"config: {' or '.join(names)} is missing from the {hf.get('model_type')} config")
 
 
+def _flag(hf: dict, name: str, default: bool) -> bool:
+    """The boolean ``hf[name]`` (``default`` when absent or null); a ValueError for any other type (``bool("false")``
+    would be true)."""
+    value = hf.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config: {name} must be true or false, got {value!r}")
+    return value
+
+
 def _attention_biases(model_type: str, hf: dict) -> tuple[bool, bool]:
     """``(q/k/v bias, o_proj bias)`` as transformers builds the family's attention: Qwen2 always has q/k/v biases,
     Qwen2-MoE has them unless ``qkv_bias`` is false, and ``attention_bias`` gives Llama and Qwen3(-MoE) all four."""
     if model_type == "qwen2":
         return True, False
     if model_type == "qwen2_moe":
-        return bool(hf.get("qkv_bias", True)), False
-    bias = bool(hf.get("attention_bias", False))
+        return _flag(hf, "qkv_bias", True), False
+    bias = _flag(hf, "attention_bias", False)
     return bias, bias
 
 
@@ -249,6 +268,9 @@ def _rope_source(hf: dict) -> tuple[float, dict]:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), params
 
 
+_ROPE_REQUIRED_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "yarn": ()}
+
+
 def _read_rope(hf: dict) -> tuple[float, dict | None]:
     """(rope_theta, scaling dict or None) from either the transformers 4 or the transformers 5 spelling."""
     theta, params = _rope_source(hf)
@@ -259,8 +281,14 @@ def _read_rope(hf: dict) -> tuple[float, dict | None]:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return theta, None
-    if rope_type not in ("llama3", "yarn", "linear"):
+    if rope_type not in _ROPE_REQUIRED_KEYS:
         raise ValueError(f"config: rope type {rope_type!r} is not supported (default, linear, llama3, yarn)")
+    missing = [key for key in _ROPE_REQUIRED_KEYS[rope_type] if scaling.get(key) is None]
+    if missing:
+        raise ValueError(f"config: rope type {rope_type!r} needs {', '.join(missing)} in rope_scaling/rope_parameters")
+    if rope_type in ("llama3", "yarn") and hf.get("original_max_position_embeddings") is not None:
+        # transformers 5 lets a top-level original_max_position_embeddings win over the one in the RoPE dict
+        scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     return theta, {**scaling, "rope_type": rope_type}
 
 
@@ -284,9 +312,9 @@ READ_KEYS = frozenset(
     """architectures attention_bias attention_dropout decoder_sparse_step head_dim hidden_act hidden_size
     initializer_range intermediate_size layer_types max_position_embeddings mlp_bias mlp_only_layers model_type
     moe_intermediate_size norm_topk_prob num_attention_heads num_experts num_experts_per_tok num_hidden_layers
-    num_key_value_heads num_local_experts output_router_logits pretraining_tp qkv_bias rms_norm_eps rope_parameters
-    rope_scaling rope_theta router_aux_loss_coef shared_expert_intermediate_size tie_word_embeddings
-    use_sliding_window vocab_size""".split()
+    num_key_value_heads num_local_experts original_max_position_embeddings output_router_logits pretraining_tp qkv_bias
+    quantization_config rms_norm_eps rope_parameters rope_scaling rope_theta router_aux_loss_coef
+    shared_expert_intermediate_size tie_word_embeddings use_sliding_window vocab_size""".split()
 )
 INERT_KEYS = frozenset(
     """bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id torch_dtype dtype use_cache

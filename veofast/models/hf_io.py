@@ -21,6 +21,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _PICKLED_WEIGHTS = re.compile(r"\.(bin|pt|pth|ckpt)$")
 _SHARD_FILE = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 _MAX_LISTED = 50
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names of the dtypes load_hf_weights casts
 _SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -164,67 +166,114 @@ def _read_block(handle, block: Block, lo: tuple[int, ...], hi: tuple[int, ...]) 
     return handle.get_slice(block.key)[index].reshape(box)
 
 
+class _DiskTensor(NamedTuple):
+    file: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "BF16", "F32", "I8", ...
+
+
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, weights_path: str) -> None:
     """Fill every parameter and persistent buffer of ``model`` from the HF safetensors checkpoint in ``weights_path``.
 
     ``model`` may be plain or hold DTensors (FSDP2, expert parallel, any mesh): each rank reads only the slice
-    of each tensor it holds. Values are cast to the parameters' dtype and copied to their device. A tied
-    ``lm_head.weight`` may be absent from the checkpoint. Missing keys, unexpected keys and shape mismatches
-    raise one ``ValueError`` that lists them all (the model is left untouched then).
+    of each tensor it holds. Values (F16, BF16, F32 or F64 on disk) are cast to the parameters' dtype and copied to
+    their device. A tied ``lm_head.weight`` may be absent from the checkpoint. Missing keys, unexpected keys, shape
+    mismatches, other dtypes (integer or float8: a quantized checkpoint) and keys stored in two files raise one
+    ``ValueError`` that lists them all (the model is left untouched then). A checkpoint that holds both tied tensors
+    with different values (transformers unties them then) raises a ``ValueError`` after loading.
     """
     files = checkpoint_files(weights_path)
-    disk: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (file, shape)
+    disk: dict[str, _DiskTensor] = {}
+    duplicates: list[str] = []
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as handle:
             for key in handle.keys():
-                disk[key] = (path, tuple(handle.get_slice(key).get_shape()))
+                info = handle.get_slice(key)
+                if key in disk:
+                    duplicates.append(f"{key}: in {os.path.basename(disk[key].file)} and {os.path.basename(path)}")
+                disk[key] = _DiskTensor(path, tuple(info.get_shape()), info.get_dtype())
 
+    plan = _match_checkpoint(model, disk, duplicates, weights_path)
     reads: dict[str, list[tuple[torch.Tensor, Block, tuple, tuple[int, ...]]]] = {path: [] for path in files}
-    for name, tensor, blocks in _match_checkpoint(model, disk, weights_path):
+    twin_reads: dict[str, list[tuple[torch.Tensor, Block, tuple, tuple[int, ...]]]] = {path: [] for path in files}
+    for name, tensor, blocks, twins in plan:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         if local.is_meta:
             raise ValueError(f"load_hf_weights: {name} is on the meta device; materialise the model first")
         offset, shape = _local_box(tensor)
         assert tuple(local.shape) == shape, (name, tuple(local.shape), shape)
-        for block in blocks:
-            overlap = _overlap(offset, shape, block) if local.numel() else None
-            if overlap is not None:
-                reads[disk[block.key][0]].append((local, block, overlap, offset))
+        for group, target in ((blocks, reads), (twins, twin_reads)):
+            for block in group:
+                overlap = _overlap(offset, shape, block) if local.numel() else None
+                if overlap is not None:
+                    target[disk[block.key].file].append((local, block, overlap, offset))
     for path, items in reads.items():  # one file mapped at a time: its pages leave the resident set when closed
         if not items:
             continue
         with safe_open(path, framework="pt", device="cpu") as handle:
             for local, block, (lo, hi), offset in items:
                 local[_slices(lo, hi, offset)].copy_(_read_block(handle, block, lo, hi))
+    if any(twins for *_, twins in plan):  # the same on every rank
+        _check_tied_copies(twin_reads, weights_path)
+
+
+def _check_tied_copies(twin_reads: dict, weights_path: str) -> None:
+    """Raise (on every rank) when a second stored copy of a tied tensor differs from the loaded one."""
+    differing = []
+    for path, items in twin_reads.items():
+        if not items:
+            continue
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            for local, block, (lo, hi), offset in items:
+                if not torch.equal(local[_slices(lo, hi, offset)], _read_block(handle, block, lo, hi).to(local)):
+                    differing.append(block.key)
+    message = None
+    if differing:
+        message = (
+            f"load_hf_weights: the checkpoint in {weights_path!r} holds {differing[0]} with other values than the "
+            "tensor it is tied to (tie_word_embeddings is true), which transformers would load untied. Set "
+            "tie_word_embeddings false (model.config_overrides) to train both, or remove the key from the checkpoint"
+        )
+    if dist.is_available() and dist.is_initialized():
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m), None)
+    if message:
+        raise ValueError(message)
 
 
 def _match_checkpoint(
-    model: nn.Module, disk: dict[str, tuple[str, tuple[int, ...]]], weights_path: str
-) -> list[tuple[str, torch.Tensor, list[Block]]]:
-    """``(name, tensor, blocks)`` for every model tensor; one ValueError listing every key that does not fit."""
-    plan: list[tuple[str, torch.Tensor, list[Block]]] = []
+    model: nn.Module, disk: dict[str, _DiskTensor], duplicates: list[str], weights_path: str
+) -> list[tuple[str, torch.Tensor, list[Block], list[Block]]]:
+    """``(name, tensor, blocks, twins)`` for every model tensor (``twins``: further stored copies of a tied tensor,
+    checked against it after loading); one ValueError listing every key that does not fit."""
+    plan: list[tuple[str, torch.Tensor, list[Block], list[Block]]] = []
     used: set[str] = set()
-    missing, mismatched = [], []
+    missing, mismatched, wrong_dtype = [], [], []
     for name, tensor, aliases in _named_tensors(model):
-        used.update(alias for alias in aliases if alias in disk)
-        if name not in disk:  # a tied tensor may be stored under another of its names
-            name = next((alias for alias in aliases if alias in disk), name)
+        stored = [key for key in (name, *aliases) if key in disk]  # a tied tensor may be stored under any of its names
+        name = stored[0] if stored else name
         blocks = param_blocks(name, tuple(tensor.shape), disk.keys())
-        for block in blocks:
+        twins = [block for key in stored[1:] for block in param_blocks(key, tuple(tensor.shape), disk.keys())]
+        for block in blocks + twins:
             if block.key not in disk:
                 missing.append(block.key)
-            elif disk[block.key][1] != block.disk_shape:
-                mismatched.append(f"{block.key}: checkpoint {disk[block.key][1]}, model {block.disk_shape}")
+            elif disk[block.key].shape != block.disk_shape:
+                mismatched.append(f"{block.key}: checkpoint {disk[block.key].shape}, model {block.disk_shape}")
+            elif disk[block.key].dtype not in _FLOAT_DTYPES:
+                wrong_dtype.append(f"{block.key}: {disk[block.key].dtype}")
             used.add(block.key)
-        plan.append((name, tensor, blocks))
+        plan.append((name, tensor, blocks, twins))
     unexpected = sorted(key for key in disk if key not in used and not is_ignored_key(key))
-    if missing or unexpected or mismatched:
+    if missing or unexpected or mismatched or wrong_dtype or duplicates:
         parts = [f"load_hf_weights: the checkpoint in {weights_path!r} does not match the model:"]
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("shape mismatches", mismatched),
+            ("dtypes other than F16, BF16, F32, F64 (a quantized checkpoint? dequantize it first)", wrong_dtype),
+            ("keys stored in two files", duplicates),
         ):
             if items:
                 parts.append(_listing(title, items))
