@@ -23,13 +23,14 @@ from veofast.checkpoint import (
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    move_aside_checkpoints,
     save_checkpoint,
 )
 from veofast.data import build_data_transform, build_dataloader, build_iterative_dataset, build_mapping_dataset
 from veofast.distributed.parallel_state import get_parallel_state, init_parallel_state
 from veofast.distributed.sequence_parallel import shard_micro_batch
 from veofast.distributed.torch_parallelize import build_parallelize_model
-from veofast.models import build_foundation_model, build_tokenizer
+from veofast.models import build_config, build_foundation_model, build_tokenizer
 from veofast.optim import build_lr_scheduler, build_optimizer
 from veofast.train_step import to_device, train_step
 from veofast.utils.arguments import (
@@ -64,7 +65,9 @@ def build_dataset(args: Arguments, path: str, transform):
     return build_mapping_dataset(path, transform=transform, on_bad_record=args.data.on_bad_record)
 
 
-def build_loader(args: Arguments, dataset, train_steps: int):
+def build_loader(args: Arguments, dataset, train_steps: int | None):
+    """The training loader (``train_steps`` per epoch), or with ``train_steps=None`` an evaluation loader, whose
+    micro-batches have the full token budget from the first (no batch-size warm-up)."""
     return build_dataloader(
         dataset=dataset,
         micro_batch_size=args.train.micro_batch_size,
@@ -75,7 +78,7 @@ def build_loader(args: Arguments, dataset, train_steps: int):
         train_steps=train_steps,
         rmpad=args.train.rmpad,
         rmpad_with_pos_ids=args.train.rmpad_with_pos_ids,
-        bsz_warmup_ratio=args.train.bsz_warmup_ratio,
+        bsz_warmup_ratio=args.train.bsz_warmup_ratio if train_steps is not None else 0.0,
         bsz_warmup_init_mbtoken=args.train.bsz_warmup_init_mbtoken,
         dyn_bsz_margin=args.train.dyn_bsz_margin,
         dyn_bsz_buffer_size=args.train.dyn_bsz_buffer_size,
@@ -137,6 +140,17 @@ def resolve_load_path(args: Arguments) -> str | None:
     return load_path
 
 
+def check_vocab(tokenizer, vocab_size: int, tokenizer_path: str) -> None:
+    """``ArgumentError`` when the tokenizer has ids the model's embedding lacks (they would fail inside the
+    embedding lookup, on a GPU as a bare device-side assertion)."""
+    if len(tokenizer) > vocab_size:
+        raise ArgumentError(
+            f"model.tokenizer_path {tokenizer_path!r} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{vocab_size}: token ids >= {vocab_size} have no embedding; use the model's own tokenizer, or set "
+            f"model.config_overrides.vocab_size to at least {len(tokenizer)} (a model trained from scratch)"
+        )
+
+
 @torch.no_grad()
 def evaluate(model, make_loader, device, group, num_steps: int) -> float:
     """Mean token loss over the first ``num_steps`` loader steps of the evaluation set (the same batches at every
@@ -179,6 +193,10 @@ def main() -> None:
     if not args.data.train_path:
         raise ArgumentError("data.train_path is required: set it in the config or pass --data.train_path PATH")
     check_output_dir(args)
+    tokenizer = build_tokenizer(args.model.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
+    model_config = build_config(args.model.config_path or args.model.model_path,
+                                config_overrides=args.model.config_overrides, ops_backend=args.model.ops_backend)
+    check_vocab(tokenizer, model_config.vocab_size, args.model.tokenizer_path)
     load_path = resolve_load_path(args) if train.load_path else None
     init_parallel_state(
         dp_size=train.data_parallel_size, tp_size=train.tensor_parallel_size, ep_size=train.expert_parallel_size,
@@ -189,11 +207,14 @@ def main() -> None:
     set_seed(train.seed, deterministic=train.deterministic)
     if ps.is_main_process:
         save_args(args, train.output_dir)
+        # every rank is past its look at the checkpoints (init_parallel_state waited for all of them)
+        kept = move_aside_checkpoints(train.output_dir) if load_path is None else None
+        if kept is not None:
+            logger.warning("starting anew in %s: kept the checkpoints already there as %s", train.output_dir, kept)
     logger.info_rank0("parallel state: world %d, dp %d, sp %d, ep %d on %s", ps.world_size, ps.dp_size,
                       ps.sp_size, ps.ep_size, ps.device_type)
 
     # ---- data
-    tokenizer = build_tokenizer(args.model.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
     transform = build_data_transform(
         args.data.data_type, tokenizer=tokenizer, max_seq_len=args.data.max_seq_len, text_keys=args.data.text_keys,
         chat_template=args.data.chat_template,
@@ -234,14 +255,31 @@ def main() -> None:
     num_params = sum(p.numel() for p in model.parameters())
     logger.info_rank0("model: %s, %.2fM parameters, %d steps", config.model_type, num_params / 1e6, total_steps)
 
+    def export_hf_weights(path: str) -> None:
+        from veofast.models.hf_io import save_hf_weights
+
+        save_hf_weights(model, os.path.join(path, "hf"), tokenizer=tokenizer)
+
     # ---- resume
     global_step = 0
     if load_path:
         extra = load_checkpoint(load_path, model, optimizer)
         lr_scheduler.load_state_dict(extra["lr_scheduler"])
-        train_loader.load_state_dict(extra["dataloader"])
+        try:
+            train_loader.load_state_dict(extra["dataloader"])
+        except ValueError as exc:
+            raise ArgumentError(
+                f"train.load_path {load_path!r}: the data position it saved does not fit this run ({exc}); resume "
+                "with the data, batch and parallel settings of the run that saved it (data.*, train.micro_batch_size, "
+                "train.global_batch_size, train.seed, train.ulysses_parallel_size; see that run's config.yaml), or "
+                "start a new run"
+            ) from exc
         global_step = extra["global_step"]
         logger.info_rank0("resumed from %s at step %d", load_path, global_step)
+        if train.save_hf_weights and train.load_path == "auto" and not os.path.isdir(os.path.join(load_path, "hf")):
+            # this run's checkpoint lacks its HF export (the run died while writing it, say at the last step)
+            logger.info_rank0("writing the HF weights that %s lacks", load_path)
+            export_hf_weights(load_path)
 
     metrics = MetricsWriter(
         train.output_dir, enabled=ps.is_main_process, resume=load_path is not None,
@@ -263,9 +301,7 @@ def main() -> None:
                  "dataloader": train_loader.state_dict()}
         path = save_checkpoint(train.output_dir, step, model, optimizer, extra, keep=train.keep_checkpoints)
         if train.save_hf_weights:
-            from veofast.models.hf_io import save_hf_weights
-
-            save_hf_weights(model, os.path.join(path, "hf"), tokenizer=tokenizer)
+            export_hf_weights(path)
         logger.info_rank0("saved checkpoint %s", path)
 
     # ---- the loop

@@ -1,9 +1,12 @@
 """Checkpoints: a save interrupted half-way leaves the last good checkpoint loadable; save/load round trip."""
 
 import os
+import re
+import traceback
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 import veofast.checkpoint.checkpointer as checkpointer
 from veofast.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -74,6 +77,15 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, single_process, m
     assert find_latest_checkpoint(str(tmp_path)) == again
     assert not os.path.exists(again + ".tmp")
 
+    # saving that step once more (an overwritten run) replaces the complete one, leaving nothing beside it
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2}) == again
+    assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["global_step_1", "global_step_2"]
+    assert load_checkpoint(again, fresh, fresh_opt)["global_step"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+
 
 def test_keep_and_errors(tmp_path, single_process):
     model, optimizer = make_state(0)
@@ -121,3 +133,79 @@ def test_keep_spares_the_new_checkpoint_and_later_ones(tmp_path, single_process,
         save_checkpoint(str(tmp_path), step, model, optimizer, {"global_step": step})
     save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2}, keep=keep)
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == kept
+
+
+@pytest.mark.parametrize(
+    "marker, message",
+    [
+        ('{"format": "veofast.checkpoint/1", "step": 2, "world_size": 1}', "its files entry is missing"),
+        ('{"format": "veofast.checkpoint/1", "step": 2, "world_size": 1, "files": [".metadata"]}', "its files entry"),
+        ('{"format": "veofast.checkpoint/1", "step": 2, "world_size": "1", "files": {}}', "its world_size"),
+        ('{"format": "veofast.checkpoint/1", "step": 2, "world_size": 1, "files": {"../../x": 1}}', "'../../x'"),
+        ("true", "not a veofast manifest"),
+    ],
+)
+def test_damaged_manifest_is_skipped_and_named(tmp_path, single_process, marker, message):
+    """A COMPLETE marker in our format with a missing or malformed field is an incomplete checkpoint: ``auto``
+    falls back to the one before, and naming it explicitly says what is wrong (it was a KeyError crash)."""
+    model, optimizer = make_state(0)
+    good = save_checkpoint(str(tmp_path), 1, model, optimizer, {"global_step": 1})
+    damaged = save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2})
+    with open(os.path.join(damaged, checkpointer.COMPLETE), "w") as f:
+        f.write(marker)
+    assert find_latest_checkpoint(str(tmp_path)) == good
+    with pytest.raises(FileNotFoundError, match=f"not a complete veofast checkpoint: it .*{re.escape(message)}"):
+        checkpointer.check_checkpoint(damaged, world_size=1)
+
+
+def test_load_failures_are_ordinary_errors_naming_the_checkpoint(tmp_path, single_process):
+    """DCP reports a checkpoint that does not fit the model with a ``CheckpointException``, a ``BaseException`` that
+    the training script's ``except Exception`` (which ends the process group cleanly) would miss; a damaged extra
+    state file gave torch's advice to load it unsafely. Both are ``ValueError``s naming the checkpoint."""
+    model, optimizer = make_state(0)
+    path = save_checkpoint(str(tmp_path), 1, model, optimizer, {"global_step": 1})
+    other = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    with pytest.raises(
+        ValueError,
+        match=f"checkpoint '{re.escape(path)}' could not be loaded into this model "
+        r"\(ValueError on rank 0: Size mismatch",
+    ):
+        load_checkpoint(path, other, torch.optim.AdamW(other.parameters()))
+    extra_file = os.path.join(path, "extra_state_rank0.pt")
+    size = os.path.getsize(extra_file)
+    with open(extra_file, "r+b") as f:
+        f.write(b"\0" * size)  # damaged, same size: the manifest cannot tell
+    with pytest.raises(ValueError, match="extra_state_rank0.pt cannot be read .* resume from an earlier checkpoint"):
+        load_checkpoint(path, model, optimizer)
+
+
+def test_save_failure_is_an_ordinary_error(tmp_path, single_process, monkeypatch):
+    """A DCP write that fails (a full disk, say) raises a ``RuntimeError`` naming the checkpoint, not DCP's
+    ``BaseException``; the earlier checkpoint stays the newest complete one."""
+    model, optimizer = make_state(0)
+    good = save_checkpoint(str(tmp_path), 1, model, optimizer, {"global_step": 1})
+
+    def disk_full(state, checkpoint_id):
+        failure = OSError(28, "No space left on device")
+        raise CheckpointException("write failed", {0: (failure, traceback.StackSummary())})
+
+    monkeypatch.setattr(checkpointer.dcp, "save", disk_full)
+    with pytest.raises(RuntimeError, match="saving checkpoint .*global_step_2' failed .*No space left on device"):
+        save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2})
+    assert find_latest_checkpoint(str(tmp_path)) == good
+
+
+def test_move_aside_checkpoints_keeps_them_out_of_auto(tmp_path, single_process):
+    """A run starting anew in another run's output_dir keeps that run's checkpoints as ``checkpoints.<k>``, so that
+    a later ``load_path auto`` resumes from its own only; with no complete checkpoint nothing is moved."""
+    model, optimizer = make_state(0)
+    os.makedirs(checkpointer.checkpoint_path(str(tmp_path), 5) + ".tmp")  # only a half-written save
+    assert checkpointer.move_aside_checkpoints(str(tmp_path)) is None
+    for step in (4, 8):
+        save_checkpoint(str(tmp_path), step, model, optimizer, {"global_step": step})
+    kept = checkpointer.move_aside_checkpoints(str(tmp_path))
+    assert kept == os.path.join(tmp_path, "checkpoints.1")
+    assert sorted(os.listdir(kept)) == ["global_step_4", "global_step_5.tmp", "global_step_8"]
+    assert find_latest_checkpoint(str(tmp_path)) is None
+    mine = save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2})
+    assert find_latest_checkpoint(str(tmp_path)) == mine

@@ -4,6 +4,7 @@ and a run killed after a checkpoint and resumed with ``load_path auto`` continue
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,9 @@ import time
 
 import pytest
 from dist_launch import REPO, free_port, torchrun
+
+from veofast.checkpoint import find_latest_checkpoint
+from veofast.utils.metrics import MetricsWriter
 
 STEPS = ["--train.max_steps", "8", "--train.save_steps", "4", "--train.eval_steps", "4", "--train.eval_batches",
          "1", "--train.deterministic", "true"]
@@ -155,10 +159,12 @@ def test_resume_finished_run_and_other_world_size(tmp_path):
 @pytest.mark.parametrize("output_dir, override, message", [
     ("a_file/out", [], "train.output_dir '{tmp}/a_file/out' cannot be written: '{tmp}/a_file' is not a directory"),
     ("out", ["--data.train_path", "null"], "data.train_path is required"),
+    ("out", ["--model.config_overrides.vocab_size", "1000"],
+     "model.tokenizer_path 'tokenizers/tiny' has 1024 tokens but the model's vocab_size is 1000"),
 ])
 def test_bad_setup_fails_before_anything_starts(tmp_path, output_dir, override, message):
-    """An output_dir that cannot be created and a missing train_path stop the run with the key named, before the
-    output directory (or its config.yaml) is written."""
+    """An output_dir that cannot be created, a missing train_path and a tokenizer with more tokens than the model's
+    vocabulary stop the run with the key named, before the output directory (or its config.yaml) is written."""
     (tmp_path / "a_file").write_text("")
     proc = train_one_process(tmp_path / output_dir, *override)
     assert proc.returncode != 0
@@ -180,3 +186,75 @@ def test_metrics_log_the_lr_each_step_applied(tmp_path):
     decay = [floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress)) for progress in (0.0, 0.5)]
     assert [r["lr"] for r in records] == pytest.approx(warmup + decay, rel=1e-9)
     assert all(math.isfinite(r["loss"]) and r["tokens_per_sec"] > 0 and "mfu" not in r for r in records)
+
+
+NO_EVAL = ["--data.eval_path", "null", "--train.eval_steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A one-process run of 2 steps with checkpoints at steps 1 and 2 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    proc = train_one_process(out, "--train.max_steps", "2", "--train.save_steps", "1", *NO_EVAL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_fresh_run_keeps_earlier_checkpoints_out_of_auto(tmp_path, finished_run):
+    """A run started anew in another run's output_dir (overwrite_output_dir, as the shipped configs set) keeps that
+    run's checkpoints as checkpoints.1; left in place, a later ``load_path auto`` of the new run (killed, say)
+    resumed from the other run's newer step 2 instead of its own step 1."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    proc = train_one_process(out, "--train.max_steps", "1", "--train.lr", "1e-3", *NO_EVAL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert find_latest_checkpoint(str(out)) == str(out / "checkpoints" / "global_step_1")
+    assert sorted(os.listdir(out / "checkpoints")) == ["global_step_1"]
+    assert sorted(os.listdir(out / "checkpoints.1")) == ["global_step_1", "global_step_2"]
+    assert "kept the checkpoints already there as" in proc.stderr
+
+
+def test_resume_with_other_batch_settings_says_what_to_do(tmp_path, finished_run):
+    """A resume whose data settings differ from the saving run's names the checkpoint, the setting and the remedy."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    proc = train_one_process(out, "--train.max_steps", "3", "--train.micro_batch_size", "1", "--train.load_path",
+                             "auto", *NO_EVAL)
+    assert proc.returncode != 0
+    assert f"train.load_path '{out}/checkpoints/global_step_2': the data position it saved" in proc.stderr
+    assert "micro_batch_size=2 vs 1" in proc.stderr and "see that run's config.yaml" in proc.stderr
+
+
+def test_evaluation_with_batch_size_warmup(tmp_path):
+    """Evaluation batches take the full token budget: with a batch-size warm-up the first evaluation crashed
+    (its loader was asked for a warm-up without a step count)."""
+    proc = train_one_process(tmp_path / "out", "--train.max_steps", "1", "--train.eval_steps", "1",
+                             "--train.eval_batches", "1", "--train.bsz_warmup_ratio", "0.5", "--train.train_steps", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "out" / "metrics.jsonl") as f:
+        assert json.loads(f.readline())["eval_loss"] is not None
+
+
+def test_resumed_metrics_start_a_new_line(tmp_path):
+    """A record cut short when a run died does not swallow the resumed run's first record."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    writer = MetricsWriter(str(tmp_path), enabled=True, resume=True)
+    writer.write({"step": 2, "loss": 1.5})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        lines = f.read().splitlines()
+    assert lines[1] == '{"step": 2, "lo' and json.loads(lines[2]) == {"step": 2, "loss": 1.5}
+
+
+def test_resumed_finished_run_writes_the_hf_weights_it_lacks(tmp_path, finished_run):
+    """A run killed while exporting its last checkpoint's HF weights and resumed (nothing left to train) writes
+    that export; before, the finished run stayed without it."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    proc = train_one_process(out, "--train.max_steps", "2", "--train.save_hf_weights", "true", "--train.load_path",
+                             "auto", *NO_EVAL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nothing to train: resumed at step 2" in proc.stderr
+    assert (out / "checkpoints" / "global_step_2" / "hf" / "config.json").is_file()
+    assert not (out / "checkpoints" / "global_step_1" / "hf").exists()

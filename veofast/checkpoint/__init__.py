@@ -6,6 +6,7 @@ from .checkpointer import (
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    move_aside_checkpoints,
     save_checkpoint,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "find_latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "move_aside_checkpoints",
     "save_checkpoint",
 ]

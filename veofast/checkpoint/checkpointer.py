@@ -8,6 +8,8 @@ under ``global_step_<N>.tmp`` and renamed only once every rank has finished, so 
 leaves the previous checkpoint intact; a checkpoint is complete when its marker is there and every file it
 lists is there with its size, and ``find_latest_checkpoint`` skips (with a warning) anything that is not.
 A checkpoint resumes only at the world size that saved it (the data loader position and RNG states are per rank).
+A run that starts anew where another run saved checkpoints keeps them as ``<output_dir>/checkpoints.<k>/``
+(``move_aside_checkpoints``), so that ``load_path auto`` only ever finds the new run's own.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from veofast.utils.helper import move_aside
 from veofast.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -66,21 +70,45 @@ def _write_manifest(path: str, step: int, world_size: int) -> None:
         json.dump(manifest, f, indent=1)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the fields of a manifest that names our format, or None."""
+    if not _is_int(manifest.get("world_size")) or manifest["world_size"] < 1:
+        return f"world_size is missing or not an int >= 1 (got {manifest.get('world_size')!r})"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"files entry is missing or not a mapping of file names to sizes (got {type(files).__name__})"
+    for name, size in files.items():
+        if not name or name in (".", "..") or "/" in name or os.sep in name:  # a file of this directory, no other
+            return f"files names {name!r}, not a file of the checkpoint directory"
+        if not _is_int(size) or size < 0:
+            return f"the size of {name} is {size!r}, not an int >= 0"
+    return None
+
+
 def read_manifest(path: str) -> dict:
     """The ``COMPLETE`` marker of checkpoint ``path`` as ``{"world_size": int, "files": {name: size or None}}``.
 
     Markers written before the manifest hold only the step; for those, the files are DCP's ``.metadata`` and the
-    per-rank extra states found, and the world size is their count. ``ValueError`` for an unreadable marker.
+    per-rank extra states found, and the world size is their count. ``ValueError`` for an unreadable marker or
+    one with a missing or malformed field.
     """
-    with open(os.path.join(path, COMPLETE)) as f:
-        text = f.read()
+    with open(os.path.join(path, COMPLETE), "rb") as f:
+        raw = f.read()
     try:
+        text = raw.decode()
         manifest = json.loads(text)
-    except ValueError:
-        manifest = None
+    except ValueError:  # not UTF-8, or not JSON
+        text, manifest = raw.decode(errors="replace"), None
     if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT:
+        problem = _manifest_problem(manifest)
+        if problem is not None:
+            raise ValueError(f"has a damaged {COMPLETE} manifest: its {problem}")
         return manifest
-    if not isinstance(manifest, int):
+    if not _is_int(manifest):
         raise ValueError(f"has a {COMPLETE} marker that is not a veofast manifest ({text[:80]!r})")
     ranks = sum(1 for name in os.listdir(path) if _EXTRA_STATE.match(name))
     files = {".metadata": None, **{f"extra_state_rank{rank}.pt": None for rank in range(ranks)}}
@@ -137,6 +165,16 @@ def find_latest_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def move_aside_checkpoints(output_dir: str) -> str | None:
+    """Rename ``<output_dir>/checkpoints`` to the first free ``checkpoints.<k>`` if it holds a complete checkpoint
+    and return the new path, else None. A run that starts anew in the output_dir of another
+    (``overwrite_output_dir``) keeps that run's checkpoints this way, and a later ``load_path auto`` can no longer
+    resume it from one of them (say a step it had not reached itself when it was killed)."""
+    if not list_checkpoints(output_dir):
+        return None
+    return move_aside(checkpoint_root(output_dir))
+
+
 def prune_checkpoints(output_dir: str, step: int, keep: int) -> None:
     """Delete the oldest complete checkpoints before ``step`` so that ``keep`` remain up to and including step
     ``step`` (the one just saved). Checkpoints after ``step`` (say of a run resumed from an earlier one) and
@@ -158,6 +196,15 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _dcp_failure(exc: CheckpointException) -> str:
+    """The first failing rank's error of a DCP save or load: ``<Type> on rank <r>: <message>``."""
+    rank = min(exc.failures)
+    failure = exc.failures[rank]
+    if isinstance(failure, tuple):  # (exception, traceback summary)
+        failure = failure[0]
+    return f"{type(failure).__name__} on rank {rank}: {failure}"
 
 
 def _barrier() -> None:
@@ -193,14 +240,24 @@ def save_checkpoint(
         os.makedirs(tmp)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    except CheckpointException as exc:  # a BaseException: make it one that ``except Exception`` handlers see
+        raise RuntimeError(f"saving checkpoint {final!r} failed ({_dcp_failure(exc)})") from exc
     torch.save({**extra_state, "rng": rng_state()}, os.path.join(tmp, f"extra_state_rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
         _write_manifest(tmp, step, _world_size())
-        if os.path.isdir(final):  # an earlier save of the same step (an overwritten run): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if os.path.isdir(final):  # an earlier save of the same step (an overwritten run): replace it. The old
+            # one is renamed away and deleted after, so the step is missing only between two renames, not for as
+            # long as a deletion takes
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
         if keep > 0:
             prune_checkpoints(output_dir, step, keep)
     _barrier()
@@ -212,15 +269,28 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     (with RNG states already restored). Raises as ``check_checkpoint`` before anything is loaded."""
     check_checkpoint(path, world_size=_world_size())
     extra_file = os.path.join(path, f"extra_state_rank{_rank()}.pt")
-    if optimizer is None:
-        model_state = get_state_dict(model, [])[0]
-        dcp.load({"model": model_state}, checkpoint_id=path)
-        set_state_dict(model, [], model_state_dict=model_state, optim_state_dict={})
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    extra = torch.load(extra_file, weights_only=True)
+    try:
+        if optimizer is None:
+            model_state = get_state_dict(model, [])[0]
+            dcp.load({"model": model_state}, checkpoint_id=path)
+            set_state_dict(model, [], model_state_dict=model_state, optim_state_dict={})
+        else:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    except CheckpointException as exc:  # a BaseException: make it one that ``except Exception`` handlers see
+        raise ValueError(
+            f"checkpoint {path!r} could not be loaded into this model ({_dcp_failure(exc)}): a checkpoint resumes "
+            "with the model settings of the run that saved it (model.config_path, model.config_overrides; see that "
+            "run's config.yaml); if they are the same, a file of it is damaged: resume from an earlier checkpoint"
+        ) from exc
+    try:
+        extra = torch.load(extra_file, weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"checkpoint {path!r}: {os.path.basename(extra_file)} cannot be read ({type(exc).__name__}, above): the "
+            "file is damaged; resume from an earlier checkpoint"
+        ) from exc
     set_rng_state(extra.pop("rng"))
     return extra

@@ -45,8 +45,9 @@ def create_profiler(
 
 
 def move_aside(path: str) -> str:
-    """Rename the file ``path`` to the first free ``<stem>.<k><suffix>`` (``config.1.yaml``, ``config.2.yaml``, ...)
-    and return the new name: an earlier run's file is kept, not overwritten or appended to."""
+    """Rename the file or directory ``path`` to the first free ``<stem>.<k><suffix>`` (``config.1.yaml``,
+    ``config.2.yaml``, ..., ``checkpoints.1``) and return the new name: an earlier run's data is kept, not
+    overwritten or appended to."""
     stem, suffix = os.path.splitext(path)
     index = 1
     while os.path.exists(f"{stem}.{index}{suffix}"):

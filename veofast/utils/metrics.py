@@ -17,6 +17,15 @@ def _finite_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _ends_a_line(path: str) -> bool:
+    """Whether the file ``path`` is empty or ends with a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 class MetricsWriter:
     """Writes one JSON object per call to ``<output_dir>/metrics.jsonl`` (rank 0 only).
 
@@ -38,6 +47,8 @@ class MetricsWriter:
         if not resume and os.path.isfile(path) and os.path.getsize(path) > 0:
             logger.info("metrics: %s holds an earlier run's metrics; kept them as %s", path, move_aside(path))
         self.file = open(path, "a")
+        if resume and not _ends_a_line(path):  # a record cut short (a crash mid-write): the next one starts anew
+            self.file.write("\n")
         if use_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
