@@ -8,6 +8,8 @@ Groups are given as ``offsets (E,) int32``: cumulative end rows, group e is rows
   computes itself; the grid is the upper bound ``cdiv(M, BLOCK_M) + E`` row tiles, surplus programs return.
 - ``grouped_mm_wgrad(a, b, offsets)``: ``out[e] = a[g_e].T @ b[g_e]`` (the weight gradient); an expert with
   no rows gets zeros.
+- ``zero_rows_from(x, end)``: zeros the rows of ``x`` from a device count on (the input gradients of rows past the
+  last group, which the GEMMs leave unwritten).
 
 Rows at or beyond ``offsets[-1]`` take no part: their outputs are left unwritten. Products accumulate in fp32.
 """
@@ -199,3 +201,32 @@ def grouped_mm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
         **cfg,
     )
     return out
+
+
+@triton.jit
+def _zero_rows_kernel(x_ptr, end_ptr, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x[end:M] = 0, end read at ``end_ptr``; programs whose rows all lie before ``end`` exit at once."""
+    end = tl.load(end_ptr)
+    row0 = tl.program_id(0) * BLOCK_M
+    if row0 + BLOCK_M <= end:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = (rows >= end) & (rows < M)
+    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_m + tl.arange(0, BLOCK_N)[None, :]
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=x_ptr.dtype.element_ty)
+    for n0 in range(0, N, BLOCK_N):
+        tl.store(ptrs + n0, zeros, mask=row_ok[:, None] & ((n0 + tl.arange(0, BLOCK_N)) < N)[None, :])
+
+
+def zero_rows_from(x: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Zero rows ``end[0]:`` of ``x (M, N)`` (unit column stride) in place, with no host sync; ``end``: a
+    one-element int32 device tensor, e.g. ``offsets[-1:]``. Returns ``x``."""
+    num_rows, n = x.shape
+    if x.numel() == 0:
+        return x
+    block_n = min(triton.next_power_of_2(n), 256)
+    block_m = max(1, 4096 // block_n)
+    _zero_rows_kernel[(triton.cdiv(num_rows, block_m),)](
+        x, end, num_rows, n, x.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
+    )
+    return x

@@ -97,6 +97,7 @@ def _check_against_reference(
         fast = _launchers(q, k, v, dout, *args, configs=configs, **kw)
     low = _fwd_bwd(varlen_attention_reference, q, k, v, dout, *args, **kw)
     ref = _fwd_bwd(varlen_attention_reference, *(t.double() for t in (q, k, v, dout)), *args, **kw)
+    assert fast[0].is_contiguous()  # as the torch backend's output, also for head dims that run padded
     for name, f, lo, r in zip(("out", "dq", "dk", "dv"), fast, low, ref, strict=True):
         assert f.dtype == dtype and f.shape == r.shape
         _assert_bound(name, f, lo, r, dtype)
@@ -314,6 +315,7 @@ def _bad_call(**overrides):
         (dict(k=torch.randn(7, 3, 16), v=torch.randn(7, 3, 16)), "num_kv_heads"),
         (dict(v=torch.randn(7, 2, 8)), "k and v"),
         (dict(q=torch.randn(7, 4, 8)), "head_dim"),
+        (dict(q=torch.randn(7, 4, 0), k=torch.randn(7, 2, 0), v=torch.randn(7, 2, 0)), "head_dim"),
         (dict(q=torch.randn(7, 16)), "q must be a 3-D"),
         (dict(window_size=(-2, 0)), "window_size"),
         (dict(softmax_scale=float("nan")), "softmax_scale"),

@@ -262,6 +262,22 @@ def test_out_of_range_labels():
     assert max_err(got, oracle(hidden, weight, labels)[0]) <= 1e-5
 
 
+def test_auto_falls_back_where_the_kernels_cannot_run(monkeypatch):
+    """Where ``auto`` picks Triton (CUDA, simulated by patching resolve_backend), float64 inputs run on the torch
+    backend; ``backend="triton"`` raises for them."""
+    import veofast.ops.cross_entropy as module
+
+    monkeypatch.setattr(
+        module, "resolve_backend", lambda op, backend, device: "torch" if backend == "torch" else "triton"
+    )
+    hidden, weight = torch.randn(5, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    labels = torch.tensor([1, 0, -100, 10, 3])
+    expected = fused_linear_cross_entropy_reference(hidden, weight, labels)
+    assert torch.equal(fused_linear_cross_entropy(hidden, weight, labels), expected)
+    with pytest.raises(ValueError, match="triton backend takes"):
+        fused_linear_cross_entropy(hidden, weight, labels, backend="triton")
+
+
 def test_bad_inputs():
     hidden, weight, labels, _ = make_inputs(4, 8, 11)
     f = fused_linear_cross_entropy

@@ -7,6 +7,8 @@ interpreter (fp32/fp16); the bf16 tests, the ``torch._grouped_mm`` path and the 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -227,6 +229,44 @@ def test_grouped_mm_transposed_weights_and_empty_expert_gradient():
     out.sum().backward()
     assert linear.grad.shape == linear.shape
     assert torch.count_nonzero(linear.grad[1]) == 0 and torch.count_nonzero(linear.grad[0]) > 0
+
+
+@contextlib.contextmanager
+def _uninitialized_memory_is_nan():
+    """torch.empty and friends return NaN-filled memory inside (torch's deterministic mode), so that a result made
+    of memory that nothing wrote shows."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("op", ["grouped_mm", "expert_ffn"])
+def test_rows_past_the_last_expert_get_zero_gradient(op):
+    """Rows at or past expert_offsets[-1] take no part: their input gradient is 0 on the Triton path too (the grouped
+    GEMMs leave those rows unwritten)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    offsets = _offsets([3, 0, 4])  # 7 of the 10 rows belong to an expert
+    rows = torch.randn(10, 16, generator=gen, device=DEVICE, requires_grad=True)
+    gate_up, down = _expert_weights(3, 16, 8, gen)
+    grad_out = torch.randn(7, 16, generator=gen, device=DEVICE)  # the outputs past the end are not used
+
+    def grad(backend):
+        if op == "grouped_mm":
+            out = grouped_mm(rows, gate_up.transpose(1, 2), offsets, backend=backend)
+        else:
+            out = expert_ffn(rows, offsets, gate_up, down, backend=backend)
+        return torch.autograd.grad(out[:7], rows, grad_out)[0]
+
+    with _uninitialized_memory_is_nan():
+        got = grad("triton")
+    assert torch.equal(got[7:], torch.zeros_like(got[7:]))
+    torch.testing.assert_close(got, grad("torch"), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- expert_ffn, moe_ffn

@@ -1,5 +1,7 @@
 """rms_norm: Triton path (interpreter on CPU, bf16 on GPU) and torch path against a float64 reference."""
 
+import sys
+
 import pytest
 import torch
 
@@ -140,6 +142,19 @@ def test_bad_inputs_raise(kwargs, match):
     args = dict(x=torch.ones(2, 8), weight=torch.ones(8), eps=EPS, residual=None, backend="auto") | kwargs
     with pytest.raises(ValueError, match=match):
         rms_norm(args.pop("x"), args.pop("weight"), args.pop("eps"), **args)
+
+
+def test_auto_falls_back_where_the_kernels_cannot_run(monkeypatch):
+    """Where ``auto`` picks Triton (CUDA, simulated by patching resolve_backend), inputs the kernels do not take
+    (float64) run on the reference, logged once; ``backend="triton"`` raises for them."""
+    module = sys.modules[rms_norm.__module__]
+    monkeypatch.setattr(
+        module, "resolve_backend", lambda op, backend, device: "torch" if backend == "torch" else "triton"
+    )
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    assert torch.equal(rms_norm(x, w, EPS), rms_norm_reference(x, w, EPS))
+    with pytest.raises(ValueError, match="triton backend takes"):
+        rms_norm(x, w, EPS, backend="triton")
 
 
 @pytest.mark.gpu

@@ -1,5 +1,7 @@
 """apply_rotary: Triton path (interpreter on CPU, bf16 on GPU) and torch path against a float64 reference."""
 
+import sys
+
 import pytest
 import torch
 
@@ -256,6 +258,21 @@ def test_bad_inputs_raise(kwargs, match):
     args = dict(q=Q, k=K, position_ids=POS, inv_freq=FREQ, scaling=1.0, backend="auto") | kwargs
     with pytest.raises(ValueError, match=match):
         apply_rotary(args.pop("q"), args.pop("k"), args.pop("position_ids"), args.pop("inv_freq"), **args)
+
+
+def test_auto_falls_back_where_the_kernels_cannot_run(monkeypatch):
+    """Where ``auto`` picks Triton (CUDA, simulated by patching resolve_backend), inputs the kernels do not take
+    (float64) run on the reference, logged once; ``backend="triton"`` raises for them."""
+    module = sys.modules[apply_rotary.__module__]
+    monkeypatch.setattr(
+        module, "resolve_backend", lambda op, backend, device: "torch" if backend == "torch" else "triton"
+    )
+    q, k, pos = torch.randn(4, 2, 8, dtype=torch.float64), torch.randn(4, 1, 8, dtype=torch.float64), torch.arange(4)
+    want = apply_rotary_reference(q, k, pos, inv_freq_for(8, "cpu"))
+    for got, ref in zip(apply_rotary(q, k, pos, inv_freq_for(8, "cpu")), want, strict=True):
+        assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="triton backend takes"):
+        apply_rotary(q, k, pos, inv_freq_for(8, "cpu"), backend="triton")
 
 
 @pytest.mark.gpu

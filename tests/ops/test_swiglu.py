@@ -1,5 +1,7 @@
 """swiglu: Triton path (interpreter on CPU, bf16 on GPU) and torch path against a float64 reference."""
 
+import sys
+
 import pytest
 import torch
 
@@ -102,6 +104,19 @@ def test_compiles(backend):
 def test_bad_inputs_raise(gate, up, backend, match):
     with pytest.raises(ValueError, match=match):
         swiglu(gate, up, backend=backend)
+
+
+def test_auto_falls_back_where_the_kernels_cannot_run(monkeypatch):
+    """Where ``auto`` picks Triton (CUDA, simulated by patching resolve_backend), inputs the kernels do not take
+    (float64) run on the reference, logged once; ``backend="triton"`` raises for them."""
+    module = sys.modules[swiglu.__module__]
+    monkeypatch.setattr(
+        module, "resolve_backend", lambda op, backend, device: "torch" if backend == "torch" else "triton"
+    )
+    gate, up = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(swiglu(gate, up), swiglu_reference(gate, up))
+    with pytest.raises(ValueError, match="triton backend takes"):
+        swiglu(gate, up, backend="triton")
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 ``backend="auto"`` takes Triton for CUDA tensors and the reference elsewhere; ``"triton"`` and ``"torch"``
 force one. A backend that was asked for explicitly and cannot run raises; a fallback that ``auto`` takes on a
-CUDA device (Triton not installed) is logged once.
+CUDA device (Triton not installed, or inputs the kernels do not take: ``triton_or_fallback``) is logged once.
 """
 
 from __future__ import annotations
@@ -62,4 +62,16 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         if error is None:
             return "triton"
         _log_fallback_once(op, f"triton does not import ({error})")
+    return "torch"
+
+
+def triton_or_fallback(op: str, backend: str, unsupported: str | None) -> str:
+    """What runs once ``resolve_backend`` chose Triton: ``"triton"`` when the kernels take the inputs
+    (``unsupported`` is None). Otherwise ``unsupported`` says why not: ``backend="triton"`` raises ``ValueError``
+    with it, ``"auto"`` falls back to the torch reference (logged once)."""
+    if unsupported is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"{op}: {unsupported}")
+    _log_fallback_once(op, unsupported)
     return "torch"

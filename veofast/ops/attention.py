@@ -58,6 +58,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         raise ValueError(f"{_OP}: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{_OP}: q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError(f"{_OP}: head_dim (q.shape[2]) must be at least 1, got 0")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{_OP}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -382,4 +384,5 @@ def varlen_attention(
     if padded != head_dim:  # zero columns add nothing to Q K^T and come out as zero columns of the output
         q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
     out, _ = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right)
-    return out if padded == head_dim else out[..., :head_dim]
+    # A contiguous copy, not a strided view of the padded output: the same layout as the torch backend gives
+    return out if padded == head_dim else out[..., :head_dim].contiguous()

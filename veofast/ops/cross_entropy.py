@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import resolve_backend, triton_or_fallback
 from ._eager import first_order_only
 
 OP = "fused_linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The reference holds (rows, V) fp32 logits per chunk, rows = max(1, REFERENCE_CHUNK_ELEMENTS // V).
 REFERENCE_CHUNK_ELEMENTS = 2**24
 
@@ -402,7 +403,8 @@ def fused_linear_cross_entropy(
     Labels outside [0, V) other than ``ignore_index`` raise ValueError on the torch backend (not checked under
     ``torch.compile``); the Triton backend does not check them (that would need a host-device sync) and treats them
     as ignored, in the loss and in the count.
-    ``backend``: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    ``backend``: "auto" (Triton on CUDA, torch elsewhere; float64 goes to the torch backend, logged once),
+    "triton" or "torch".
     """
     _check_inputs(
         hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, lse_square_scale, softcap
@@ -417,6 +419,9 @@ def fused_linear_cross_entropy(
             f"got {num_label_tokens!r}"
         )
     chosen = resolve_backend(OP, backend, hidden.device)
+    if chosen == "triton" and hidden.dtype not in TRITON_DTYPES:
+        reason = f"the triton backend takes hidden and weight in {TRITON_DTYPES}, got {hidden.dtype}"
+        chosen = triton_or_fallback(OP, backend, reason)
     vocab = weight.shape[0]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1).contiguous()

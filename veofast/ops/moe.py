@@ -300,6 +300,14 @@ def _gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return _kernels()[1].grouped_mm_wgrad(a, b, offsets)
 
 
+def _zero_rows_past_last_expert(grad: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """The grouped GEMMs leave rows at or past ``expert_offsets[-1]`` unwritten; as input gradients those rows are
+    0 (they take no part), set without a host sync."""
+    if expert_offsets.numel() == 0:
+        return grad.zero_()
+    return _kernels()[1].zero_rows_from(grad, expert_offsets[-1:])
+
+
 class _MoEPermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, topk_ids, num_experts, first_expert, num_rows):
@@ -353,6 +361,8 @@ class _GroupedMM(torch.autograd.Function):
         x, w, expert_offsets = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = _gmm(grad_out, w.transpose(1, 2), expert_offsets) if ctx.needs_input_grad[0] else None
+        if grad_x is not None:
+            grad_x = _zero_rows_past_last_expert(grad_x, expert_offsets)
         grad_w = _gmm_wgrad(x, grad_out, expert_offsets) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
@@ -377,6 +387,8 @@ class _ExpertFFN(torch.autograd.Function):
         grad_h, a = _kernels()[2].swiglu_backward(h, grad_a, expert_offsets[-1:])
         grad_down = _gmm_wgrad(grad_out, a, expert_offsets) if need_down else None  # (E, H, I)
         grad_rows = _gmm(grad_h, gate_up_proj, expert_offsets) if need_rows else None  # (M, H)
+        if grad_rows is not None:
+            grad_rows = _zero_rows_past_last_expert(grad_rows, expert_offsets)
         grad_gate_up = _gmm_wgrad(grad_h, rows, expert_offsets) if need_gate_up else None  # (E, 2I, H)
         return grad_rows, None, grad_gate_up, grad_down
 
@@ -428,7 +440,8 @@ def moe_unpermute(
     and ``topk_weights``.
 
     rows: (R, H) float; row_index: (T*K,) int32/int64 (``MoEPermutation.row_index``); topk_weights: (T, K) float.
-    Returns (T, H) in rows' dtype; ``topk_weights``' gradient has its dtype.
+    Returns (T, H) in rows' dtype; ``topk_weights``' gradient has its dtype. A row that no slot refers to gets a
+    zero gradient, except on the Triton path when R = T*K (some slots dropped): undefined there.
     """
     _check_float("rows", rows, 2)
     _check_index("row_index", row_index, 1)
@@ -451,7 +464,8 @@ def grouped_mm(
 
     x: (M, K) float; w: (E, K, N) in x's dtype (any strides: pass ``weight.transpose(1, 2)`` for ``(E, N, K)``
     linear weights); expert_offsets: (E,) int32 cumulative end rows. Returns (M, N). Rows at or past
-    ``expert_offsets[-1]`` are zero on the torch path and undefined on the Triton path.
+    ``expert_offsets[-1]`` are zero on the torch path and undefined on the Triton path; ``x``'s gradient is zero
+    there on both.
     """
     _check_float("x", x, 2)
     _check_float("w", w, 3)
@@ -477,7 +491,9 @@ def expert_ffn(
     """The expert FFN on rows grouped by expert: grouped gate/up GEMM -> SwiGLU -> grouped down GEMM.
 
     rows: (M, H); expert_offsets: (E,) int32 cumulative end rows; gate_up_proj: (E, 2I, H); down_proj: (E, H, I),
-    all in rows' dtype. Returns (M, H); differentiable wrt rows and both weights.
+    all in rows' dtype. Returns (M, H); differentiable wrt rows and both weights. Rows at or past
+    ``expert_offsets[-1]`` take no part: their output is zero on the torch path and undefined on the Triton path,
+    their gradient zero on both.
     """
     _check_float("rows", rows, 2)
     _check_expert_weights(gate_up_proj, down_proj, rows.shape[1], rows.dtype)

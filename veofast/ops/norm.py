@@ -11,7 +11,7 @@ least as close to the exact value; the two differ by about one rounding of the o
 
 import torch
 
-from veofast.ops._backend import resolve_backend
+from veofast.ops._backend import resolve_backend, triton_or_fallback
 from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,15 +51,15 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Te
             )
 
 
-def _check_triton(x: torch.Tensor, weight: torch.Tensor) -> None:
+def _triton_unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these inputs, or None."""
     from veofast.kernels.norm import MAX_HIDDEN
 
     if x.dtype not in _TRITON_DTYPES or weight.dtype not in _TRITON_DTYPES:
-        raise ValueError(
-            f"rms_norm: the triton backend takes x and weight in {_TRITON_DTYPES}, got {x.dtype} and {weight.dtype}"
-        )
+        return f"the triton backend takes x and weight in {_TRITON_DTYPES}, got {x.dtype} and {weight.dtype}"
     if x.shape[-1] > MAX_HIDDEN:
-        raise ValueError(f"rms_norm: the triton backend takes H <= {MAX_HIDDEN}, got x with H = {x.shape[-1]}")
+        return f"the triton backend takes H <= {MAX_HIDDEN}, got x with H = {x.shape[-1]}"
+    return None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -160,12 +160,15 @@ def rms_norm(
 
     x: (..., H); weight: (H,); residual: like x, or None. Returns y (..., H) in
     ``promote_types(x.dtype, weight.dtype)``, or ``(y, h)`` where h = x + residual (..., H) in x's dtype is the
-    residual stream for the next layer. ``backend``: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
+    residual stream for the next layer. ``backend``: ``"auto"`` (Triton on CUDA; inputs the kernels do not take,
+    float64 or H above 65536, go to the reference, logged once), ``"triton"`` or ``"torch"``.
     """
     _check(x, weight, eps, residual)
-    if resolve_backend("rms_norm", backend, x.device) == "torch":
+    chosen = resolve_backend("rms_norm", backend, x.device)
+    if chosen == "triton":
+        chosen = triton_or_fallback("rms_norm", backend, _triton_unsupported(x, weight))
+    if chosen == "torch":
         return rms_norm_reference(x, weight, eps, residual=residual)
-    _check_triton(x, weight)
     if residual is None:
         return _rms_norm(x, weight, float(eps))
     return _add_rms_norm(x, residual, weight, float(eps))

@@ -16,7 +16,7 @@ place). The backward needs neither q nor k, so both forms are differentiable.
 
 import torch
 
-from veofast.ops._backend import resolve_backend
+from veofast.ops._backend import resolve_backend, triton_or_fallback
 from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -183,19 +183,21 @@ def apply_rotary(
     documents restarting at 0; inv_freq: (D/2,) fp32; scaling multiplies cos and sin (HF's ``attention_scaling``).
     Returns (q_out, k_out) shaped like q and k: new tensors, or with ``inplace=True`` q and k themselves, rotated
     in place (autograd then treats it like any in-place op: q and k must not be leaves that require grad, nor
-    tensors that an earlier op saved for its backward). ``backend``: ``"auto"`` (Triton on CUDA), ``"triton"`` or
-    ``"torch"``.
+    tensors that an earlier op saved for its backward). ``backend``: ``"auto"`` (Triton on CUDA; float64 goes to
+    the reference, logged once), ``"triton"`` or ``"torch"``.
     """
     _check(q, k, position_ids, inv_freq, scaling)
     if not isinstance(inplace, bool):
         raise ValueError(f"apply_rotary: inplace must be a bool, got {inplace!r}")
     if inplace and q is k:
         raise ValueError("apply_rotary: with inplace=True, q and k must be different tensors (it would rotate twice)")
-    if resolve_backend("apply_rotary", backend, q.device) == "torch":
+    chosen = resolve_backend("apply_rotary", backend, q.device)
+    if chosen == "triton" and q.dtype not in _TRITON_DTYPES:
+        reason = f"the triton backend takes q and k in {_TRITON_DTYPES}, got {q.dtype}"
+        chosen = triton_or_fallback("apply_rotary", backend, reason)
+    if chosen == "torch":
         q_out, k_out = apply_rotary_reference(q, k, position_ids, inv_freq, scaling=scaling)
         return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
-    if q.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"apply_rotary: the triton backend takes q and k in {_TRITON_DTYPES}, got {q.dtype}")
     if inplace:
         scaling = float(scaling)
         q = _RotateQAndK.apply(q, k, position_ids, inv_freq, scaling)

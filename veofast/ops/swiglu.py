@@ -8,7 +8,7 @@ views, e.g. the two halves of a fused gate/up projection; the outputs are contig
 import torch
 import torch.nn.functional as F
 
-from veofast.ops._backend import resolve_backend
+from veofast.ops._backend import resolve_backend, triton_or_fallback
 from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -86,11 +86,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
     """``silu(gate) * up``; differentiable in gate and up.
 
     gate, up: (..., I), same dtype (any strides). Returns (..., I) in the input dtype. ``backend``: ``"auto"``
-    (Triton on CUDA), ``"triton"`` or ``"torch"``.
+    (Triton on CUDA; float64 goes to the reference, logged once), ``"triton"`` or ``"torch"``.
     """
     _check(gate, up)
-    if resolve_backend("swiglu", backend, gate.device) == "torch":
+    chosen = resolve_backend("swiglu", backend, gate.device)
+    if chosen == "triton" and gate.dtype not in _TRITON_DTYPES:
+        reason = f"the triton backend takes gate and up in {_TRITON_DTYPES}, got {gate.dtype}"
+        chosen = triton_or_fallback("swiglu", backend, reason)
+    if chosen == "torch":
         return swiglu_reference(gate, up)
-    if gate.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"swiglu: the triton backend takes gate and up in {_TRITON_DTYPES}, got {gate.dtype}")
     return _swiglu(gate, up)
