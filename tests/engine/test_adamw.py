@@ -11,13 +11,13 @@ from torch import nn
 
 from veofast.optim import AdamW
 
-SHAPES = [(1,), (1000,), (1025,), (37, 53), (3, 5, 7)]
+SHAPES = [(1,), (1000,), (1025,), (37, 53), (3, 5, 7), (4097,)]
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _params(seed: int = 0) -> list[nn.Parameter]:
+def _params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
 
 
 def _groups(params):
@@ -31,7 +31,7 @@ def _run(optimizer, params, steps: int, seed: int = 1, lrs=(3e-3, 1e-3, 2e-3, 5e
             group["lr"] = lrs[step % len(lrs)]  # as a schedule does between steps
         for i, p in enumerate(params):
             # a gradient now and then absent (a frozen branch): the parameter and its state stay as they are
-            p.grad = None if (step == 1 and i == 2) else torch.randn(p.shape, generator=gen) * (10.0**-i)
+            p.grad = None if (step == 1 and i == 2) else torch.randn(p.shape, generator=gen, dtype=p.dtype) * (10.0**-i)
         optimizer.step()
 
 
@@ -82,7 +82,7 @@ def test_grad_scale_scales_the_gradients(backend):
         for p, q in zip(ours, theirs, strict=True):
             p.grad = torch.randn(p.shape, generator=gen)
             q.grad = p.grad * scale
-        opt.step(grad_scale=torch.tensor(scale))
+        opt.step(grad_scale=torch.tensor(scale) if scale != 0.5 else torch.tensor([scale]))  # 0-dim or 1-element
         ref.step()
     for p, q in zip(ours, theirs, strict=True):
         _assert_close(p.detach(), q.detach())
@@ -120,13 +120,59 @@ def test_torch_backend_and_options_the_kernel_lacks_use_torch():
     opt.param_groups[0]["amsgrad"] = True  # torch's implementation runs that group
     _run(opt, amsgrad, 1)
     assert "max_exp_avg_sq" in opt.state[amsgrad[0]] and "max_exp_avg_sq" not in opt.state[amsgrad[4]]
-    for options in ({"amsgrad": True}, {"maximize": True}):
-        ours, theirs = _params(), _params()
-        opt = AdamW(_groups(ours), **HYPER, **options, backend="triton")
-        ref = torch.optim.AdamW(_groups(theirs), **HYPER, **options)
-        _run(opt, ours, 2)
-        _run(ref, theirs, 2)
-        assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True)), options
+
+
+@pytest.mark.parametrize(
+    "options, dtype",
+    [
+        ({"amsgrad": True}, torch.float32),
+        ({"maximize": True}, torch.float32),
+        ({"betas": (torch.tensor(0.9), torch.tensor(0.95))}, torch.float32),
+        ({}, torch.float64),
+    ],
+)
+def test_what_the_kernel_lacks_takes_torchs_step(options, dtype):
+    """amsgrad, maximize, tensor betas and float64 parameters (the kernel computes in fp32) give torch's results."""
+    ours, theirs = _params(dtype=dtype), _params(dtype=dtype)
+    opt = AdamW(_groups(ours), **{**HYPER, **options}, backend="triton")
+    ref = torch.optim.AdamW(_groups(theirs), **{**HYPER, **options})
+    _run(opt, ours, 2)
+    _run(ref, theirs, 2)
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_step_hooks_run_once(backend):
+    """torch wraps ``torch.optim.AdamW.step`` with the hook runner once a torch AdamW exists; the torch groups'
+    step taken from inside ours must not run the hooks again."""
+    torch.optim.AdamW(_params())
+    params = _params()
+    opt = AdamW(_groups(params), **HYPER, backend=backend)
+    opt.param_groups[0]["amsgrad"] = True  # a torch-stepped group with the Triton backend too
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    _run(opt, params, 1)
+    assert calls == ["pre", "post"]
+
+
+def test_loading_keeps_this_optimizers_implementation():
+    """A checkpoint of torch's fused AdamW continues in the Triton step: the group keeps its own ``fused`` flag and
+    every ``step`` count is on the host, where the Triton step reads it."""
+    a, b = _params(), _params()
+    ref = torch.optim.AdamW(_groups(a), **HYPER, fused=True)
+    _run(ref, a, 2)
+    ours = AdamW(_groups(b), **HYPER, backend="triton")
+    with torch.no_grad():
+        for p, q in zip(b, a, strict=True):
+            p.copy_(q)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert not any(group["fused"] for group in ours.param_groups)
+    assert all(ours.state[p]["step"].device.type == "cpu" for p in b)
+    _run(ref, a, 2, seed=5)
+    _run(ours, b, 2, seed=5)
+    for p, q in zip(b, a, strict=True):
+        _assert_close(p.detach(), q.detach())
 
 
 @pytest.mark.gpu
@@ -146,6 +192,74 @@ def test_gpu_step_matches_torch():
         ref.step()
     for p, q in zip(ours, theirs, strict=True):
         _assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["veofast-torch-backend", "torch-capturable"])
+def test_gpu_checkpoint_continues(source):
+    """On the GPU the torch backend steps fused (its ``step`` counts on the device) and torch's capturable AdamW
+    keeps them there too: saved, loaded and continued, both train as if nothing happened."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = [nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in SHAPES]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    if source == "torch-capturable":
+        first = torch.optim.AdamW(_groups(a), **HYPER, capturable=True)
+    else:
+        first = AdamW(_groups(a), **HYPER, backend="torch")
+    for step in range(4):
+        if step == 2:
+            with torch.no_grad():
+                for p, q in zip(b, a, strict=True):
+                    p.copy_(q)
+            second = AdamW(_groups(b), **HYPER, backend="torch")
+            second.load_state_dict(copy.deepcopy(first.state_dict()))
+        for i, p in enumerate(a):
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            if step >= 2:
+                b[i].grad = p.grad.clone()
+        first.step()
+        if step >= 2:
+            second.step()
+    for p, q in zip(b, a, strict=True):
+        _assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_step_within_torchs_rounding():
+    """bf16 parameters and moments: |triton - fp64| <= 2 |torch bf16 - fp64| + 1 bf16 ulp at 1 (2^-7), on average and at
+    worst (the kernel does the math in fp32 and rounds once)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ref = [nn.Parameter(torch.randn(s, device="cuda", generator=gen, dtype=torch.float64)) for s in SHAPES]
+    ours = [nn.Parameter(p.detach().bfloat16()) for p in ref]
+    theirs = [nn.Parameter(p.detach().bfloat16()) for p in ref]
+    opts = [
+        AdamW(_groups(ours), **HYPER, backend="triton"),
+        torch.optim.AdamW(_groups(theirs), **HYPER),
+        torch.optim.AdamW(_groups(ref), **HYPER),
+    ]
+    for _ in range(5):
+        for p, q, r in zip(ours, theirs, ref, strict=True):
+            r.grad = torch.randn(r.shape, device="cuda", generator=gen, dtype=torch.float64)
+            p.grad, q.grad = r.grad.bfloat16(), r.grad.bfloat16()
+        for opt in opts:
+            opt.step()
+    assert ours[0].dtype == opts[0].state[ours[0]]["exp_avg"].dtype == torch.bfloat16
+    err = torch.cat([(p.double() - r.detach()).abs().flatten() for p, r in zip(ours, ref, strict=True)])
+    torch_err = torch.cat([(q.double() - r.detach()).abs().flatten() for q, r in zip(theirs, ref, strict=True)])
+    assert err.mean() <= 2 * torch_err.mean() + 2**-7 and err.max() <= 2 * torch_err.max() + 2**-7
+
+
+@pytest.mark.parametrize("flags", [{"foreach": True}, {"foreach": False}, {"fused": True}])
+def test_torch_implementation_flags_take_torchs_step(flags):
+    """torch's arguments are taken: choosing one of torch's implementations runs it, and refuses backend='triton'."""
+    ours, theirs = _params(), _params()
+    opt = AdamW(_groups(ours), **HYPER, **flags)
+    ref = torch.optim.AdamW(_groups(theirs), **HYPER, **flags)
+    _run(opt, ours, 2)
+    _run(ref, theirs, 2)
+    assert opt.backend == "torch" and all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    with pytest.raises(ValueError, match="backend='triton'"):
+        AdamW(_params(), **flags, backend="triton")
 
 
 def test_bad_backend_is_refused():

@@ -1,9 +1,14 @@
 """metrics.jsonl: strict JSON lines; a resumed run appends to its file, a fresh run in the same output_dir keeps the
-earlier file."""
+earlier file. The FLOPs that MFU is computed from."""
 
 import json
 import math
 
+import pytest
+from torch import nn
+
+from veofast.models import build_foundation_model
+from veofast.utils.flops import matmul_params, training_flops
 from veofast.utils.metrics import MetricsWriter
 
 
@@ -40,3 +45,29 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
 
     record = json.loads(line, parse_constant=refuse)
     assert record == {"step": 1, "loss": None, "grad_norm": None, "lr": 1e-3, "skipped": True}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model_type": "llama", "tie_word_embeddings": True},
+        {"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+         "mlp_only_layers": [0], "decoder_sparse_step": 2, "head_dim": 8},
+        {"model_type": "qwen2_moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+         "shared_expert_intermediate_size": 48},
+    ],
+)
+def test_training_flops_match_a_count_of_the_built_model(overrides):
+    """MFU's FLOPs: 6 per matmul weight and token (every Linear, the LM head even when tied, the active top-k share
+    of the expert stacks), plus 6 * heads * head_dim * n^2 per layer and document of n tokens (causal attention)."""
+    config = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, **overrides}
+    model = build_foundation_model(config_overrides=config, init_device="cpu", ops_backend="torch")
+    cfg = model.config
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)  # (experts, out, in) stacks
+    weights = linear + experts * cfg.num_experts_per_tok // cfg.num_experts if cfg.is_moe else linear
+    assert matmul_params(cfg) == weights
+    lengths = [5, 17, 1]
+    attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (5**2 + 17**2 + 1**2)
+    assert training_flops(cfg, lengths) == 6 * weights * 23 + attention

@@ -32,10 +32,10 @@ def test_optimizer_errors(kwargs, message):
         build_optimizer(Tiny(), **kwargs)
 
 
-def schedule(style, steps=10, warmup=0.2, lr_min=0.1):
+def schedule(style, steps=10, warmup=0.2, lr_min=0.1, **kwargs):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_lr_scheduler(opt, train_steps=steps, lr=1.0, lr_min=lr_min, lr_warmup_ratio=warmup,
-                               lr_decay_style=style)
+                               lr_decay_style=style, **kwargs)
     lrs = []
     for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
@@ -52,6 +52,17 @@ def test_warmup_then_decay_shapes():
     assert linear[0] == 1.0 and linear[5] == pytest.approx(0.1 + 0.9 * 0.5)
     assert schedule("constant", warmup=0.0) == [1.0] * 10
     assert lr_multiplier(100, train_steps=10, warmup_steps=0, decay_steps=10, style="cosine", min_ratio=0.1) == 0.1
+
+
+@pytest.mark.parametrize(
+    "style, steps, warmup, kwargs, expected",
+    [("cosine", 1, 0.0, {}, [1.0]), ("cosine", 1, 1.0, {}, [1.0]), ("linear", 4, 1.0, {}, [0.25, 0.5, 0.75, 1.0]),
+     ("linear", 10, 0.0, {"lr_decay_ratio": 0.5, "lr_min": 0.2}, [1.0, 0.84, 0.68, 0.52, 0.36] + [0.2] * 5),
+     ("constant", 4, 0.5, {}, [0.5, 1.0, 1.0, 1.0])],
+)
+def test_schedule_edges(style, steps, warmup, kwargs, expected):
+    """One step, warm-up over all steps, decay over half of them then lr_min, warm-up then constant."""
+    assert schedule(style, steps, warmup, **{"lr_min": 0.1, **kwargs}) == pytest.approx(expected)
 
 
 def test_scheduler_state_round_trip():

@@ -37,8 +37,26 @@ def micro_batch(seed):
             "num_label_tokens": int((labels != -100).sum())}
 
 
-def build(ps, **kwargs):
-    model = build_foundation_model(config_overrides=TINY_MOE, init_device="meta", ops_backend="torch")
+def merge(a, b):
+    """Two packed micro-batches as one (their documents side by side)."""
+    merged = {key: torch.cat([a[key], b[key]], dim=1) for key in ("input_ids", "labels", "position_ids")}
+    merged["cu_seqlens"] = torch.cat([a["cu_seqlens"], b["cu_seqlens"][1:] + a["cu_seqlens"][-1]])
+    merged["max_seqlen"] = max(a["max_seqlen"], b["max_seqlen"])
+    merged["num_label_tokens"] = a["num_label_tokens"] + b["num_label_tokens"]
+    return merged
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of the gradients its last step applied."""
+
+    def step(self, closure=None):
+        self.applied = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+        return super().step(closure)
+
+
+def build(ps, overrides=None, **kwargs):
+    model = build_foundation_model(config_overrides={**TINY_MOE, **(overrides or {})}, init_device="meta",
+                                   ops_backend="torch")
     config = model.config
     model = build_parallelize_model(model, seed=3, **kwargs)
     opt = build_optimizer(model, lr=1e-2)
@@ -101,3 +119,29 @@ def test_clipping_inside_the_optimizer_matches_clipping_the_gradients(parallel_s
         assert ours.grad_norm > 0.05 and ours.grad_norm == pytest.approx(theirs.grad_norm, rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])
+def test_micro_batches_accumulate_like_one(parallel_state, max_grad_norm):
+    """The step's gradient is sum(token losses) / the step's label-token count: two micro-batches and one without a
+    label give the gradient of one micro-batch holding their documents (MoE without the per-micro-batch aux loss).
+    The reported norm is the one before clipping; max_grad_norm <= 0 clips nothing."""
+    empty, short = micro_batch(2), micro_batch(1)
+    empty["labels"][:] = -100
+    empty["num_label_tokens"] = 0
+    short["labels"][0, 20:] = -100  # fewer labels than the other micro-batch: a per-micro-batch mean would differ
+    short["num_label_tokens"] = 18
+    steps = {"split": [micro_batch(0), empty, short], "merged": [merge(micro_batch(0), short)]}
+    applied = {}
+    for name, batches in steps.items():
+        model, config, _, _ = build(parallel_state, overrides={"output_router_logits": False})
+        opt = RecordingSGD(model.parameters(), lr=1e-3)
+        sched = build_lr_scheduler(opt, train_steps=5, lr_decay_style="constant")
+        result = train_step(model, batches, opt, sched, config=config, ps=parallel_state, max_grad_norm=max_grad_norm)
+        assert result.label_tokens == 46 and not result.skipped
+        applied[name] = opt.applied
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in opt.applied]))
+        assert norm.item() == pytest.approx(max_grad_norm if max_grad_norm > 0 else result.grad_norm, rel=1e-4)
+        assert result.grad_norm > 0.05
+    for split, merged in zip(applied["split"], applied["merged"], strict=True):
+        torch.testing.assert_close(split, merged, rtol=1e-4, atol=1e-6)

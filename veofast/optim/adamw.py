@@ -19,17 +19,30 @@ from torch.distributed.tensor import DTensor
 from veofast.ops._backend import resolve_backend, triton_interpreting
 
 OP = "AdamW"
+# what the kernel takes: it computes in fp32, so float64 parameters take torch's step (fp64 math)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# how torch's step runs, chosen by each optimizer and kept when a state dict is loaded
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _without_step_hooks(step):
+    """torch's ``step`` without the hook-running wrapper that ``torch.optim.Optimizer`` puts on a class's ``step``
+    once an instance of it exists: called from inside this class's (wrapped) ``step``, it would run every step
+    hook a second time."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
+
+
 class AdamW(torch.optim.AdamW):
     """AdamW with decoupled weight decay: ``torch.optim.AdamW``'s arguments and results.
 
     ``backend``: "auto", "triton" (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or "torch". Groups with
-    ``amsgrad`` or ``maximize`` take torch's step.
+    ``amsgrad``, ``maximize``, a tensor ``lr`` or ``betas``, or float64 parameters take torch's step. Setting one of
+    torch's ``foreach``, ``fused``, ``capturable`` or ``differentiable`` chooses torch's implementation:
+    ``backend="auto"`` then means "torch", and ``"triton"`` raises ``ValueError``.
     """
 
     def __init__(
@@ -42,16 +55,36 @@ class AdamW(torch.optim.AdamW):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         backend: str = "auto",
     ):
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
         )
+        torch_implementation = foreach is not None or fused is not None or capturable or differentiable
+        if torch_implementation and backend == "triton":
+            raise ValueError(
+                "AdamW: backend='triton' runs veofast's step, while foreach/fused/capturable/differentiable choose "
+                "torch's; pass backend='auto' or 'torch' with them, or leave them out"
+            )
         devices = {p.device for group in self.param_groups for p in group["params"]}
-        if backend == "auto" and len(devices) != 1:
+        if backend == "auto" and (len(devices) != 1 or torch_implementation):
             backend = "torch"
         self.backend = resolve_backend(OP, backend, next(iter(devices)) if devices else torch.device("cpu"))
-        if self.backend == "torch" and devices and all(d.type == "cuda" for d in devices):
+        if self.backend == "torch" and not torch_implementation and devices and all(d.type == "cuda" for d in devices):
             for group in self.param_groups:  # torch's fastest CUDA path where the Triton one is not taken
                 group["fused"] = True
 
@@ -63,11 +96,11 @@ class AdamW(torch.optim.AdamW):
             and not group["maximize"]
             and not group["capturable"]
             and not group["differentiable"]
-            and not isinstance(group["lr"], torch.Tensor)
+            and not any(isinstance(x, torch.Tensor) for x in (group["lr"], *group["betas"]))
             and all(
                 p.grad is None
                 or (
-                    p.is_floating_point()
+                    p.dtype in KERNEL_DTYPES
                     and _local(p).is_contiguous()
                     and not p.grad.is_sparse
                     and (p.device.type == "cuda" or triton_interpreting())
@@ -77,18 +110,25 @@ class AdamW(torch.optim.AdamW):
         )
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's, then every ``step`` on the host (a checkpoint of torch's fused AdamW keeps it on the GPU, and
-        the Triton step reads it for the bias corrections)."""
+        """torch's, keeping this optimizer's ``IMPLEMENTATION_FLAGS`` (a checkpoint of torch's fused or capturable
+        AdamW continues in the Triton step, and the other way round), with every ``step`` where the group's step
+        reads it: on the parameter's device for torch's fused and capturable steps, on the host otherwise (the
+        Triton step reads it there for the bias corrections)."""
+        own = [{key: group[key] for key in IMPLEMENTATION_FLAGS if key in group} for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for state in self.state.values():
-            if isinstance(state.get("step"), torch.Tensor) and state["step"].device.type != "cpu":
-                state["step"] = state["step"].cpu()
+        for group, flags in zip(self.param_groups, own, strict=True):
+            group.update(flags)
+            on_device = group.get("fused") or group.get("capturable")
+            for param in group["params"]:
+                step = self.state.get(param, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    self.state[param]["step"] = step.to(param.device, torch.float32) if on_device else step.cpu()
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: torch.Tensor | None = None):
         """One update. ``grad_scale``: a 1-element tensor on the parameters' device by which every gradient is
         multiplied first (the gradient-clipping factor): the Triton step applies it as it reads the gradient and
-        leaves ``.grad`` as it is; torch's steps scale ``.grad`` in place first."""
+        leaves ``.grad`` as it is; torch's steps scale ``.grad`` in place first. The step hooks run once."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -102,12 +142,12 @@ class AdamW(torch.optim.AdamW):
         if torch_groups and grad_scale is not None:
             grads = [_local(p.grad) for g in torch_groups for p in g["params"] if p.grad is not None]
             if grads:
-                torch._foreach_mul_(grads, grad_scale.to(grads[0].device))
+                torch._foreach_mul_(grads, grad_scale.to(grads[0].device).reshape(()))
         if torch_groups:
             every_group = self.param_groups
             self.param_groups = torch_groups
             try:
-                super().step()
+                _without_step_hooks(torch.optim.AdamW.step)(self)
             finally:
                 self.param_groups = every_group
         return loss

@@ -25,7 +25,10 @@ def matmul_params(config) -> int:
 
 
 def training_flops(config, doc_lengths: list[int]) -> float:
-    """Forward + backward FLOPs of one pass over documents of ``doc_lengths`` tokens."""
+    """Forward + backward FLOPs of one pass over documents of ``doc_lengths`` tokens: ``6 * matmul_params`` per
+    token, plus per layer and document of n tokens ``6 * heads * head_dim * n^2`` for attention (QK^T and PV take
+    ``2 * 2 * n^2 * heads * head_dim`` forward over the full square, half of it under the causal mask, and the
+    backward twice the forward)."""
     tokens = sum(doc_lengths)
     attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
     return 6.0 * matmul_params(config) * tokens + attention * float(sum(n * n for n in doc_lengths))
