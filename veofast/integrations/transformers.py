@@ -28,7 +28,10 @@ Packed documents: pass ``cu_seqlens`` / ``max_seqlen`` to ``causal_lm_loss`` (fo
 ``cu_seq_lens_q/k`` and ``max_length_q/k`` kwargs), or call the model with those kwargs yourself; otherwise
 ``position_ids`` that restart at 0 mark document starts (one device-to-host copy per forward), and without either
 each row of the batch is one document. A 2-D ``attention_mask`` must be right padding (pads stay in their row:
-harmless under causal masking as long as their labels are -100).
+harmless under causal masking as long as their labels are -100). The labels shift over the whole packed row, so the
+label at each document's first position must be -100 (veofast's collators and transformers'
+``DataCollatorWithFlattening`` set it so); otherwise each document's last token is trained to predict the next
+document's first token.
 
 Mixed precision: under ``torch.autocast`` the attention inputs, the expert computation and the loss run in the
 autocast dtype (as the Linear layers and SDPA would); without autocast they run in the inputs' dtype.
@@ -439,9 +442,10 @@ def causal_lm_loss(
 
     input_ids: (B, T); labels: (B, T) HF-style, shifted here (position t predicts labels[t + 1]; -100 ignored), or
     ``shift_labels`` (B, T) already shifted. ``cu_seqlens (docs + 1,)`` / ``max_seqlen`` describe packed documents
-    (B == 1; forwarded as ``cu_seq_lens_q/k``, ``max_length_q/k``). The loss is the sum over label tokens divided by
-    ``num_items_in_batch`` when given, else their mean. For MoE configs with ``output_router_logits`` the router
-    aux loss is added with ``router_aux_loss_coef``, as transformers does. Returns a 0-dim fp32 tensor.
+    (B == 1; forwarded as ``cu_seq_lens_q/k``, ``max_length_q/k``); the label at each document's first position must
+    then be -100, as the collators set it (the shift runs over the whole row). The loss is the sum over label tokens
+    divided by ``num_items_in_batch`` when given, else their mean. For MoE configs with ``output_router_logits`` the
+    router aux loss is added with ``router_aux_loss_coef``, as transformers does. Returns a 0-dim fp32 tensor.
     """
     if (labels is None) == (shift_labels is None):
         raise ValueError("causal_lm_loss: give exactly one of labels or shift_labels")

@@ -22,12 +22,52 @@ def build_config(
     Without ``config_path`` the overrides are the whole HF config and must name ``model_type``. An override key
     close to a key veofast reads but not it (a misspelling) is a ValueError (``config.check_override_keys``).
     """
+    _check_ops_backend(ops_backend)
     base = load_hf_config_dict(config_path) if config_path else {}
     check_override_keys(config_overrides, base)
     hf = apply_overrides(base, config_overrides)
     if not hf:
         raise ValueError("build_foundation_model: give model.config_path, model.model_path or model.config_overrides")
     return DecoderConfig.from_hf_dict(hf, ops_backend=ops_backend)
+
+
+def _check_ops_backend(ops_backend: str) -> None:
+    """Refuse ``ops_backend="triton"`` up front on a machine whose kernels could not run (no CUDA device and no
+    ``TRITON_INTERPRET=1``): it would otherwise fail only at the first forward, after the run has started."""
+    if ops_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            "model.ops_backend 'triton' runs the Triton kernels, which need a CUDA device, and there is none here "
+            "(TRITON_INTERPRET=1 runs them slowly on the CPU, for tests); use 'auto' (Triton on CUDA, the torch "
+            "reference elsewhere) or 'torch'"
+        )
+
+
+def _overrides_hint(config_path: str, config_overrides: dict | None, config: DecoderConfig) -> str | None:
+    """Why a checkpoint does not fit the model: the ``config_overrides`` that change the state dict (names or shapes)
+    of the model that ``config_path`` describes, as a sentence with the remedy; None when they change none of it.
+    Typically a config file written for training from scratch (``configs/sft.yaml``) used with a checkpoint."""
+    base = load_hf_config_dict(config_path)
+    changed = {key: value for key, value in (config_overrides or {}).items() if base.get(key, object()) != value}
+    if not changed:
+        return None
+    try:
+        base_config = DecoderConfig.from_hf_dict(base, ops_backend=config.ops_backend)
+    except ValueError:
+        return None  # the overrides complete a config veofast cannot read alone
+    with torch.device("meta"):
+        # state-dict names (a tied lm_head.weight included): untying a checkpoint that stores lm_head is no change
+        shapes = [{n: t.shape for n, t in CausalLM(c).state_dict().items()} for c in (base_config, config)]
+    if shapes[0] == shapes[1]:
+        return None
+    listed = ", ".join(
+        f"{key}: {repr(base[key]) if key in base else 'unset'} -> {value!r}" for key, value in changed.items()
+    )
+    return (
+        f"model.config_overrides change the model that {config_path!r} describes ({listed}), so the checkpoint's "
+        "weights do not fit it. To fine-tune the checkpoint as it is, drop these overrides (on the command line, "
+        "--model.config_overrides '{}' replaces those of the config file); to train a new model of that shape from "
+        "scratch, leave model.model_path unset"
+    )
 
 
 def build_foundation_model(
@@ -48,6 +88,11 @@ def build_foundation_model(
     """
     if init_device not in ("meta", "cpu", "cuda"):
         raise ValueError(f"init_device must be 'meta', 'cpu' or 'cuda', got {init_device!r}")
+    if init_device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "build_foundation_model: init_device 'cuda' but there is no CUDA device here; use 'meta' (the default: "
+            "build_parallelize_model then allocates each rank's shards on its device) or 'cpu'"
+        )
     if weights_path is not None and not os.path.isdir(weights_path):
         raise FileNotFoundError(f"build_foundation_model: weights_path {weights_path!r} is not a directory")
     config = build_config(config_path or weights_path, config_overrides=config_overrides, ops_backend=ops_backend)
@@ -55,6 +100,8 @@ def build_foundation_model(
     with device:
         model = CausalLM(config)
     model.weights_path = weights_path
+    # where the config came from and what changed it, to explain a checkpoint that does not fit (materialize_model)
+    model.config_source, model.config_overrides = config_path or weights_path, dict(config_overrides or {})
     if init_device != "meta":
         materialize_model(model, seed=seed)
     return model
@@ -68,7 +115,14 @@ def materialize_model(model: CausalLM, *, seed: int = 0) -> None:
         from .hf_io import load_hf_weights
 
         model.init_buffers()
-        load_hf_weights(model, model.weights_path)
+        try:
+            load_hf_weights(model, model.weights_path)
+        except ValueError as exc:
+            source = getattr(model, "config_source", None)
+            hint = _overrides_hint(source, model.config_overrides, model.config) if source else None
+            if hint is None:
+                raise
+            raise ValueError(f"{hint}.\n{exc}") from None  # the message holds the load's own
     else:
         model.init_weights(seed)
 

@@ -1,4 +1,5 @@
-"""Run helpers: the profiler, keeping an earlier run's files, seeding, and process exit that is safe with gloo."""
+"""Run helpers: a task script's logger, the profiler, keeping an earlier run's files, seeding, and process exit that
+is safe with gloo. VeOmni's names: ``create_logger``, ``create_profiler``, ``upload_trace``, ``set_seed``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+from .logging import RankLogger, get_logger, setup_logging
+
+logger = get_logger(__name__)
+
+
+def create_logger(name: str | None = None) -> RankLogger:
+    """A task script's logger, as VeOmni's ``helper.create_logger(__name__)``: its ``info`` / ``info_rank0`` lines
+    reach stderr (``setup_logging``: one handler for all of veofast, level ``VEOFAST_LOG_LEVEL``, default INFO)."""
+    setup_logging()
+    return get_logger(name or "veofast")
 
 
 def create_profiler(
@@ -42,6 +54,27 @@ def create_profiler(
         profile_memory=profile_memory,
         with_stack=with_stack,
     )
+
+
+def upload_trace(wandb_project: str | None, wandb_name: str | None, trace_dir: str) -> list[str]:
+    """VeOmni's call after ``profiler.stop()``, which there copies the traces to the team's trace store. veofast has
+    no trace store: the traces stay in ``trace_dir``. Logs that, and where they are, and returns their paths."""
+    files = sorted(os.path.join(trace_dir, f) for f in os.listdir(trace_dir)) if os.path.isdir(trace_dir) else []
+    if files:
+        logger.warning(
+            "upload_trace: veofast uploads no traces (wandb_project=%r, wandb_name=%r); they stay in %s: %s",
+            wandb_project,
+            wandb_name,
+            trace_dir,
+            ", ".join(os.path.basename(f) for f in files),
+        )
+    else:
+        logger.warning(
+            "upload_trace: no trace in %s (a trace is written when the profiler's schedule ends, after "
+            "profile_end_step)",
+            trace_dir,
+        )
+    return files
 
 
 def move_aside(path: str) -> str:
