@@ -11,6 +11,7 @@ non-finite steps are skipped, and metrics go to ``<output_dir>/metrics.jsonl``.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -383,6 +384,9 @@ if __name__ == "__main__":
     code = 0
     try:
         main()
+    except ArgumentError as exc:  # a setting to change, which the message names: a traceback would bury it
+        print(f"tasks/train.py: error: {exc}", file=sys.stderr, flush=True)
+        code = 2
     except Exception:
         import traceback
 

@@ -25,8 +25,16 @@ def test_no_weight_decay_on_norms_and_biases():
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
 
 
+def test_fused_switch_of_veomni():
+    """``fused`` (VeOmni's argument): None and True keep veofast's own step, False takes torch's foreach step."""
+    assert build_optimizer(Tiny(), fused=True).defaults["foreach"] is None
+    foreach = build_optimizer(Tiny(), fused=False)
+    assert foreach.backend == "torch" and all(g["foreach"] for g in foreach.param_groups)
+
+
 @pytest.mark.parametrize("kwargs, message", [({"lr": 0}, "lr must be > 0"), ({"optimizer_type": "sgd"}, "adamw"),
-                                             ({"weight_decay": -0.1}, "weight_decay must be >= 0")])
+                                             ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+                                             ({"fused": False, "backend": "triton"}, "fused=False")])
 def test_optimizer_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_optimizer(Tiny(), **kwargs)

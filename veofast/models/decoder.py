@@ -283,7 +283,9 @@ class CausalLM(nn.Module):
             aux_loss = load_balancing_loss(stats_sum, num_routed)
 
         if labels is None and shift_labels is None:
-            logits = self.lm_head(hidden).view(batch, seq_len, -1)
+            # reshaped before the projection, so that the output is the projection's own tensor, not a view of it
+            # (FSDP2 drops its pre-backward hook on a root module's view outputs)
+            logits = self.lm_head(hidden.view(batch, seq_len, -1))
             return CausalLMOutput(logits=logits, aux_loss=aux_loss)
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]

@@ -18,14 +18,22 @@ logger = logging.getLogger("veofast.ops")
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.cache
+_UNKNOWN = object()
+_triton_import_error: object = _UNKNOWN  # set by the first call
+
+
 def triton_import_error() -> str | None:
-    """None when triton imports, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """None when triton imports, else the reason it does not (found once; a module global rather than
+    ``functools.cache``, whose wrapper torch.compile warns about in every compiled layer that picks a backend)."""
+    global _triton_import_error
+    if _triton_import_error is _UNKNOWN:
+        try:
+            import triton  # noqa: F401
+
+            _triton_import_error = None
+        except Exception as exc:  # ImportError, or a broken install
+            _triton_import_error = f"{type(exc).__name__}: {exc}"
+    return _triton_import_error
 
 
 def triton_interpreting() -> bool:

@@ -19,15 +19,20 @@ def build_optimizer(
     *,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
+    fused: bool | None = None,
     optimizer_type: str = "adamw",
     backend: str = "auto",
 ) -> torch.optim.Optimizer:
     """``veofast.optim.AdamW`` over ``model``'s trainable parameters in two groups (with and without weight decay).
 
     ``backend="auto"``: the Triton step when every parameter is on CUDA, else torch's foreach implementation.
+    ``fused``: VeOmni's switch. veofast's step is fused already (one Triton pass per tensor), so None and True keep
+    it; False takes torch's foreach step (with ``backend="triton"``: a ValueError).
     """
     if optimizer_type != "adamw":
         raise ValueError(f"build_optimizer: optimizer_type must be 'adamw', got {optimizer_type!r}")
+    if fused is False and backend == "triton":
+        raise ValueError("build_optimizer: fused=False takes torch's foreach step, but backend='triton' was asked for")
     if not lr > 0:
         raise ValueError(f"build_optimizer: lr must be > 0, got {lr}")
     if not weight_decay >= 0:
@@ -48,5 +53,6 @@ def build_optimizer(
         lr=lr,
         betas=betas,
         eps=eps,
+        foreach=True if fused is False else None,
         backend=backend,
     )

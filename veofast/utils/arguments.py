@@ -320,6 +320,14 @@ class TrainingArguments:
                 "train.rmpad_with_pos_ids (or train.rmpad) true",
                 key="ulysses_parallel_size",
             )
+        if self.ulysses_parallel_size == 1:
+            for key, default in (("ulysses_transport", "auto"), ("ulysses_head_chunks", 1)):
+                if getattr(self, key) != default:
+                    raise ArgumentError(
+                        f"train.{key} = {getattr(self, key)!r} applies only with train.ulysses_parallel_size > 1 "
+                        "(it is 1): set that too, or leave this out",
+                        key=key,
+                    )
         if self.data_parallel_size == -1:
             self.data_parallel_size = self._derived_data_parallel_size()
         if self.global_batch_size is None:
