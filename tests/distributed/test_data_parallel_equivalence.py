@@ -55,3 +55,10 @@ def test_global_load_balancing_loss_sees_all_ranks(tmp_path):
     assert_same(merged, global_)
     *per_rank, _ = run(tmp_path, 2, "qwen3_moe")
     assert all(abs(a["aux_loss"] - b["aux_loss"]) > 1e-6 for a, b in zip(per_rank, global_))
+
+
+def test_global_load_balancing_under_sequence_parallelism(tmp_path):
+    """dp=2 x sp=2: the load-balancing loss is still global over the data-parallel ranks (it used to stay per SP
+    group, 1.4e-2 off). Even lengths (align=2): no SP padding tokens in the router statistics."""
+    merged = run(tmp_path, 1, "qwen3_moe", "merge=2", "align=2")
+    assert_same(merged, run(tmp_path, 4, "qwen3_moe", "glb=1", "sp=2", "align=2"))

@@ -96,6 +96,14 @@ def test_triton_adamw_on_expert_slices_matches_one_rank(tmp_path, one_rank):
     assert_same_steps(one_rank, json.loads(out.read_text()))
 
 
+def test_ep2_alltoall_dispatch_matches_one_rank(tmp_path, one_rank):
+    """The training steps above take the all-gather dispatch (4 experts, top-2 over 2 ranks); the all-to-all one
+    (larger EP groups) must train the same."""
+    out = tmp_path / "out.json"
+    torchrun(TRAIN_WORKER, str(out), "qwen3_moe", "ep=2", "dispatch=alltoall", nproc=2)
+    assert_same_steps(one_rank, json.loads(out.read_text()))
+
+
 def test_indivisible_experts_fail_before_any_collective(two_ranks):
     # raised on rank 0 alone: a collective before the check would have hung the worker
     check_errors(two_ranks)

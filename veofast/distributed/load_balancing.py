@@ -5,6 +5,11 @@ Every rank sums its router statistics (per-expert assignment counts and router p
 compute the same loss value: the one a single rank would get on the concatenated micro-batches. Gradients
 flow only into the local probabilities; the training step scales the loss by the group size, so that after
 the group's gradient averaging each rank's contribution counts once.
+
+Under sequence parallelism the sum runs over the data x sequence group (``ps.fsdp_group``): each rank of an SP
+group holds its group's mean statistics (``sequence_parallel`` averages them) and ``1/sp`` of its tokens, so the
+sums are the global totals; and the gradient, which the SP mean's backward averages over the group, comes out as
+``sum_r dL/ds_r`` after the training step's scaling by ``dp * sp`` and FSDP's averaging, as without SP.
 """
 
 from __future__ import annotations
@@ -38,11 +43,11 @@ class GlobalRouterStats:
 def apply_global_load_balancing(model: nn.Module, ps: ParallelState) -> bool:
     """Make ``model``'s load-balancing loss global over the data-parallel ranks; True if it was applied.
 
-    Not applied to dense models, to a single data-parallel rank, or under sequence parallelism (there the
-    statistics are already combined over the sequence-parallel group, and the loss stays per group).
+    Not applied to dense models or to a single data-parallel rank (where sequence parallelism, if on, already
+    combines the statistics of the whole micro-batch).
     """
     config = getattr(model, "config", None)
-    if config is None or not config.is_moe or ps.dp_size == 1 or ps.sp_enabled:
+    if config is None or not config.is_moe or ps.dp_size == 1:
         return False
-    model.router_stats_reducer = GlobalRouterStats(ps.dp_group)
+    model.router_stats_reducer = GlobalRouterStats(ps.fsdp_group if ps.sp_enabled else ps.dp_group)
     return True

@@ -177,7 +177,8 @@ def init_parallel_state(
 
     ``dp_size=-1`` takes what the other axes leave of the world size. Initialises torch.distributed (NCCL on
     CUDA, gloo on CPU) if the caller has not. Sizes that do not multiply to the world size raise ValueError;
-    pipeline and context parallelism are not implemented and raise NotImplementedError when > 1.
+    pipeline and context parallelism are not implemented and raise NotImplementedError when > 1. Returns when
+    every rank has built the meshes (a barrier over all ranks).
     """
     global _PARALLEL_STATE
     if dp_mode not in DP_MODES:
@@ -234,6 +235,9 @@ def init_parallel_state(
         else:
             groups = [list(range(start, start + ep_size)) for start in range(0, world_size, ep_size)]
             ep_host_group, _ = dist.new_subgroups_by_enumeration(groups, backend="gloo")
+    # No rank leaves before every rank has built its groups: a gloo rank still connecting one fails ("Connection
+    # closed by peer") when a peer that got through exits, e.g. on a configuration error raised on every rank.
+    dist.barrier(device_ids=[local_rank] if device_type == "cuda" else None)
     _PARALLEL_STATE = ParallelState(
         world_size=world_size,
         global_rank=dist.get_rank(),

@@ -100,7 +100,8 @@ def build_parallelize_model(
 
         apply_sequence_parallel(model, ps, transport=ulysses_transport, head_chunks=ulysses_head_chunks)
     if global_load_balancing and not apply_global_load_balancing(model, ps) and model.config.is_moe:
-        _log_once("the load-balancing loss stays per rank (one data-parallel rank, or sequence parallelism on)")
+        _log_once("the load-balancing loss stays per micro-batch: global_load_balancing combines data-parallel ranks, "
+                  "and there is one")
     if enable_compile:
         for layer in _wrap_classes(model, None):
             layer.compile(dynamic=True)  # packed batches change length every step: no recompiles

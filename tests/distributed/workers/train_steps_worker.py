@@ -1,11 +1,13 @@
 """Run a few optimizer steps of a tiny model on a fixed global batch; rank 0 writes losses and grad norms.
 
 Usage: torchrun ... train_steps_worker.py OUT_JSON MODEL_TYPE [key=value ...]  (keys: dp_mode, init_device,
-ep, sp, steps, align, ckpt, opt). The global batch of every step is the same whatever the world size; each data-parallel
-rank takes its share of the micro-batches (the ranks of a sequence-parallel group take the same ones, and
-``train_step`` gives each its slice of tokens), so losses must match across world sizes. ``align=N`` lengthens
-the last document of each micro-batch to make its token count a multiple of N (no sequence-parallel padding);
-``ckpt=1`` turns on activation checkpointing; ``opt=triton`` steps with the Triton AdamW (interpreted on CPU).
+ep, dispatch, sp, steps, align, ckpt, opt, glb, merge). The global batch of every step is the same whatever the
+world size; each data-parallel rank takes its share of the micro-batches (the ranks of a sequence-parallel group
+take the same ones, and ``train_step`` gives each its slice of tokens), so losses must match across world sizes.
+``align=N`` lengthens the last document of each micro-batch to make its token count a multiple of N (no
+sequence-parallel padding); ``ckpt=1`` turns on activation checkpointing; ``opt=triton`` steps with the Triton
+AdamW (interpreted on CPU); ``dispatch=alltoall`` makes expert parallelism move tokens by all-to-alls (``auto``
+gathers them at this size).
 """
 
 import json
@@ -70,6 +72,10 @@ def main():
         model, init_device=init_device, seed=0, enable_gradient_checkpointing=opts.get("ckpt") == "1",
         global_load_balancing=opts.get("glb") == "1",
     )
+    if "dispatch" in opts:
+        for module in model.modules():
+            if getattr(module, "dispatcher", None) is not None:
+                module.dispatcher.dispatch = opts["dispatch"]
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, backend=opts.get("opt", "auto"))
     scheduler = build_lr_scheduler(optimizer, train_steps=10, lr_decay_style="constant")
     results = []
