@@ -101,6 +101,14 @@ def check_output_dir(args: Arguments) -> None:
         )
 
 
+# init_parallel_state's arguments and the settings they come from
+PARALLEL_KEYS = {
+    "dp_size": "train.data_parallel_size", "ep_size": "train.expert_parallel_size",
+    "ulysses_size": "train.ulysses_parallel_size", "tp_size": "train.tensor_parallel_size",
+    "pp_size": "train.pipeline_parallel_size", "cp_size": "train.context_parallel_size",
+}
+
+
 def check_writable_dir(output_dir: str) -> None:
     """``ArgumentError`` unless ``output_dir`` is a writable directory or could be created as one: its nearest
     existing ancestor must be a writable directory."""
@@ -199,11 +207,17 @@ def main() -> None:
                                 config_overrides=args.model.config_overrides, ops_backend=args.model.ops_backend)
     check_vocab(tokenizer, model_config.vocab_size, args.model.tokenizer_path)
     load_path = resolve_load_path(args) if train.load_path else None
-    init_parallel_state(
-        dp_size=train.data_parallel_size, tp_size=train.tensor_parallel_size, ep_size=train.expert_parallel_size,
-        pp_size=train.pipeline_parallel_size, cp_size=train.context_parallel_size,
-        ulysses_size=train.ulysses_parallel_size, dp_mode=train.data_parallel_mode,
-    )
+    try:
+        init_parallel_state(
+            dp_size=train.data_parallel_size, tp_size=train.tensor_parallel_size, ep_size=train.expert_parallel_size,
+            pp_size=train.pipeline_parallel_size, cp_size=train.context_parallel_size,
+            ulysses_size=train.ulysses_parallel_size, dp_mode=train.data_parallel_mode,
+        )
+    except (ValueError, NotImplementedError) as exc:  # name the settings, not init_parallel_state's arguments
+        named = [f"{arg} is {key}" for arg, key in PARALLEL_KEYS.items() if arg in str(exc)]
+        processes = f"{train.world_size} process" + ("es" if train.world_size != 1 else "")
+        raise ArgumentError(f"the parallel layout does not fit this run of {processes}: {exc} "
+                            f"({'; '.join(named)}): change those settings or the number of processes") from exc
     ps = get_parallel_state()
     set_seed(train.seed, deterministic=train.deterministic)
     if ps.is_main_process:

@@ -93,7 +93,7 @@ def test_subclass_adds_arguments(config_file):
         (["--train.global_batch_size", "3"], r"global_batch_size 3 must be a multiple"),
         (["--train.rmpad", "true", "--train.rmpad_with_pos_ids", "true"], r"exclusive"),
         (["--train.ulysses_head_chunks", "0"], r"train.ulysses_head_chunks must be >= 1, got 0"),
-        (["--train.ulysses_transport", "nccl"], r"train.ulysses_transport = 'nccl' applies only with train.ulysses_para"),
+        (["--train.ulysses_transport", "nccl"], r"train.ulysses_transport = 'nccl' applies only with train.ulysses"),
         (["--train.ulysses_head_chunks", "2"], r"train.ulysses_head_chunks = 2 applies only with train.ulysses_para"),
         (["--train.ulysses_transport", "ring"], r"train.ulysses_transport: must be one of"),
         (["--train.lr", "1", "--train.lr", "2"], r"--train.lr is given twice"),

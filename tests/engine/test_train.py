@@ -161,10 +161,14 @@ def test_resume_finished_run_and_other_world_size(tmp_path):
     ("out", ["--data.train_path", "null"], "data.train_path is required"),
     ("out", ["--model.config_overrides.vocab_size", "1000"],
      "model.tokenizer_path 'tokenizers/tiny' has 1024 tokens but the model's vocab_size is 1000"),
+    ("out", ["--train.expert_parallel_size", "2"],
+     "the parallel layout does not fit this run of 1 process: init_parallel_state: ep_size 2 does not divide the "
+     "world size 1 (ep_size is train.expert_parallel_size): change those settings or the number of processes"),
 ])
 def test_bad_setup_fails_before_anything_starts(tmp_path, output_dir, override, message):
-    """An output_dir that cannot be created, a missing train_path and a tokenizer with more tokens than the model's
-    vocabulary stop the run with the key named, before the output directory (or its config.yaml) is written."""
+    """An output_dir that cannot be created, a missing train_path, a tokenizer with more tokens than the model's
+    vocabulary and a parallel layout that does not fit the processes stop the run with the key named, before the
+    output directory (or its config.yaml) is written."""
     (tmp_path / "a_file").write_text("")
     proc = train_one_process(tmp_path / output_dir, *override)
     assert proc.returncode != 0
