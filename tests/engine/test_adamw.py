@@ -88,16 +88,22 @@ def test_grad_scale_scales_the_gradients(backend):
         _assert_close(p.detach(), q.detach())
 
 
+def _resumed_from(ref: torch.optim.Optimizer, ref_params: list, params: list) -> AdamW:
+    """veofast's Triton AdamW over ``params``, set to ``ref_params``' values and ``ref``'s state, as a resume would."""
+    ours = AdamW(_groups(params), **HYPER, backend="triton")
+    with torch.no_grad():
+        for p, q in zip(params, ref_params, strict=True):
+            p.copy_(q)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))  # a loaded state shares the saved tensors
+    return ours
+
+
 def test_state_dict_moves_between_torch_and_veofast():
     """A torch AdamW checkpoint continues in veofast's, and the other way round, as if nothing changed."""
     a, b, c = _params(), _params(), _params()
     ref = torch.optim.AdamW(_groups(a), **HYPER, foreach=False)
     _run(ref, a, 2)
-    ours = AdamW(_groups(b), **HYPER, backend="triton")
-    with torch.no_grad():
-        for p, q in zip(b, a, strict=True):
-            p.copy_(q)
-    ours.load_state_dict(copy.deepcopy(ref.state_dict()))  # a loaded state shares the saved tensors
+    ours = _resumed_from(ref, a, b)
     _run(ref, a, 2, seed=5)
     _run(ours, b, 2, seed=5)
     for p, q in zip(b, a, strict=True):
@@ -162,11 +168,7 @@ def test_loading_keeps_this_optimizers_implementation():
     a, b = _params(), _params()
     ref = torch.optim.AdamW(_groups(a), **HYPER, fused=True)
     _run(ref, a, 2)
-    ours = AdamW(_groups(b), **HYPER, backend="triton")
-    with torch.no_grad():
-        for p, q in zip(b, a, strict=True):
-            p.copy_(q)
-    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    ours = _resumed_from(ref, a, b)
     assert not any(group["fused"] for group in ours.param_groups)
     assert all(ours.state[p]["step"].device.type == "cpu" for p in b)
     _run(ref, a, 2, seed=5)

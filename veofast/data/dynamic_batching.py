@@ -25,11 +25,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from veofast.data.data_collator import IGNORE_INDEX
 from veofast.data.packing import pack_sequences
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class _Truncator:

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from veofast.ops._backend import triton_interpreting
+
 from .config import DecoderConfig, apply_overrides, check_override_keys, load_hf_config_dict
 from .decoder import CausalLM
 
@@ -34,7 +36,7 @@ def build_config(
 def _check_ops_backend(ops_backend: str) -> None:
     """Refuse ``ops_backend="triton"`` up front on a machine whose kernels could not run (no CUDA device and no
     ``TRITON_INTERPRET=1``): it would otherwise fail only at the first forward, after the run has started."""
-    if ops_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if ops_backend == "triton" and not torch.cuda.is_available() and not triton_interpreting():
         raise ValueError(
             "model.ops_backend 'triton' runs the Triton kernels, which need a CUDA device, and there is none here "
             "(TRITON_INTERPRET=1 runs them slowly on the CPU, for tests); use 'auto' (Triton on CUDA, the torch "
