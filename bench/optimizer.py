@@ -90,8 +90,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.models, args.repeats = "dense", 5
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench/optimizer.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
     device = torch.device("cpu" if args.smoke else "cuda")
     models = {"dense": ("llama-3.2-1b", LLAMA_1B), "moe": ("qwen3-30b-a3b-4l", moe_config(4))}
+    unknown = sorted(set(filter(None, args.models.split(","))) - set(models))
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(models)}")
     plan = [("tiny", TINY)] if args.smoke else [models[m] for m in args.models.split(",") if m]
     rows = []
     for model_name, hf in plan:
