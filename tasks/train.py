@@ -286,8 +286,8 @@ def main() -> None:
             raise ArgumentError(
                 f"train.load_path {load_path!r}: the data position it saved does not fit this run ({exc}); resume "
                 "with the data, batch and parallel settings of the run that saved it (data.*, train.micro_batch_size, "
-                "train.global_batch_size, train.seed, train.ulysses_parallel_size; see that run's config.yaml), or "
-                "start a new run"
+                "train.global_batch_size, train.seed, train.ulysses_parallel_size, train.dyn_bsz_*, "
+                "train.bsz_warmup_*; see that run's config.yaml), or start a new run"
             ) from exc
         global_step = extra["global_step"]
         logger.info_rank0("resumed from %s at step %d", load_path, global_step)

@@ -246,3 +246,57 @@ def test_argument_errors(data_dir, transform):
     other = build(global_batch_size=8, dp_size=1)
     with pytest.raises(ValueError, match="num_micro_batches=2 vs 4"):
         other.load_state_dict(loader.state_dict())
+
+
+def test_resume_refuses_other_packing_settings(data_dir, transform):
+    """The packer's buffer and the batch-size warm-up decide which samples share a micro-batch: a state saved with
+    other values is refused, naming them (it would repeat or skip samples); a state of an earlier veofast that did
+    not save them still loads."""
+    dataset = build_mapping_dataset(data_dir, transform)
+    build = partial(
+        build_dataloader, dataset, micro_batch_size=2, global_batch_size=2, max_seq_len=MAX_SEQ_LEN, dp_rank=0,
+        dp_size=1, rmpad=True, train_steps=10, bsz_warmup_ratio=0.5,
+    )  # fmt: skip
+    saved = build(dyn_bsz_buffer_size=50, bsz_warmup_init_mbtoken=20)
+    next(saved)
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match=r"dyn_bsz_buffer_size=50 vs 60"):
+        build(dyn_bsz_buffer_size=60, bsz_warmup_init_mbtoken=20).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"warmup=\(20, 5\) vs \(30, 5\)"):
+        build(dyn_bsz_buffer_size=50, bsz_warmup_init_mbtoken=30).load_state_dict(state)
+    earlier = {k: v for k, v in state.items() if k not in ("dyn_bsz_buffer_size", "warmup")}
+    resumed = build(dyn_bsz_buffer_size=60, bsz_warmup_init_mbtoken=20)
+    resumed.load_state_dict(earlier)
+    assert resumed.state_dict()["micro_batches_served"] == state["micro_batches_served"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "num_workers"),
+    [("iterable", "padding", 2), ("mapping", "rmpad_with_pos_ids", 2), ("iterable", "rmpad_with_pos_ids", 0)],
+)
+def test_resume_in_every_batching_mode(data_dir, transform, monkeypatch, kind, mode, num_workers):
+    """Saved between snapshots (during the batch-size warm-up when packing) and resumed on rank 1 of 3: the same
+    steps as an uninterrupted run."""
+    monkeypatch.setattr(data_loader, "SNAPSHOT_EVERY", 3)
+    warmup = {"train_steps": 20, "bsz_warmup_ratio": 0.5, "bsz_warmup_init_mbtoken": 20}
+    packed = {} if mode == "padding" else {mode: True, **warmup}
+    build = partial(
+        build_dataloader,
+        make_dataset(kind, data_dir, transform),
+        micro_batch_size=2,
+        global_batch_size=12,
+        max_seq_len=32,
+        dyn_bsz_buffer_size=7,
+        num_workers=num_workers,
+        dp_rank=1,
+        dp_size=3,
+        seed=5,
+        **packed,
+    )
+    reference = build()
+    expected = [next(reference) for _ in range(9)]
+    first = build()
+    head = [next(first) for _ in range(4)]
+    resumed = build()
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    assert all(same(a, b) for a, b in zip(head + [next(resumed) for _ in range(5)], expected, strict=True))

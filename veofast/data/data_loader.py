@@ -124,35 +124,71 @@ class _MicroBatchSource(torch.utils.data.IterableDataset):
                 stream.load_state_dict(snapshot["stream"])
                 batcher.load_state_dict(snapshot["batcher"])
             for _ in range(replay):
-                batcher.next_micro_batch()
+                _form_micro_batch(batcher, shard, num_shards)
         while True:
             index = batcher.emitted
-            micro_batch = self.collate_fn(batcher.next_micro_batch())
+            micro_batch = self.collate_fn(_form_micro_batch(batcher, shard, num_shards))
             state = None
             if (index + 1) % SNAPSHOT_EVERY == 0:
                 state = {"stream": stream.state_dict(), "batcher": batcher.state_dict()}
             yield worker, index, micro_batch, _Snapshot(state)
 
 
-def _to_tensors(obj):
-    """Numpy arrays inside a state -> torch tensors (so ``torch.load(weights_only=True)`` can read it)."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _to_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_tensors(v) for v in obj]
-    return obj
+def _form_micro_batch(batcher, shard: int, num_shards: int) -> list[dict]:
+    """The batcher's next micro-batch; ``ValueError`` if its shard stream ended (shard streams are endless)."""
+    try:
+        return batcher.next_micro_batch()
+    except StopIteration:  # would otherwise surface as "RuntimeError: generator raised StopIteration"
+        raise ValueError(
+            f"build_dataloader: the sample stream of shard {shard} of {num_shards} ended: a dataset's "
+            "shard_stream(shard, num_shards) must return an endless iterator (one data epoch after another, see "
+            "veofast.data.dataset)"
+        ) from None
 
 
-def _to_arrays(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
+_NUMPY = "__numpy__"  # a numpy array or scalar inside a saved state, tagged by ``_numpy_to_saveable``
+
+
+def _map_leaves(obj, is_leaf: Callable, convert: Callable):
+    """``obj`` with ``convert(x)`` for each ``x`` that ``is_leaf``, looking into the other dicts, lists and tuples."""
+    if is_leaf(obj):
+        return convert(obj)
     if isinstance(obj, dict):
-        return {k: _to_arrays(v) for k, v in obj.items()}
+        return {k: _map_leaves(v, is_leaf, convert) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_arrays(v) for v in obj]
+        return [_map_leaves(v, is_leaf, convert) for v in obj]
+    if isinstance(obj, tuple):  # a named tuple too (torch.load(weights_only=True) would refuse its class)
+        return tuple(_map_leaves(v, is_leaf, convert) for v in obj)
     return obj
+
+
+def _numpy_to_saveable(x: np.ndarray | np.generic) -> dict:
+    """A numpy array or scalar as ``{_NUMPY: values, "dtype": str, "scalar": bool}``: the values as a CPU tensor for
+    the dtypes torch has, else (strings, bytes, objects) as nested Python lists."""
+    array = np.asarray(x)
+    try:
+        values = torch.from_numpy(array)
+    except TypeError:
+        values = array.tolist()
+    return {_NUMPY: values, "dtype": array.dtype.str, "scalar": isinstance(x, np.generic)}
+
+
+def _numpy_from_saveable(tagged: dict) -> np.ndarray | np.generic:
+    """The inverse of ``_numpy_to_saveable``."""
+    values = tagged[_NUMPY]
+    array = values.numpy() if isinstance(values, torch.Tensor) else np.array(values, dtype=tagged["dtype"])
+    return array[()] if tagged["scalar"] else array
+
+
+def _to_tensors(state):
+    """``state`` with each numpy array or scalar tagged so that ``torch.load(weights_only=True)`` reads it, and
+    ``_to_arrays`` gives back exactly ``state`` (torch tensors, tuples and plain values stay as they are)."""
+    return _map_leaves(state, lambda x: isinstance(x, (np.ndarray, np.generic)), _numpy_to_saveable)
+
+
+def _to_arrays(state):
+    """The inverse of ``_to_tensors``."""
+    return _map_leaves(state, lambda x: isinstance(x, dict) and _NUMPY in x, _numpy_from_saveable)
 
 
 class DistributedDataloader:
@@ -258,6 +294,9 @@ class DistributedDataloader:
             "max_seq_len": self.max_seq_len,
             "token_budget": self.token_budget,
             "seed": self.seed,
+            # packing only: they decide which samples go together (None when padding)
+            "dyn_bsz_buffer_size": self.dyn_bsz_buffer_size if self.schedule is not None else None,
+            "warmup": (self.schedule.init_tokens, self.schedule.warmup_steps) if self.schedule is not None else None,
         }
 
     def state_dict(self) -> dict:
@@ -281,7 +320,8 @@ class DistributedDataloader:
         """Continue from ``state`` (from ``state_dict()`` of a loader built with the same arguments)."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"load_state_dict: not a {STATE_FORMAT} state (got keys {sorted(state or {})})")
-        mismatched = {k: (state.get(k), v) for k, v in self._signature().items() if state.get(k) != v}
+        # a key that a state from an earlier veofast lacks is not checked
+        mismatched = {k: (state[k], v) for k, v in self._signature().items() if state.get(k, v) != v}
         if mismatched:
             raise ValueError(
                 "load_state_dict: the saved loader was built with other arguments (saved, now): "
@@ -334,7 +374,9 @@ def build_dataloader(
         dataloader_batch_size: micro-batches per ``next()``; derived as ``global_batch_size // (micro_batch_size *
             dp_size)`` and must equal that if given.
         seed: shuffling seed of map-style datasets (an ``IterativeDataset`` uses the seed it was built with).
-        max_seq_len: longest sample; longer ones are truncated (counted in the log).
+        max_seq_len: longest sample when padding; longer ones are truncated (counted in the log). When packing,
+            a sample is cut only at the full micro-batch budget (the transforms have cut it to
+            ``data.max_seq_len`` already).
         collate_fn: replaces the default collator (``DataCollatorWithPadding``/``WithPacking``/``WithPositionIDs``);
             it gets the list of samples of one micro-batch.
         train_steps: optimizer steps per epoch, used for the warm-up length ``int(bsz_warmup_ratio * train_steps)``.
