@@ -17,8 +17,8 @@ What ``apply_veofast_ops`` does, on this model instance only:
 - every stacked-experts module (``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, transformers 5 layout) becomes a
   ``VeofastExperts`` holding the same Parameters (``moe_ffn``: permute, grouped GEMMs, unpermute);
 - attention: ``veofast_attention_forward`` is registered under the name ``"veofast_varlen"`` through transformers'
-  public ``AttentionInterface`` (and a pass-through mask function through ``AttentionMaskInterface``, so no (T, T)
-  mask is ever built), and the model is switched to it with ``model.set_attn_implementation``.
+  public ``AttentionInterface`` (and a mask function through ``AttentionMaskInterface`` that hands on the 2-D padding
+  mask, so no (T, T) mask is ever built), and the model is switched to it with ``model.set_attn_implementation``.
 
 Parameter names, the state dict and any optimizer built before the swap stay valid: the Parameters are the same
 objects. RoPE stays transformers' own (it runs inside the attention module before the attention function).
@@ -27,11 +27,15 @@ objects. RoPE stays transformers' own (it runs inside the attention module befor
 Packed documents: pass ``cu_seqlens`` / ``max_seqlen`` to ``causal_lm_loss`` (forwarded as transformers'
 ``cu_seq_lens_q/k`` and ``max_length_q/k`` kwargs), or call the model with those kwargs yourself; otherwise
 ``position_ids`` that restart at 0 mark document starts (one device-to-host copy per forward), and without either
-each row of the batch is one document. A 2-D ``attention_mask`` must be right padding (pads stay in their row:
-harmless under causal masking as long as their labels are -100). The labels shift over the whole packed row, so the
-label at each document's first position must be -100 (veofast's collators and transformers'
+each row of the batch is one document. A 2-D ``attention_mask`` may pad anywhere (left, right, inside a row): the
+padded tokens are left out of attention, and their attention outputs are zero. The labels shift over the whole packed
+row, so the label at each document's first position must be -100 (veofast's collators and transformers'
 ``DataCollatorWithFlattening`` set it so); otherwise each document's last token is trained to predict the next
 document's first token.
+
+Inference: ``model(...)`` and ``model.generate(...)`` run with a KV cache (dynamic or static; a cache that drops
+tokens, as a sliding-window one, raises). A decoding step's queries are the last keys of their row: the causal mask
+is bottom-right aligned.
 
 Mixed precision: under ``torch.autocast`` the attention inputs, the expert computation and the loss run in the
 autocast dtype (as the Linear layers and SDPA would); without autocast they run in the inputs' dtype.
@@ -44,6 +48,7 @@ import logging
 import sys
 import threading
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -162,72 +167,109 @@ class VeofastExperts(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- attention
+class _Layout(NamedTuple):
+    """Where the ``(B * T)`` query and key tokens of one attention call go in ``varlen_attention``.
+
+    ``index_q`` / ``index_k``: (kept,) flat positions of the tokens kept (None: all of them, in order);
+    ``cu_q`` / ``cu_k``: (docs + 1,) int32 document boundaries over the kept tokens; ``max_q`` / ``max_k``: the
+    longest document.
+    """
+
+    index_q: torch.Tensor | None
+    cu_q: torch.Tensor
+    max_q: int
+    index_k: torch.Tensor | None
+    cu_k: torch.Tensor
+    max_k: int
+
+
 _layout_cache = threading.local()
 
 
-def _same_ref(ref, obj) -> bool:
-    return (ref is None and obj is None) or (ref is not None and ref() is obj)
+def _pack(starts: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """Documents over the flattened tokens of ``starts`` (B, L) bool: one begins at each True (every row's first
+    position is one). Only the ``valid`` (B, L) tokens are kept (all when None), so a document may be empty.
+
+    Returns ``(index (kept,) or None when all are kept, cu_seqlens (docs + 1,) int32, max_seqlen)``; reads the
+    tensors on the host.
+    """
+    starts = starts.reshape(-1)
+    bounds = torch.cat([starts.nonzero().flatten(), torch.full((1,), starts.numel(), device=starts.device)])
+    index = None
+    if valid is not None:
+        valid = valid.reshape(-1)
+        index = valid.nonzero().flatten()
+        if index.numel() == valid.numel():
+            index = None
+        else:  # a boundary counts the kept tokens before it
+            bounds = F.pad(valid.cumsum(0), (1, 0))[bounds]
+    return index, bounds.to(torch.int32), int(bounds.diff().max().item())
+
+
+def _row_starts(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """(batch, length) bool, True at each row's first position."""
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    return starts
 
 
 def _document_layout(
     batch: int,
-    seq_len: int,
+    q_len: int,
+    k_len: int,
     device: torch.device,
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, int]:
-    """``(cu_seqlens (docs + 1,) int32, max_seqlen)`` over the flattened ``(batch * seq_len)`` tokens.
+) -> _Layout:
+    """The documents of queries (B, q_len) and keys (B, k_len); ``q_len < k_len`` with a KV cache, the queries being
+    the last ``q_len`` keys of each row.
 
-    Documents start at each row start and, with ``position_ids``, wherever the position restarts at 0. Reading
-    position ids or checking the mask needs one device-to-host copy; the result is cached for the tensors' identity,
-    so all layers of one forward share it.
+    Each row is one document; without a cache, each position where ``position_ids`` (B or 1, q_len) restarts at 0
+    also begins one. The tokens where the 2-D padding mask ``attention_mask`` (B, k_len) is 0 are left out (any
+    padding: left, right, inner). Reading position ids or the mask needs device-to-host copies; the result is cached
+    for the tensors' identity and version, so all layers of one forward share it.
     """
-    cache = getattr(_layout_cache, "value", None)
-    key = (batch, seq_len, device)
-    if (
-        cache is not None
-        and cache[0] == key
-        and _same_ref(cache[1], position_ids)
-        and _same_ref(cache[2], attention_mask)
-        and cache[3] == (None if position_ids is None else position_ids._version)
-    ):
-        return cache[4]
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seq_len):
-            raise ValueError(
-                f"{ATTENTION_NAME}: attention_mask must be a 2-D (batch, seq_len) = ({batch}, {seq_len}) padding mask, "
-                f"got shape {tuple(attention_mask.shape)}"
-            )
-        mask = attention_mask.bool()
-        if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            raise ValueError(
-                f"{ATTENTION_NAME}: attention_mask must be right padding (ones then zeros in every row); left or "
-                "inner padding is not supported: pack the documents and pass cu_seqlens instead"
-            )
-    starts = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
-    starts[:, 0] = True
-    if position_ids is not None:
-        starts |= position_ids.expand(batch, seq_len) == 0
-    start_index = starts.reshape(-1).nonzero().flatten()
-    total = torch.tensor([batch * seq_len], device=device, dtype=start_index.dtype)
-    bounds = torch.cat([start_index, total])
-    cu_seqlens = bounds.to(torch.int32)
-    max_seqlen = int(torch.diff(bounds).max().item())
-    result = (cu_seqlens, max_seqlen)
-    _layout_cache.value = (
-        key,
-        None if position_ids is None else weakref.ref(position_ids),
-        None if attention_mask is None else weakref.ref(attention_mask),
-        None if position_ids is None else position_ids._version,
-        result,
-    )
-    return result
+    restarts = position_ids if q_len == k_len else None  # with a cache, rows are documents (as in transformers)
+    if attention_mask is None and restarts is None:  # no host copy: decoding steps stay asynchronous
+        rows = torch.arange(batch + 1, device=device, dtype=torch.int32)
+        return _Layout(None, rows * q_len, q_len, None, rows * k_len, k_len)
+    tensors = tuple(t for t in (restarts, attention_mask) if t is not None)
+    key = (batch, q_len, k_len, device, restarts is None, attention_mask is None)
+    cacheable = not any(t.is_inference() for t in tensors)  # inference tensors have no version counter
+    if cacheable:
+        cache = getattr(_layout_cache, "value", None)
+        if (
+            cache is not None
+            and cache[0] == key
+            and all(ref() is t and version == t._version for (ref, version), t in zip(cache[1], tensors, strict=True))
+        ):
+            return cache[2]
+    starts = _row_starts(batch, k_len, device)
+    if restarts is not None:
+        starts |= restarts.expand(batch, k_len) == 0
+    valid = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+    index_k, cu_k, max_k = _pack(starts, valid)
+    if q_len == k_len:
+        layout = _Layout(index_k, cu_k, max_k, index_k, cu_k, max_k)
+    else:
+        layout = _Layout(*_pack(_row_starts(batch, q_len, device), valid[:, k_len - q_len :]), index_k, cu_k, max_k)
+    if cacheable:
+        _layout_cache.value = (key, tuple((weakref.ref(t), t._version) for t in tensors), layout)
+    return layout
 
 
 def _as_int(value) -> int:
     return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
 
+def _tokens(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x (B, H, T, D)`` -> ``(B * T, H, D)`` in ``dtype``; only the flat positions ``index (n,)``: ``(n, H, D)``."""
+    batch, heads, length, head_dim = x.shape
+    x = x.transpose(1, 2).reshape(batch * length, heads, head_dim)
+    return (x if index is None else x.index_select(0, index)).to(dtype)
+
+
+@torch.compiler.disable  # reads tensors on the host and caches the layout: runs eagerly inside a compiled model
 def veofast_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -240,17 +282,23 @@ def veofast_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function (``AttentionInterface`` signature) that runs ``varlen_attention``.
 
-    query: (B, Hq, T, D); key, value: (B, Hk, T, D) (GQA: Hq a multiple of Hk, no ``repeat_kv`` needed);
-    ``attention_mask``: None or the 2-D (B, T) right-padding mask. Returns ``(out (B, T, Hq, D), None)``.
-    Documents come from ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs (B must be 1), else from ``position_ids``
-    restarts, else one per row (module docstring). Training / prefill only: no KV cache (T must equal key length).
+    query: (B, Hq, Tq, D); key, value: (B, Hk, Tk, D) (GQA: Hq a multiple of Hk, no ``repeat_kv`` needed), Tk > Tq
+    when decoding with a KV cache (the queries are the last Tq keys: causal masks are bottom-right aligned);
+    ``attention_mask``: None or the 2-D (B, Tk) padding mask (any padding; the padded tokens are left out).
+    Returns ``(out (B, Tq, Hq, D), None)``, zero at padded query positions. Documents come from ``cu_seq_lens_q/k`` +
+    ``max_length_q/k`` kwargs (B must be 1), else from ``position_ids`` restarts, else one per row (module docstring).
     """
-    batch, num_heads, seq_len, head_dim = query.shape
-    if key.shape[2] != seq_len:
-        raise ValueError(
-            f"{ATTENTION_NAME}: query length {seq_len} != key length {key.shape[2]}: decoding with a KV cache is not "
-            "supported; use attn_implementation='sdpa' for generation"
-        )
+    batch, num_heads, q_len, head_dim = query.shape
+    k_len = key.shape[2]
+    if attention_mask is not None:
+        shape = tuple(attention_mask.shape)
+        if len(shape) != 2 or shape[0] != batch or not q_len <= shape[1] <= k_len:
+            raise ValueError(
+                f"{ATTENTION_NAME}: attention_mask must be a 2-D (batch, L) padding mask over the first L key slots, "
+                f"with batch {batch} and {q_len} <= L <= {k_len}; got shape {shape}"
+            )
+        k_len = shape[1]  # a static KV cache's slots past L hold no tokens yet
+        key, value = key[:, :, :k_len], value[:, :, :k_len]
     if dropout:
         raise ValueError(f"{ATTENTION_NAME}: attention dropout is not supported, got dropout={dropout}")
     for name in ("sliding_window", "softcap"):
@@ -271,34 +319,58 @@ def veofast_attention_forward(
             raise ValueError(f"{ATTENTION_NAME}: max_length_q must be given with cu_seq_lens_q")
         max_q = _as_int(max_q)
         max_k = max_q if kwargs.get("max_length_k") is None else _as_int(kwargs["max_length_k"])
+        layout = _Layout(None, cu_q, max_q, None, cu_k, max_k)
     else:
-        cu_q, max_q = _document_layout(batch, seq_len, query.device, kwargs.get("position_ids"), attention_mask)
-        cu_k, max_k = cu_q, max_q
+        layout = _document_layout(batch, q_len, k_len, query.device, kwargs.get("position_ids"), attention_mask)
     dtype = _compute_dtype(query, key, value)
-    q = query.transpose(1, 2).reshape(batch * seq_len, num_heads, head_dim).to(dtype)
-    k = key.transpose(1, 2).reshape(batch * seq_len, key.shape[1], head_dim).to(dtype)
-    v = value.transpose(1, 2).reshape(batch * seq_len, value.shape[1], head_dim).to(dtype)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     out = varlen_attention(
-        q,
-        k,
-        v,
-        cu_q,
-        cu_k,
-        max_q,
-        max_k,
+        _tokens(query, layout.index_q, dtype),
+        _tokens(key, layout.index_k, dtype),
+        _tokens(value, layout.index_k, dtype),
+        layout.cu_q,
+        layout.cu_k,
+        layout.max_q,
+        layout.max_k,
         causal=causal,
         softmax_scale=scaling,
         backend=getattr(module, "veofast_ops_backend", "auto"),
     )
-    return out.view(batch, seq_len, num_heads, head_dim), None
+    if layout.index_q is not None:
+        out = out.new_zeros(batch * q_len, num_heads, head_dim).index_copy(0, layout.index_q, out)
+    return out.view(batch, q_len, num_heads, head_dim), None
 
 
-def _passthrough_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """Mask function for ``AttentionMaskInterface``: hand the 2-D padding mask (or None) to the attention function
-    unchanged, so no (B, 1, T, T) mask is ever built."""
-    return attention_mask
+def _padding_mask(
+    *,
+    batch_size: int,
+    kv_length: int,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    q_length: int | None = None,
+    q_offset: int | torch.Tensor = 0,
+    cache_position: torch.Tensor | None = None,
+    device: torch.device | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask function for ``AttentionMaskInterface``: no (B, 1, T, T) mask is ever built.
+
+    Returns the 2-D padding mask (B, L) given by the caller, else None when all ``kv_length`` key slots hold tokens,
+    else (a static KV cache: the slots past the tokens seen so far are empty) an all-True (B, L) mask over the filled
+    slots. The attention function attends only to the first L key slots. The tokens seen so far are
+    ``q_offset + q_length``, or ``cache_position[-1] + 1`` in transformers releases that pass ``cache_position``
+    (the queries' positions) instead.
+    """
+    if kv_offset:
+        raise ValueError(
+            f"{ATTENTION_NAME}: a KV cache that drops tokens (kv_offset={kv_offset}, e.g. a sliding-window cache) is "
+            "not supported; use the default dynamic cache"
+        )
+    if attention_mask is not None:
+        return attention_mask
+    filled = _as_int(q_offset) + q_length if q_length is not None else _as_int(cache_position[-1]) + 1
+    return None if filled == kv_length else torch.ones(batch_size, filled, dtype=torch.bool, device=device)
 
 
 @functools.cache
@@ -311,7 +383,7 @@ def register_veofast_attention(name: str = ATTENTION_NAME) -> str:
     try:
         from transformers.masking_utils import AttentionMaskInterface
 
-        AttentionMaskInterface.register(name, _passthrough_mask)
+        AttentionMaskInterface.register(name, _padding_mask)
     except ImportError:  # older transformers: a name without a mask function gets the raw 2-D mask anyway
         logger.info("transformers has no AttentionMaskInterface; %s receives the raw attention_mask", name)
     return name
@@ -328,11 +400,9 @@ def _is_rms_norm(module: nn.Module) -> bool:
     )
 
 
-def _is_swiglu_mlp(module: nn.Module, hidden_act: str) -> bool:
-    return (
-        type(module).__name__.endswith("MLP")
-        and all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
-        and hidden_act in ("silu", "swish")
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("MLP") and all(
+        isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")
     )
 
 
@@ -345,6 +415,9 @@ def _is_stacked_experts(module: nn.Module) -> bool:
         and gate_up.dim() == 3
         and down.dim() == 3
     )
+
+
+_SWAPPED_KINDS = {VeofastRMSNorm: "norms", VeofastSwiGLUMLP: "mlp", VeofastExperts: "experts"}
 
 
 def _check_experts_layout(name: str, module: nn.Module) -> None:
@@ -375,10 +448,17 @@ def apply_veofast_ops(
     """Swap veofast's fused ops into a transformers causal-LM instance, in place (module docstring).
 
     ``backend`` (``"auto"`` | ``"triton"`` | ``"torch"``) is passed to every op. Each flag turns one kind of swap
-    on or off. Returns how many modules of each kind were replaced (``{"norms": n, "mlp": n, "experts": n,
-    "attention": n}``). Raises ValueError for model families veofast does not cover.
+    on or off. Calling it again is harmless: modules swapped by an earlier call are kept and get the new ``backend``.
+    Returns how many modules of each kind now run veofast's ops (``{"norms": n, "mlp": n, "experts": n,
+    "attention": n}``). Raises ValueError, before changing anything, for model families and settings veofast does not
+    cover (``attention_dropout``, a ``hidden_act`` other than SiLU).
     """
     config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(
+            f"apply_veofast_ops: {type(model).__name__} has no config; pass the transformers model itself (for a "
+            "wrapper such as DistributedDataParallel, its .module), before wrapping it"
+        )
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -386,16 +466,33 @@ def apply_veofast_ops(
         )
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"apply_veofast_ops: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if attention and getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"apply_veofast_ops: attention_dropout={config.attention_dropout} is not supported; set "
+            "config.attention_dropout = 0 before building the model, or pass attention=False"
+        )
     hidden_act = getattr(config, "hidden_act", "silu")
+    if (mlp or experts) and hidden_act not in ("silu", "swish"):
+        raise ValueError(
+            f"apply_veofast_ops: hidden_act={hidden_act!r} is not supported (veofast's MLP and expert ops are SwiGLU, "
+            "i.e. SiLU); pass mlp=False, experts=False to keep transformers' modules"
+        )
     counts = {"norms": 0, "mlp": 0, "experts": 0, "attention": 0}
+    enabled = {"norms": norms, "mlp": mlp, "experts": experts}
     replacements: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, (VeofastRMSNorm, VeofastSwiGLUMLP, VeofastExperts)):
+        kind = _SWAPPED_KINDS.get(type(module))
+        if kind is not None:  # swapped by an earlier call
+            if enabled[kind]:
+                module.backend = backend
+                counts[kind] += 1
+            continue
+        if not name:
             continue
         if norms and _is_rms_norm(module):
             replacements.append((name, VeofastRMSNorm(module.weight, module.variance_epsilon, backend=backend)))
             counts["norms"] += 1
-        elif mlp and _is_swiglu_mlp(module, hidden_act):
+        elif mlp and _is_swiglu_mlp(module):
             new = VeofastSwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend=backend)
             replacements.append((name, new))
             counts["mlp"] += 1
@@ -412,8 +509,6 @@ def apply_veofast_ops(
         new.train(parent.training)
         setattr(parent, child, new)
     if attention:
-        if getattr(config, "attention_dropout", 0.0):
-            raise ValueError(f"apply_veofast_ops: attention_dropout={config.attention_dropout} is not supported")
         name = register_veofast_attention()
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(name)
