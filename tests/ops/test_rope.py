@@ -211,10 +211,16 @@ def test_inplace_matches_out_of_place(backend, layout, compiled):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_inplace_on_a_leaf_that_requires_grad_raises(backend):
-    q, k = torch.randn(3, 2, 8, requires_grad=True), torch.randn(3, 1, 8, requires_grad=True)
-    with pytest.raises(RuntimeError, match="leaf Variable"):
+@pytest.mark.parametrize("leaf", ["q", "k"])
+def test_inplace_on_a_leaf_that_requires_grad_raises_before_rotating(backend, leaf):
+    """A ValueError before anything is written: q and k keep their values (autograd's own error came after the
+    kernel had rotated both, or on the torch path q alone)."""
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    (q if leaf == "q" else k).requires_grad_()
+    before = q.detach().clone(), k.detach().clone()
+    with pytest.raises(ValueError, match=f"{leaf} must not be a leaf that requires grad"):
         apply_rotary(q, k, torch.arange(3), inv_freq_for(8, "cpu"), inplace=True, backend=backend)
+    assert torch.equal(q.detach(), before[0]) and torch.equal(k.detach(), before[1])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

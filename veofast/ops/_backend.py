@@ -22,9 +22,12 @@ _UNKNOWN = object()
 _triton_import_error: object = _UNKNOWN  # set by the first call
 
 
+@torch.compiler.assume_constant_result
 def triton_import_error() -> str | None:
     """None when triton imports, else the reason it does not (found once; a module global rather than
-    ``functools.cache``, whose wrapper torch.compile warns about in every compiled layer that picks a backend)."""
+    ``functools.cache``, whose wrapper torch.compile warns about in every compiled layer that picks a backend).
+    A constant to torch.compile: otherwise its guard on the global's first value recompiled every graph traced
+    before the first answer, on the next call."""
     global _triton_import_error
     if _triton_import_error is _UNKNOWN:
         try:

@@ -165,9 +165,9 @@ def varlen_attention_reference(
             )
             od = od.masked_fill(blind[None, :, None], 0.0)
         outs.append(od.transpose(0, 1))
-    # q[:0] adds no row; it keeps the output in q's autograd graph when every row is a zero row (no tokens, or no
-    # document with keys), as on the Triton path.
-    return torch.cat([*outs, q[:0]], dim=0)
+    # The empty tail adds no row; it keeps q, k and v in the output's autograd graph (zero gradients, as on the
+    # Triton path) when no row attends to a key: no query tokens, or no document with keys.
+    return torch.cat([*outs, q[:0] + k[:0, :1] + v[:0, :1]], dim=0)
 
 
 # ---------------------------------------------------------------------------------------------------- triton path
@@ -351,6 +351,9 @@ def varlen_attention(
     d=128).
     ``check_inputs=True`` also checks the contents of ``cu_seqlens`` on the Triton path on CUDA (one device-to-host
     copy); see the module docstring.
+    Raises ValueError naming the argument, before any kernel runs, for shapes, dtypes, devices, head counts,
+    ``max_seqlen``, ``softmax_scale`` or ``window_size`` other than these, and for ``cu_seqlens`` contents where
+    they are checked.
     """
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size)
     chosen = resolve_backend(_OP, backend, q.device)
@@ -383,6 +386,7 @@ def varlen_attention(
     padded = _kernel_head_dim(head_dim)
     if padded != head_dim:  # zero columns add nothing to Q K^T and come out as zero columns of the output
         q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # the kernels read them flat
     out, _ = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right)
     # A contiguous copy, not a strided view of the padded output: the same layout as the torch backend gives
     return out if padded == head_dim else out[..., :head_dim].contiguous()

@@ -66,18 +66,17 @@ def _reference_pass(
             return part.new_zeros((hidden.shape[0], *part.shape[1:])).index_copy_(0, row_index, part)
 
         return spread(ce), spread(z), None if g_hidden is None else spread(g_hidden), g_weight, g_bias
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     compute_grad = grad_hidden or grad_weight or grad_bias
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    ce = hidden.new_zeros(n_tokens, dtype=acc)
-    z = torch.zeros_like(ce)
-    g_hidden = torch.zeros_like(hidden) if grad_hidden else None
+    ce, z, g_hidden = [], [], []  # per chunk, concatenated at the end
     g_weight = torch.zeros_like(weight, dtype=acc) if grad_weight else None
     g_bias = hidden.new_zeros(vocab, dtype=acc) if grad_bias else None
     rows = max(1, REFERENCE_CHUNK_ELEMENTS // vocab)
-    for start in range(0, n_tokens, rows):
-        end = min(start + rows, n_tokens)
-        h, y = hidden[start:end], labels[start:end]
+    scales = token_scale.expand(hidden.shape[0]) if token_scale.dim() == 0 else token_scale
+    # split, not a range over the token count: torch.compile then guards on the number of chunks (recompiling when
+    # it changes) rather than on the token count (recompiling for every new batch length, even with dynamic=True)
+    for h, y, scale in zip(hidden.split(rows), labels.split(rows), scales.split(rows), strict=True):
         logits = h @ weight.t()
         if bias is not None:
             logits = logits + bias
@@ -89,19 +88,18 @@ def _reference_pass(
         target = torch.where(valid, y, 0).long()
         target_logit = logits.gather(1, target[:, None])[:, 0]
         ce_chunk = lse - (1.0 - label_smoothing) * target_logit - label_smoothing * logits.mean(dim=-1)
-        ce[start:end] = torch.where(valid, ce_chunk, 0.0)
-        z[start:end] = torch.where(valid, lse_square_scale * lse * lse, 0.0)
+        ce.append(torch.where(valid, ce_chunk, 0.0))
+        z.append(torch.where(valid, lse_square_scale * lse * lse, 0.0))
         if not compute_grad:
             continue
-        scale = token_scale[start:end] if token_scale.dim() else token_scale.expand(end - start)
         dlogits = torch.exp(logits - lse[:, None]) * (1.0 + 2.0 * lse_square_scale * lse)[:, None]
         dlogits = dlogits - label_smoothing / vocab
-        dlogits[torch.arange(end - start, device=h.device), target] -= 1.0 - label_smoothing
+        dlogits[torch.arange(h.shape[0], device=h.device), target] -= 1.0 - label_smoothing
         if softcap is not None:
             dlogits = dlogits * (1.0 - (logits / softcap) ** 2)
         dlogits = (dlogits * torch.where(valid, scale, 0.0)[:, None]).to(hidden.dtype)
-        if g_hidden is not None:
-            g_hidden[start:end] = dlogits @ weight
+        if grad_hidden:
+            g_hidden.append(dlogits @ weight)
         if g_weight is not None:
             g_weight += (dlogits.t() @ h).to(acc)
         if g_bias is not None:
@@ -110,7 +108,7 @@ def _reference_pass(
         g_weight = g_weight.to(weight.dtype)
     if g_bias is not None and bias is not None:
         g_bias = g_bias.to(bias.dtype)
-    return ce, z, g_hidden, g_weight, g_bias
+    return torch.cat(ce), torch.cat(z), torch.cat(g_hidden) if grad_hidden else None, g_weight, g_bias
 
 
 # An explicit schema, so that the op does not depend on how a torch version infers one from annotations.
@@ -297,8 +295,10 @@ def _check_inputs(
             raise ValueError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
     if hidden.dim() < 2 or not hidden.is_floating_point():
         raise ValueError(f"{OP}: hidden must be a floating tensor of shape (..., H), got {hidden.dtype} {hidden.shape}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{OP}: weight must have shape (V, {hidden.shape[-1]}) to match hidden, got {weight.shape}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{OP}: weight must have shape (V, {hidden.shape[-1]}) with V >= 1 to match hidden, got {weight.shape}"
+        )
     if weight.dtype != hidden.dtype:
         raise ValueError(f"{OP}: weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if labels.dtype not in LABEL_DTYPES:
@@ -389,8 +389,9 @@ def fused_linear_cross_entropy(
     - ``label_smoothing``: as in ``torch.nn.functional.cross_entropy``.
     - ``lse_square_scale``: adds the z-loss ``lse_square_scale * logsumexp(logits)**2`` per token.
     - ``reduction``: "mean" divides the sum over non-ignored tokens by their count (a device tensor, no sync), or by
-      ``num_items_in_batch`` (int or 1-element tensor on hidden's device) when given; a count of 0 counts as 1 (the
-      sum is then 0). "sum" sums; "none" returns the per-token loss, shape ``hidden.shape[:-1]``, 0 where ignored.
+      ``num_items_in_batch`` (int or 1-element tensor, best on hidden's device: it is copied there) when given; a
+      count of 0 counts as 1 (the sum is then 0). "sum" sums; "none" returns the per-token loss, shape
+      ``hidden.shape[:-1]``, 0 where ignored.
     - ``return_z_loss``: also return the z-loss term (reduced like the loss, already included in it, detached).
     - ``num_label_tokens``: how many labels are not ``ignore_index``, when the caller knows it on the host (the
       collators count them): the tokens with an ignored label are then left out of the matmuls, without a host
@@ -405,6 +406,9 @@ def fused_linear_cross_entropy(
     as ignored, in the loss and in the count.
     ``backend``: "auto" (Triton on CUDA, torch elsewhere; float64 goes to the torch backend, logged once),
     "triton" or "torch".
+    Raises ValueError naming the argument, before any kernel runs, for shapes (V >= 1), dtypes or devices other than
+    these and for out-of-range options (reduction, num_items_in_batch, label_smoothing in [0, 1], lse_square_scale
+    >= 0, softcap > 0, num_label_tokens).
     """
     _check_inputs(
         hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, lse_square_scale, softcap
@@ -423,7 +427,7 @@ def fused_linear_cross_entropy(
         reason = f"the triton backend takes hidden and weight in {TRITON_DTYPES}, got {hidden.dtype}"
         chosen = triton_or_fallback(OP, backend, reason)
     vocab = weight.shape[0]
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])  # not -1: H may be 0
     labels1d = labels.reshape(-1).contiguous()
     if chosen == "torch" and not torch.compiler.is_compiling():
         _check_label_range(labels1d, vocab, ignore_index)

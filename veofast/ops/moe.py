@@ -16,7 +16,8 @@ Public ops (each with ``backend="auto" | "triton" | "torch"``):
 ``*_reference`` functions are plain torch, readable, and the definition of each op (the CPU path and the test
 oracle). The Triton path is deterministic: within an expert, rows keep the order of the flattened ``(token, slot)``
 index. Its grouped GEMMs run on ``torch._grouped_mm`` for bf16 on Hopper (sm90), and on our own Triton kernels
-otherwise.
+otherwise; they take fp16, bf16 and fp32: for other dtypes (float64) ``grouped_mm``, ``expert_ffn`` and ``moe_ffn``
+run on the references with ``backend="auto"`` (logged once on CUDA) and raise ValueError with ``"triton"``.
 
 Expert ids. ``moe_permute`` and ``moe_ffn`` check that the ids lie in ``[0, num_experts)`` and raise ValueError
 before any kernel runs; on a GPU that check is the one host sync of the op. ``check_ids=False`` skips it where the
@@ -24,6 +25,10 @@ ids are known to be in range (a router's top-k over ``num_experts`` logits: the 
 layers make no host sync); the Triton path then ignores an id outside the range (the slot gets ``row_index = -1``,
 moves no row and adds nothing), and rows past ``expert_offsets[-1]`` hold undefined values. The references always
 check.
+
+Input checks. Every op raises ValueError naming the argument (TypeError for a non-tensor) before any kernel runs
+for shapes, dtypes or devices other than its docstring gives: at least one expert (E >= 1) and one slot per token
+(K >= 1), expert weights in the activations' dtype, index tensors int32 or int64 (``expert_offsets`` int32).
 
 Local experts (expert parallelism). ``moe_permute`` and ``moe_ffn`` take ``first_expert``: the ``E`` experts at
 hand are then ids ``[first_expert, first_expert + E)`` of a larger set, and slots routed to any other id are
@@ -41,12 +46,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from veofast.ops._backend import resolve_backend
+from veofast.ops._backend import resolve_backend, triton_or_fallback
 from veofast.ops._eager import first_order_only
 
 logger = logging.getLogger("veofast.ops")
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+# What the grouped GEMM kernels take; other dtypes (float64) run on the references.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class MoEPermutation(NamedTuple):
@@ -94,8 +101,10 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
 
 def _check_routing(topk_ids: torch.Tensor, num_tokens: int) -> None:
     _check_index("topk_ids", topk_ids, 2)
-    if topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"topk_ids must have shape (T, K) with T = {num_tokens} tokens, got {tuple(topk_ids.shape)}")
+    if topk_ids.shape[0] != num_tokens or topk_ids.shape[1] == 0:
+        raise ValueError(
+            f"topk_ids must have shape (T, K) with T = {num_tokens} tokens and K >= 1, got {tuple(topk_ids.shape)}"
+        )
 
 
 def _check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
@@ -125,18 +134,34 @@ def _check_offsets_values(expert_offsets: torch.Tensor, num_rows: int) -> None:
         )
 
 
-def _check_expert_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, hidden_size: int, dtype) -> None:
+def _check_expert_weights(
+    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, activations: torch.Tensor, name: str
+) -> None:
+    """The expert weights against the activations ``name`` (hidden or rows): (E >= 1, 2*I, H), (E, H, I), same dtype."""
     _check_float("gate_up_proj", gate_up_proj, 3)
     _check_float("down_proj", down_proj, 3)
     num_experts, two_inter, width = gate_up_proj.shape
-    if width != hidden_size or two_inter % 2:
-        raise ValueError(f"gate_up_proj must have shape (E, 2*I, H={hidden_size}), got {tuple(gate_up_proj.shape)}")
+    hidden_size, dtype = activations.shape[1], activations.dtype
+    if num_experts == 0 or width != hidden_size or two_inter % 2:
+        raise ValueError(
+            f"gate_up_proj must have shape (E, 2*I, H={hidden_size}) with E >= 1, got {tuple(gate_up_proj.shape)}"
+        )
     expected = (num_experts, hidden_size, two_inter // 2)
     if tuple(down_proj.shape) != expected:
         raise ValueError(f"down_proj must have shape (E, H, I) = {expected}, got {tuple(down_proj.shape)}")
-    for name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+    for weight_name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if t.dtype != dtype:
-            raise ValueError(f"{name} must have the activations' dtype {dtype}, got {t.dtype}")
+            raise ValueError(f"{weight_name} must have {name}'s dtype {dtype}, got {t.dtype}")
+
+
+def _gemm_backend(op: str, backend: str, x: torch.Tensor) -> str:
+    """``resolve_backend`` for an op that runs grouped GEMMs on ``x``'s dtype: dtypes the kernels do not take
+    (float64) go to the reference with ``"auto"`` (logged once) and raise ValueError with ``"triton"``."""
+    chosen = resolve_backend(op, backend, x.device)
+    if chosen == "triton" and x.dtype not in _TRITON_DTYPES:
+        reason = f"the triton backend takes {_TRITON_DTYPES}, got {x.dtype}"
+        chosen = triton_or_fallback(op, backend, reason)
+    return chosen
 
 
 # -------------------------------------------------------------------------------------------------- references
@@ -447,6 +472,8 @@ def moe_unpermute(
     _check_index("row_index", row_index, 1)
     _check_float("topk_weights", topk_weights, 2)
     _check_same_device(rows=rows, row_index=row_index, topk_weights=topk_weights)
+    if topk_weights.shape[1] == 0:
+        raise ValueError(f"topk_weights must have shape (T, K) with K >= 1, got {tuple(topk_weights.shape)}")
     if row_index.shape[0] != topk_weights.numel():
         raise ValueError(
             f"row_index must have T*K = {topk_weights.numel()} entries for topk_weights of shape "
@@ -473,11 +500,13 @@ def grouped_mm(
     _check_same_device(x=x, w=w, expert_offsets=expert_offsets)
     if w.dtype != x.dtype:
         raise ValueError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
-    if w.shape[1] != x.shape[1]:
-        raise ValueError(f"w must have shape (E, K={x.shape[1]}, N) to match x {tuple(x.shape)}, got {tuple(w.shape)}")
-    if resolve_backend("grouped_mm", backend, x.device) == "torch":
+    if w.shape[0] == 0 or w.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"w must have shape (E, K={x.shape[1]}, N) with E >= 1 to match x {tuple(x.shape)}, got {tuple(w.shape)}"
+        )
+    if _gemm_backend("grouped_mm", backend, x) == "torch":
         return grouped_mm_reference(x, w, expert_offsets)
-    return _GroupedMM.apply(x, w, expert_offsets)
+    return _GroupedMM.apply(x, w, expert_offsets.contiguous())
 
 
 def expert_ffn(
@@ -496,12 +525,12 @@ def expert_ffn(
     their gradient zero on both.
     """
     _check_float("rows", rows, 2)
-    _check_expert_weights(gate_up_proj, down_proj, rows.shape[1], rows.dtype)
+    _check_expert_weights(gate_up_proj, down_proj, rows, "rows")
     _check_offsets(expert_offsets, gate_up_proj.shape[0])
     _check_same_device(rows=rows, expert_offsets=expert_offsets, gate_up_proj=gate_up_proj, down_proj=down_proj)
-    if resolve_backend("expert_ffn", backend, rows.device) == "torch":
+    if _gemm_backend("expert_ffn", backend, rows) == "torch":
         return expert_ffn_reference(rows, expert_offsets, gate_up_proj, down_proj)
-    return _ExpertFFN.apply(rows, expert_offsets, gate_up_proj, down_proj)
+    return _ExpertFFN.apply(rows, expert_offsets.contiguous(), gate_up_proj, down_proj)
 
 
 def moe_ffn(
@@ -531,7 +560,7 @@ def moe_ffn(
         raise ValueError(
             f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
         )
-    _check_expert_weights(gate_up_proj, down_proj, hidden.shape[1], hidden.dtype)
+    _check_expert_weights(gate_up_proj, down_proj, hidden, "hidden")
     _check_same_device(
         hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, gate_up_proj=gate_up_proj, down_proj=down_proj
     )
@@ -539,7 +568,7 @@ def moe_ffn(
     _check_count("num_rows", num_rows, 0, optional=True)
     if check_ids and first_expert is None:
         _check_ids_in_range(topk_ids, gate_up_proj.shape[0])
-    if resolve_backend("moe_ffn", backend, hidden.device) == "torch":
+    if _gemm_backend("moe_ffn", backend, hidden) == "torch":
         return moe_ffn_reference(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, first_expert=first_expert)
     rows, expert_offsets, row_index, _ = _MoEPermute.apply(
         hidden, topk_ids, gate_up_proj.shape[0], first_expert, num_rows

@@ -41,7 +41,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Te
         raise ValueError(f"rms_norm: weight must be a floating tensor, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:  # NaN fails too
         raise ValueError(f"rms_norm: eps must be a non-negative float, got {eps!r}")
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
@@ -57,8 +57,8 @@ def _triton_unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 
     if x.dtype not in _TRITON_DTYPES or weight.dtype not in _TRITON_DTYPES:
         return f"the triton backend takes x and weight in {_TRITON_DTYPES}, got {x.dtype} and {weight.dtype}"
-    if x.shape[-1] > MAX_HIDDEN:
-        return f"the triton backend takes H <= {MAX_HIDDEN}, got x with H = {x.shape[-1]}"
+    if not 1 <= x.shape[-1] <= MAX_HIDDEN:
+        return f"the triton backend takes 1 <= H <= {MAX_HIDDEN}, got x with H = {x.shape[-1]}"
     return None
 
 
@@ -161,7 +161,9 @@ def rms_norm(
     x: (..., H); weight: (H,); residual: like x, or None. Returns y (..., H) in
     ``promote_types(x.dtype, weight.dtype)``, or ``(y, h)`` where h = x + residual (..., H) in x's dtype is the
     residual stream for the next layer. ``backend``: ``"auto"`` (Triton on CUDA; inputs the kernels do not take,
-    float64 or H above 65536, go to the reference, logged once), ``"triton"`` or ``"torch"``.
+    float64, H of 0 or above 65536, go to the reference, logged once), ``"triton"`` or ``"torch"``.
+    Raises ValueError, before any kernel runs, for shapes, dtypes (floating point) or devices other than these, a
+    negative or NaN eps, and with ``backend="triton"`` for the inputs that ``"auto"`` sends to the reference.
     """
     _check(x, weight, eps, residual)
     chosen = resolve_backend("rms_norm", backend, x.device)

@@ -14,6 +14,8 @@ memory, and the data it rewrites is still in L2 (H200, T=8192, 32/8 heads, d=64:
 place). The backward needs neither q nor k, so both forms are differentiable.
 """
 
+import math
+
 import torch
 
 from veofast.ops._backend import resolve_backend, triton_or_fallback
@@ -55,7 +57,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_fre
     if k.dim() != 3 or k.shape[0] != n_tokens or k.shape[2] != head_dim:
         raise ValueError(f"apply_rotary: k must have shape ({n_tokens}, Hk, {head_dim}), got {tuple(k.shape)}")
     if k.dtype != q.dtype or k.device != q.device:
-        raise ValueError(f"apply_rotary: k must match q's dtype and device ({q.dtype}, {q.device}), got {k.dtype}")
+        raise ValueError(
+            f"apply_rotary: k must match q's dtype and device ({q.dtype}, {q.device}), got ({k.dtype}, {k.device})"
+        )
     if head_dim < 2 or head_dim % 2:
         raise ValueError(f"apply_rotary: head_dim (q.shape[-1]) must be even and >= 2, got {head_dim}")
     if position_ids.shape != (n_tokens,) or position_ids.dtype not in _POSITION_DTYPES:
@@ -73,8 +77,27 @@ def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_fre
             f"apply_rotary: position_ids ({position_ids.device}) and inv_freq ({inv_freq.device}) must be on "
             f"q's device ({q.device})"
         )
-    if isinstance(scaling, bool) or not isinstance(scaling, int | float):
-        raise ValueError(f"apply_rotary: scaling must be a float, got {scaling!r}")
+    # a comparison rather than math.isfinite, which torch.compile cannot trace for a symbolic float
+    if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not -math.inf < scaling < math.inf:
+        raise ValueError(f"apply_rotary: scaling must be a float and finite, got {scaling!r}")
+
+
+def _check_inplace(q: torch.Tensor, k: torch.Tensor) -> None:
+    """For ``inplace=True``, before anything is written: two tensors, none of whose elements share memory, that
+    autograd lets us modify in place."""
+    if q is k:
+        raise ValueError("apply_rotary: with inplace=True, q and k must be different tensors (it would rotate twice)")
+    for name, t in (("q", q), ("k", k)):
+        if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"apply_rotary: with inplace=True, {name} must not be a leaf that requires grad (autograd forbids "
+                "modifying it in place); pass inplace=False, or a tensor computed from it"
+            )
+        if any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride(), strict=True)):
+            raise ValueError(
+                f"apply_rotary: with inplace=True, {name} must not be expanded (several of its elements share memory, "
+                f"strides {t.stride()}); pass inplace=False or a clone"
+            )
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -185,12 +208,15 @@ def apply_rotary(
     in place (autograd then treats it like any in-place op: q and k must not be leaves that require grad, nor
     tensors that an earlier op saved for its backward). ``backend``: ``"auto"`` (Triton on CUDA; float64 goes to
     the reference, logged once), ``"triton"`` or ``"torch"``.
+    Raises ValueError, before anything is computed or written, for shapes, dtypes or devices other than these (D
+    even), a non-finite scaling, and with ``inplace=True`` for q and k being one tensor or a leaf that requires grad
+    (in grad mode) or expanded; with ``backend="triton"`` also for float64.
     """
     _check(q, k, position_ids, inv_freq, scaling)
     if not isinstance(inplace, bool):
         raise ValueError(f"apply_rotary: inplace must be a bool, got {inplace!r}")
-    if inplace and q is k:
-        raise ValueError("apply_rotary: with inplace=True, q and k must be different tensors (it would rotate twice)")
+    if inplace:
+        _check_inplace(q, k)
     chosen = resolve_backend("apply_rotary", backend, q.device)
     if chosen == "triton" and q.dtype not in _TRITON_DTYPES:
         reason = f"the triton backend takes q and k in {_TRITON_DTYPES}, got {q.dtype}"
@@ -200,6 +226,6 @@ def apply_rotary(
         return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
     if inplace:
         scaling = float(scaling)
-        q = _RotateQAndK.apply(q, k, position_ids, inv_freq, scaling)
-        return q, _RotatedK.apply(k, position_ids, inv_freq, scaling, q)
+        _RotatedK.apply(k, position_ids, inv_freq, scaling, _RotateQAndK.apply(q, k, position_ids, inv_freq, scaling))
+        return q, k  # not the Functions' outputs: under no_grad, those are aliases of q and k that require no grad
     return _rotary(q, k, position_ids, inv_freq, float(scaling), False)

@@ -5,6 +5,8 @@ the input dtype before the multiply: in bf16 the two differ by about one bf16 ro
 views, e.g. the two halves of a fused gate/up projection; the outputs are contiguous.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., I) -> (N, I) with unit column stride; a view when the layout allows."""
-    rows = t.reshape(-1, t.shape[-1])
+    rows = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: I may be 0
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
@@ -85,14 +87,16 @@ _swiglu = with_autograd(_swiglu_op, _swiglu_impl, _backward_swiglu, _setup_swigl
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate) * up``; differentiable in gate and up.
 
-    gate, up: (..., I), same dtype (any strides). Returns (..., I) in the input dtype. ``backend``: ``"auto"``
-    (Triton on CUDA; float64 goes to the reference, logged once), ``"triton"`` or ``"torch"``.
+    gate, up: (..., I), same dtype (any strides). Returns a contiguous (..., I) in the input dtype. ``backend``:
+    ``"auto"`` (Triton on CUDA; float64 goes to the reference, logged once), ``"triton"`` or ``"torch"``.
+    Raises ValueError, before any kernel runs, for a gate that is not floating point or an up that differs from it
+    in shape, dtype or device, and with ``backend="triton"`` for float64.
     """
     _check(gate, up)
     chosen = resolve_backend("swiglu", backend, gate.device)
     if chosen == "triton" and gate.dtype not in _TRITON_DTYPES:
         reason = f"the triton backend takes gate and up in {_TRITON_DTYPES}, got {gate.dtype}"
         chosen = triton_or_fallback("swiglu", backend, reason)
-    if chosen == "torch":
-        return swiglu_reference(gate, up)
+    if chosen == "torch":  # contiguous like the kernel's output, also for transposed inputs
+        return swiglu_reference(gate, up).contiguous()
     return _swiglu(gate, up)
