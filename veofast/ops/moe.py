@@ -421,6 +421,26 @@ class _ExpertFFN(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------- public ops
 
 
+# torch.compile does not trace into the Triton path (its launchers, host-side tile planning and
+# ``torch._grouped_mm`` calls): a compiled model runs it eagerly, forward and backward, behind a graph break. Traced,
+# it failed under the Triton interpreter and did not finish compiling within 4 minutes on an H200 (bf16, T=37).
+@torch.compiler.disable
+def _run_eagerly(function: type[torch.autograd.Function], *args):
+    """``function.apply(*args)``, outside torch.compile's tracing."""
+    return function.apply(*args)
+
+
+@torch.compiler.disable
+def _triton_moe_ffn(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, first_expert, num_rows) -> torch.Tensor:
+    """``moe_ffn``'s Triton path (arguments as there, checked): permute -> expert FFN -> unpermute, outside
+    torch.compile's tracing as ``_run_eagerly``."""
+    rows, expert_offsets, row_index, _ = _MoEPermute.apply(
+        hidden, topk_ids, gate_up_proj.shape[0], first_expert, num_rows
+    )
+    out_rows = _ExpertFFN.apply(rows, expert_offsets, gate_up_proj, down_proj)
+    return _MoEUnpermute.apply(out_rows, row_index, topk_weights)
+
+
 def _check_count(name: str, value, minimum: int, optional: bool = False) -> None:
     if optional and value is None:
         return
@@ -455,7 +475,7 @@ def moe_permute(
         _check_ids_in_range(topk_ids, num_experts)
     if resolve_backend("moe_permute", backend, hidden.device) == "torch":
         return moe_permute_reference(hidden, topk_ids, num_experts, first_expert=first_expert, num_rows=num_rows)
-    return MoEPermutation(*_MoEPermute.apply(hidden, topk_ids, num_experts, first_expert, num_rows))
+    return MoEPermutation(*_run_eagerly(_MoEPermute, hidden, topk_ids, num_experts, first_expert, num_rows))
 
 
 def moe_unpermute(
@@ -481,7 +501,7 @@ def moe_unpermute(
         )
     if resolve_backend("moe_unpermute", backend, rows.device) == "torch":
         return moe_unpermute_reference(rows, row_index, topk_weights)
-    return _MoEUnpermute.apply(rows, row_index.contiguous(), topk_weights)
+    return _run_eagerly(_MoEUnpermute, rows, row_index.contiguous(), topk_weights)
 
 
 def grouped_mm(
@@ -506,7 +526,7 @@ def grouped_mm(
         )
     if _gemm_backend("grouped_mm", backend, x) == "torch":
         return grouped_mm_reference(x, w, expert_offsets)
-    return _GroupedMM.apply(x, w, expert_offsets.contiguous())
+    return _run_eagerly(_GroupedMM, x, w, expert_offsets.contiguous())
 
 
 def expert_ffn(
@@ -530,7 +550,7 @@ def expert_ffn(
     _check_same_device(rows=rows, expert_offsets=expert_offsets, gate_up_proj=gate_up_proj, down_proj=down_proj)
     if _gemm_backend("expert_ffn", backend, rows) == "torch":
         return expert_ffn_reference(rows, expert_offsets, gate_up_proj, down_proj)
-    return _ExpertFFN.apply(rows, expert_offsets.contiguous(), gate_up_proj, down_proj)
+    return _run_eagerly(_ExpertFFN, rows, expert_offsets.contiguous(), gate_up_proj, down_proj)
 
 
 def moe_ffn(
@@ -570,8 +590,4 @@ def moe_ffn(
         _check_ids_in_range(topk_ids, gate_up_proj.shape[0])
     if _gemm_backend("moe_ffn", backend, hidden) == "torch":
         return moe_ffn_reference(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, first_expert=first_expert)
-    rows, expert_offsets, row_index, _ = _MoEPermute.apply(
-        hidden, topk_ids, gate_up_proj.shape[0], first_expert, num_rows
-    )
-    out_rows = _ExpertFFN.apply(rows, expert_offsets, gate_up_proj, down_proj)
-    return _MoEUnpermute.apply(out_rows, row_index, topk_weights)
+    return _triton_moe_ffn(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, first_expert, num_rows)
