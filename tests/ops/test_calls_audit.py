@@ -378,3 +378,12 @@ def _with_tokens(t: torch.Tensor, tokens: int) -> torch.Tensor:
     if t.shape[0] != T:
         return t
     return t[torch.arange(tokens) % T]
+
+
+def test_every_public_op_exports_its_reference():
+    """``veofast.ops`` gives each op's plain-torch definition beside it (``<op>_reference``)."""
+    import veofast.ops
+
+    ops = [name for name in veofast.ops.__all__ if name[0].islower() and not name.endswith("_reference")]
+    missing = [name for name in ops if f"{name}_reference" not in veofast.ops.__all__]
+    assert len(ops) == 10 and not missing, missing

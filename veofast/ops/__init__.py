@@ -11,11 +11,15 @@ from .cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entrop
 from .moe import (
     MoEPermutation,
     expert_ffn,
+    expert_ffn_reference,
     grouped_mm,
+    grouped_mm_reference,
     moe_ffn,
     moe_ffn_reference,
     moe_permute,
+    moe_permute_reference,
     moe_unpermute,
+    moe_unpermute_reference,
 )
 from .norm import rms_norm, rms_norm_reference
 from .rope import apply_rotary, apply_rotary_reference
@@ -26,13 +30,17 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_reference",
     "expert_ffn",
+    "expert_ffn_reference",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
     "grouped_mm",
+    "grouped_mm_reference",
     "moe_ffn",
     "moe_ffn_reference",
     "moe_permute",
+    "moe_permute_reference",
     "moe_unpermute",
+    "moe_unpermute_reference",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",
