@@ -46,7 +46,7 @@ from veofast.utils.arguments import (
 from veofast.utils.flops import peak_tflops
 from veofast.utils.helper import create_profiler, exit_process, set_seed
 from veofast.utils.logging import get_logger, setup_logging
-from veofast.utils.metrics import MetricsWriter
+from veofast.utils.metrics import MetricsWriter, check_logging_backends
 
 setup_logging()
 logger = get_logger("veofast.train")
@@ -199,6 +199,10 @@ def main() -> None:
     args = parse_args(Arguments)
     train = args.train
     check_evaluation_args(args)
+    try:  # before any work: rank 0 would fail only once the model is built
+        check_logging_backends(use_tensorboard=train.use_tensorboard, use_wandb=train.use_wandb)
+    except ValueError as exc:
+        raise ArgumentError(str(exc)) from exc
     if not args.data.train_path:
         raise ArgumentError("data.train_path is required: set it in the config or pass --data.train_path PATH")
     check_output_dir(args)

@@ -1,6 +1,7 @@
 """metrics.jsonl: strict JSON lines; a resumed run appends to its file, a fresh run in the same output_dir keeps the
 earlier file. The FLOPs that MFU is computed from."""
 
+import importlib.util
 import json
 import math
 
@@ -8,6 +9,7 @@ import pytest
 from torch import nn
 
 from veofast.models import build_foundation_model
+from veofast.utils import metrics
 from veofast.utils.flops import matmul_params, training_flops
 from veofast.utils.metrics import MetricsWriter
 
@@ -71,3 +73,14 @@ def test_training_flops_match_a_count_of_the_built_model(overrides):
     lengths = [5, 17, 1]
     attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (5**2 + 17**2 + 1**2)
     assert training_flops(cfg, lengths) == 6 * weights * 23 + attention
+
+
+@pytest.mark.parametrize("setting", ["use_tensorboard", "use_wandb"])
+def test_a_logger_that_is_not_installed_is_named(tmp_path, monkeypatch, setting):
+    """A missing package is a ValueError naming the setting, from the writer and before it opens anything."""
+    package = {"use_tensorboard": "tensorboard", "use_wandb": "wandb"}[setting]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None if name == package else find_spec(name))
+    with pytest.raises(ValueError, match=f"train.{setting}: {package} is not installed"):
+        MetricsWriter(str(tmp_path / "out"), enabled=True, **{setting: True})
+    assert not (tmp_path / "out").exists()

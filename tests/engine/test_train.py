@@ -1,6 +1,7 @@
 """End to end on CPU: the embedded default trains with falling loss on 2 processes, writes what it promises,
 and a run killed after a checkpoint and resumed with ``load_path auto`` continues with the same losses."""
 
+import importlib.util
 import json
 import math
 import os
@@ -164,11 +165,13 @@ def test_resume_finished_run_and_other_world_size(tmp_path):
     ("out", ["--train.expert_parallel_size", "2"],
      "the parallel layout does not fit this run of 1 process: init_parallel_state: ep_size 2 does not divide the "
      "world size 1 (ep_size is train.expert_parallel_size): change those settings or the number of processes"),
+    pytest.param("out", ["--train.use_wandb", "true"], "train.use_wandb: wandb is not installed",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
 ])
 def test_bad_setup_fails_before_anything_starts(tmp_path, output_dir, override, message):
     """An output_dir that cannot be created, a missing train_path, a tokenizer with more tokens than the model's
-    vocabulary and a parallel layout that does not fit the processes stop the run with the key named, before the
-    output directory (or its config.yaml) is written."""
+    vocabulary, a parallel layout that does not fit the processes and a logger that is not installed stop the run
+    with the key named, before the output directory (or its config.yaml) is written."""
     (tmp_path / "a_file").write_text("")
     proc = train_one_process(tmp_path / output_dir, *override)
     assert proc.returncode != 0

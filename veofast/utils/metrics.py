@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -26,6 +27,17 @@ def _ends_a_line(path: str) -> bool:
         return f.read(1) == b"\n"
 
 
+def check_logging_backends(*, use_tensorboard: bool, use_wandb: bool) -> None:
+    """ValueError naming the setting (``train.use_tensorboard`` / ``train.use_wandb``) whose package is not
+    installed; imports nothing, so a run can check this before it starts any work."""
+    for setting, wanted, package in (
+        ("train.use_tensorboard", use_tensorboard, "tensorboard"),
+        ("train.use_wandb", use_wandb, "wandb"),
+    ):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{setting}: {package} is not installed; pip install {package}, or set {setting} false")
+
+
 class MetricsWriter:
     """Writes one JSON object per call to ``<output_dir>/metrics.jsonl`` (rank 0 only).
 
@@ -42,6 +54,7 @@ class MetricsWriter:
         self.tensorboard = self.wandb = None
         if not enabled:
             return
+        check_logging_backends(use_tensorboard=use_tensorboard, use_wandb=use_wandb)
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "metrics.jsonl")
         if not resume and os.path.isfile(path) and os.path.getsize(path) > 0:
@@ -50,17 +63,12 @@ class MetricsWriter:
         if resume and not _ends_a_line(path):  # a record cut short (a crash mid-write): the next one starts anew
             self.file.write("\n")
         if use_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-            except ImportError as exc:
-                raise ValueError(f"train.use_tensorboard: tensorboard is not installed ({exc})") from exc
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         if use_wandb:
-            try:
-                import wandb
-            except ImportError as exc:
-                raise ValueError(f"train.use_wandb: wandb is not installed ({exc})") from exc
+            import wandb
+
             self.wandb = wandb.init(project=wandb_project, name=wandb_name, config=config, dir=output_dir)
 
     def write(self, record: dict) -> None:
