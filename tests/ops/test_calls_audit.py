@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from veofast.ops import (
@@ -358,6 +359,27 @@ def test_compile_runs_the_moe_triton_path_eagerly(name):
         want, got = (_run(o, "triton", tensors, op.differentiable) for o in (op, compiled))
         for g, w in zip(got[0] + got[1], want[0] + want[1], strict=True):
             assert (g is None and w is None) or torch.equal(g, w)
+
+
+def test_compile_attention_reference_does_not_recompile_per_document_count():
+    """The torch path reads the documents on the host; a compiled caller runs it eagerly, so batches with 1 to 6
+    documents compile the caller's graphs once (traced, each new document count was a new graph)."""
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def caller(q, k, v, cu_seqlens, max_seqlen):
+        return 2 * varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, backend="torch")
+
+    compiled = torch.compile(caller, dynamic=True, backend=counter)
+    gen = torch.Generator().manual_seed(0)
+    graphs = []
+    for docs in range(1, 7):
+        lengths = torch.randint(1, 6, (docs,), generator=gen)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        q, k, v = (torch.randn(int(lengths.sum()), heads, 8, generator=gen) for heads in (2, 1, 1))
+        args = (q, k, v, cu_seqlens, int(lengths.max()))
+        assert torch.equal(compiled(*args), caller(*args))
+        graphs.append(counter.frame_count)
+    assert graphs[1] == graphs[-1], f"graphs compiled after each call: {graphs}"
 
 
 def test_compile_before_any_eager_call_does_not_recompile(monkeypatch):

@@ -170,6 +170,12 @@ def varlen_attention_reference(
     return torch.cat([*outs, q[:0] + k[:0, :1] + v[:0, :1]], dim=0)
 
 
+# The reference loops over the documents it reads from cu_seqlens on the host: traced by torch.compile, each new
+# number of documents compiled a new graph (a packed batch's count changes every step). A compiled caller runs it
+# eagerly, behind a graph break.
+_reference_untraced = torch.compiler.disable(varlen_attention_reference)
+
+
 # ---------------------------------------------------------------------------------------------------- triton path
 def _kernels() -> ModuleType:
     """The Triton launchers (``kernels/attention.py``, installed as ``veofast.kernels``), imported on first use so
@@ -365,7 +371,7 @@ def varlen_attention(
             _log_fallback_once(reason)
             chosen = "torch"
     if chosen == "torch":
-        return varlen_attention_reference(
+        return _reference_untraced(
             q,
             k,
             v,
