@@ -531,3 +531,17 @@ def test_second_backward_of_one_graph(backend):
     else:
         (second,) = torch.autograd.grad(loss, hidden)
         torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 3, "tensor"])
+def test_float64_mean_is_exact(num_items_in_batch):
+    """float64 inputs are normalised by a float64 count (an fp32 1/3 put the loss 3e-8 off)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = (torch.randn(rows, 7, generator=gen, dtype=torch.float64) for rows in (5, 11))
+    labels = torch.tensor([1, -100, 4, -100, 10])
+    if num_items_in_batch == "tensor":
+        num_items_in_batch = torch.tensor(3)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=num_items_in_batch, backend="torch")
+    expected = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum") / 3
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected.item()) <= 1e-14 * abs(expected.item())

@@ -431,17 +431,18 @@ def fused_linear_cross_entropy(
     labels1d = labels.reshape(-1).contiguous()
     if chosen == "torch" and not torch.compiler.is_compiling():
         _check_label_range(labels1d, vocab, ignore_index)
+    scale_dtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 inputs: the count in float64 too
     if reduction == "mean":
         if num_items_in_batch is None:
             valid = (labels1d != ignore_index) & (labels1d >= 0) & (labels1d < vocab)
-            count = valid.sum(dtype=torch.float32)
+            count = valid.sum(dtype=scale_dtype)
         elif isinstance(num_items_in_batch, torch.Tensor):
-            count = num_items_in_batch.reshape(()).to(device=hidden.device, dtype=torch.float32)
+            count = num_items_in_batch.reshape(()).to(device=hidden.device, dtype=scale_dtype)
         else:
-            count = torch.full((), float(num_items_in_batch), dtype=torch.float32, device=hidden.device)
+            count = torch.full((), float(num_items_in_batch), dtype=scale_dtype, device=hidden.device)
         token_scale = 1.0 / count.clamp(min=1.0)
     else:
-        token_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+        token_scale = torch.ones((), dtype=scale_dtype, device=hidden.device)
     options = (
         int(ignore_index),
         float(label_smoothing),
