@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,18 @@ _ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _CAUSAL_LM_CLASS = {v: k for k, v in _ARCHITECTURES.items()}
+_MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+# integer fields that must be >= 1 (head_dim once given or derived)
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 
 
 @dataclass
@@ -70,21 +83,65 @@ class DecoderConfig:
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        for name in _SIZE_FIELDS:
+            if name != "head_dim" or self.head_dim is not None:
+                _check_int(name, getattr(self, name), minimum=1)
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"config: hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim to give the attention heads their size"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts={self.num_experts}]"
-            )
+            raise ValueError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        _check_number("rms_norm_eps", self.rms_norm_eps, positive=True)
+        _check_number("rope_theta", self.rope_theta, positive=True)
+        _check_number("initializer_range", self.initializer_range, positive=True)
+        self._check_moe_fields()
         if self.ops_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"ops_backend must be auto, triton or torch, got {self.ops_backend!r}")
+
+    def _check_moe_fields(self) -> None:
+        """ValueError for experts or a shared expert on a family whose transformers model has none (it would ignore
+        them), or naming the MoE field that is out of range (checked when there are experts: only then is it used)."""
+        _check_int("num_experts", self.num_experts, minimum=0)
+        if self.num_experts and self.model_type not in _MOE_MODEL_TYPES:
+            raise ValueError(
+                f"config: num_experts={self.num_experts} but model_type {self.model_type!r} is a dense family; use "
+                f"one of {_MOE_MODEL_TYPES} for a mixture of experts"
+            )
+        if self.shared_expert_intermediate_size and self.model_type != "qwen2_moe":
+            raise ValueError(
+                f"config: shared_expert_intermediate_size={self.shared_expert_intermediate_size} but only qwen2_moe "
+                f"has a shared expert, not {self.model_type!r}"
+            )
+        if not self.num_experts:
+            return
+        _check_int("num_experts_per_tok", self.num_experts_per_tok, minimum=1)
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"config: num_experts_per_tok ({self.num_experts_per_tok}) must be at most num_experts "
+                f"({self.num_experts})"
+            )
+        _check_int("moe_intermediate_size", self.moe_intermediate_size, minimum=1)
+        _check_int("decoder_sparse_step", self.decoder_sparse_step, minimum=1)
+        _check_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size, minimum=0)
+        _check_number("router_aux_loss_coef", self.router_aux_loss_coef, positive=False)
+        layers = self.mlp_only_layers
+        if not isinstance(layers, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers for i in layers
+        ):
+            raise ValueError(
+                f"config: mlp_only_layers must be a list of layer indices in [0, num_hidden_layers="
+                f"{self.num_hidden_layers}), got {layers!r}"
+            )
+        self.mlp_only_layers = list(layers)
 
     @property
     def is_moe(self) -> bool:
@@ -131,8 +188,9 @@ class DecoderConfig:
 
         rope_theta, rope_scaling = _read_rope(hf)
         qkv_bias, o_proj_bias = _attention_biases(model_type, hf)
-        moe = model_type in ("qwen2_moe", "qwen3_moe")
+        moe = model_type in _MOE_MODEL_TYPES
         num_heads, hidden_size = _require(hf, "num_attention_heads"), _require(hf, "hidden_size")
+        _check_int("hidden_size", hidden_size, minimum=1)  # before 4 * hidden_size
         values = dict(
             model_type=model_type,
             vocab_size=_require(hf, "vocab_size"),
@@ -140,8 +198,8 @@ class DecoderConfig:
             intermediate_size=hf.get("intermediate_size", 4 * hidden_size),
             num_hidden_layers=_require(hf, "num_hidden_layers"),
             num_attention_heads=num_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hidden_size // num_heads,
+            num_key_value_heads=num_heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"],
+            head_dim=hf.get("head_dim"),  # None: hidden_size / num_attention_heads
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
@@ -153,20 +211,22 @@ class DecoderConfig:
             initializer_range=hf.get("initializer_range", 0.02),
             ops_backend=ops_backend,
             hf_config=hf,
+            # on a dense family: refused by __post_init__ (transformers would build a dense model and ignore them)
+            num_experts=hf.get("num_experts") or hf.get("num_local_experts") or 0,
+            shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
         )
         if moe:
+            num_experts = _require(hf, "num_experts", "num_local_experts")
+            _check_int("num_experts", num_experts, minimum=1)
             values.update(
-                num_experts=_require(hf, "num_experts", "num_local_experts"),
+                num_experts=num_experts,
                 num_experts_per_tok=_require(hf, "num_experts_per_tok"),
                 moe_intermediate_size=_require(hf, "moe_intermediate_size"),
                 norm_topk_prob=_flag(hf, "norm_topk_prob", False),  # both Qwen MoE configs default to false
                 router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
                 output_router_logits=_flag(hf, "output_router_logits", False),
                 decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-                mlp_only_layers=list(hf.get("mlp_only_layers") or []),
-                shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0)
-                if model_type == "qwen2_moe"
-                else 0,
+                mlp_only_layers=hf.get("mlp_only_layers") or [],
             )
         return cls(**values)
 
@@ -189,7 +249,7 @@ class DecoderConfig:
             initializer_range=self.initializer_range,
             hidden_act="silu",
         )
-        derived_head_dim = self.head_dim == self.hidden_size // self.num_attention_heads
+        derived_head_dim = self.head_dim * self.num_attention_heads == self.hidden_size  # what reading derives
         if self.model_type in ("qwen2", "qwen2_moe") and "head_dim" not in self.hf_config and derived_head_dim:
             del hf["head_dim"]  # as transformers writes these families, whose configs have no head_dim field
         _write_rope(hf, self.rope_theta, self.rope_scaling)
@@ -236,6 +296,27 @@ def _require(hf: dict, *names: str) -> Any:
     raise ValueError(f"config: {' or '.join(names)} is missing from the {hf.get('model_type')} config")
 
 
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool, nor a float such as YAML's ``32.0``) >=
+    ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite int or float, > 0 when ``positive`` else >= 0 (YAML
+    reads ``1e-6``, without a dot, as a string)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        hint = (
+            " (a string: YAML reads 1e-6, without a dot, as a string and 1.0e-6 as a number)"
+            if isinstance(value, str)
+            else ""
+        )
+        raise ValueError(f"config: {name} must be a finite number {bound}, got {value!r}{hint}")
+
+
 def _flag(hf: dict, name: str, default: bool) -> bool:
     """The boolean ``hf[name]`` (``default`` when absent or null); a ValueError for any other type (``bool("false")``
     would be true)."""
@@ -265,10 +346,43 @@ def _rope_source(hf: dict) -> tuple[float, dict]:
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise ValueError(f"config: rope_scaling / rope_parameters must be a dict, got {params!r}")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), params
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    _check_number("rope_theta", theta, positive=True)
+    return float(theta), params
 
 
 _ROPE_REQUIRED_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "yarn": ()}
+# the RoPE dict's numbers, each > 0 when given, except the mscales (0 means unset, as in transformers)
+_ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow")
+_ROPE_KEYS = {"rope_type", "type", "original_max_position_embeddings", "partial_rotary_factor", "truncate"}
+_ROPE_KEYS |= {*_ROPE_NUMBERS, "mscale", "mscale_all_dim"}
+
+
+def _check_rope_values(rope_type: str, scaling: dict, hf: dict) -> None:
+    """ValueError naming the RoPE field whose value transformers would compute nonsense from (or that veofast does
+    not implement: a partial rotary factor); a warning for keys that neither reads, as transformers gives."""
+    where = "rope_scaling/rope_parameters"
+    for key in _ROPE_NUMBERS:
+        if scaling.get(key) is not None:
+            _check_number(f"{where} {key}", scaling[key], positive=True)
+    for key in ("mscale", "mscale_all_dim"):
+        if scaling.get(key) is not None:
+            _check_number(f"{where} {key}", scaling[key], positive=False)
+    if scaling.get("original_max_position_embeddings") is not None:
+        _check_int(f"{where} original_max_position_embeddings", scaling["original_max_position_embeddings"], minimum=1)
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(
+            f"config: {where} high_freq_factor ({scaling['high_freq_factor']}) must be greater than low_freq_factor "
+            f"({scaling['low_freq_factor']})"
+        )
+    partial = scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(
+            f"config: partial_rotary_factor={partial!r} is not supported (only 1: RoPE on all of head_dim)"
+        )
+    unknown = sorted(set(scaling) - _ROPE_KEYS)
+    if unknown:
+        logger.warning("config: %s of rope type %r holds keys veofast does not read: %s", where, rope_type, unknown)
 
 
 def _read_rope(hf: dict) -> tuple[float, dict | None]:
@@ -289,6 +403,7 @@ def _read_rope(hf: dict) -> tuple[float, dict | None]:
     if rope_type in ("llama3", "yarn") and hf.get("original_max_position_embeddings") is not None:
         # transformers 5 lets a top-level original_max_position_embeddings win over the one in the RoPE dict
         scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    _check_rope_values(rope_type, scaling, hf)
     return theta, {**scaling, "rope_type": rope_type}
 
 
@@ -312,9 +427,9 @@ READ_KEYS = frozenset(
     """architectures attention_bias attention_dropout decoder_sparse_step head_dim hidden_act hidden_size
     initializer_range intermediate_size layer_types max_position_embeddings mlp_bias mlp_only_layers model_type
     moe_intermediate_size norm_topk_prob num_attention_heads num_experts num_experts_per_tok num_hidden_layers
-    num_key_value_heads num_local_experts original_max_position_embeddings output_router_logits pretraining_tp qkv_bias
-    quantization_config rms_norm_eps rope_parameters rope_scaling rope_theta router_aux_loss_coef
-    shared_expert_intermediate_size tie_word_embeddings use_sliding_window vocab_size""".split()
+    num_key_value_heads num_local_experts original_max_position_embeddings output_router_logits partial_rotary_factor
+    pretraining_tp qkv_bias quantization_config rms_norm_eps rope_parameters rope_scaling rope_theta
+    router_aux_loss_coef shared_expert_intermediate_size tie_word_embeddings use_sliding_window vocab_size""".split()
 )
 INERT_KEYS = frozenset(
     """bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id torch_dtype dtype use_cache
@@ -334,7 +449,7 @@ def check_override_keys(overrides: dict | None, base: dict) -> None:
         key for key in overrides or {} if key not in READ_KEYS | INERT_KEYS and key not in base and key[:1] != "_"
     ]
     for key in unread:
-        close = difflib.get_close_matches(key, sorted(READ_KEYS), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(key, sorted(READ_KEYS), n=1, cutoff=0.7)
         if close:
             raise ValueError(f"config_overrides: unknown key {key!r}; did you mean {close[0]!r}?")
     if unread:

@@ -20,7 +20,7 @@ from veofast.ops import fused_linear_cross_entropy
 from .config import DecoderConfig
 from .init import init_parameter
 from .layers import MLP, Attention, RMSNorm
-from .moe import SparseMoeBlock, expert_init_std, load_balancing_loss
+from .moe import SparseMoeBlock, load_balancing_loss
 from .rotary import rotary_frequencies
 
 IGNORE_INDEX = -100
@@ -55,6 +55,19 @@ def _row_positions(position_ids: torch.Tensor | None, batch: int, seq_len: int, 
             f"{tuple(position_ids.shape)}"
         )
     return position_ids.reshape(-1, seq_len).expand(batch, seq_len)
+
+
+def _check_labels(input_ids: torch.Tensor, *, labels: torch.Tensor | None, shift_labels: torch.Tensor | None) -> None:
+    """ValueError unless ``labels`` / ``shift_labels``, at most one of them, have ``input_ids``' shape ``(B, T)``: a
+    flat ``(B * T,)`` vector would shift each row's first label into the previous row."""
+    if labels is not None and shift_labels is not None:
+        raise ValueError("give labels (unshifted) or shift_labels (already shifted), not both")
+    for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+        if value is not None and value.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} must have input_ids' shape (batch, seq_len) = {tuple(input_ids.shape)}, got "
+                f"{tuple(value.shape)}"
+            )
 
 
 def padding_layout(attention_mask: torch.Tensor, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,10 +191,19 @@ class CausalLM(nn.Module):
         (a DTensor) fills its local shard from the same full tensor: the weights are identical whatever the
         world size or sharding.
         """
-        std = expert_init_std(self.config)
         for name, param in self.named_parameters():
-            init_parameter(param, name, seed, std)
+            init_parameter(param, name, seed, self.config.initializer_range)
         self.init_buffers()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``Module._apply`` (behind ``to``, ``bfloat16()``, ``cuda()``, ``to_empty``), leaving the RoPE frequencies
+        in fp32: a cast to bf16 would round them by up to 0.4%, which puts the angles of late positions off by
+        radians (0.7 at position 4096 for head_dim 32); the forward's upcast could not undo it."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != inv_freq.dtype:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -226,7 +248,8 @@ class CausalLM(nn.Module):
         every row (pads included, as transformers' forward does); ``(1, T)`` is broadcast over the rows.
 
         ``labels (B, T)`` are HF-style (the model shifts them); ``shift_labels (B, T)`` are already shifted
-        (position t holds the label that logits at t predict; used under sequence parallelism). The loss is
+        (position t holds the label that logits at t predict; used under sequence parallelism); give at most one, and
+        ``attention_mask`` or ``cu_seqlens``, not both (ValueError). The loss is
         the sum over label tokens divided by ``num_items_in_batch`` when given (the loop passes the global
         label-token count of the step), else the mean over this micro-batch's label tokens.
         ``num_label_tokens``, the collator's count of this micro-batch's label tokens (those of the shifted labels
@@ -244,23 +267,29 @@ class CausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape
+        _check_labels(input_ids, labels=labels, shift_labels=shift_labels)
+        if attention_mask is not None and cu_seqlens is not None:
+            raise ValueError(
+                "attention_mask (padded rows) and cu_seqlens (packed documents) were both given; pass one: the "
+                "mask would be ignored"
+            )
         device = input_ids.device
         position_ids = _row_positions(position_ids, batch, seq_len, device)
         token_mask = None
-        if cu_seqlens is None and attention_mask is not None:
+        if attention_mask is not None:
             cu_seqlens, token_mask = padding_layout(attention_mask, batch, seq_len)
             max_seqlen = seq_len
         elif cu_seqlens is None:
-            cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, device=device, dtype=torch.int32)
+            cu_seqlens = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
             max_seqlen = seq_len
         elif max_seqlen is None:
             raise ValueError("max_seqlen (a Python int) must be given with cu_seqlens")
         elif batch != 1:
             raise ValueError(f"packed inputs (cu_seqlens given) must have batch size 1, got {batch}")
 
-        hidden = self.model.embed_tokens(input_ids).view(batch * seq_len, -1)
+        hidden = self.model.embed_tokens(input_ids).view(batch * seq_len, self.config.hidden_size)
         flat_positions = position_ids.reshape(-1)
-        inv_freq = self.inv_freq.float()  # stays fp32 even if the module was cast to a low precision
+        inv_freq = self.inv_freq  # fp32 whatever the module's dtype (see _apply)
         residual = None
         stats_sum = None
         num_moe_layers = 0
@@ -285,7 +314,7 @@ class CausalLM(nn.Module):
         if labels is None and shift_labels is None:
             # reshaped before the projection, so that the output is the projection's own tensor, not a view of it
             # (FSDP2 drops its pre-backward hook on a root module's view outputs)
-            logits = self.lm_head(hidden.view(batch, seq_len, -1))
+            logits = self.lm_head(hidden.view(batch, seq_len, self.config.hidden_size))
             return CausalLMOutput(logits=logits, aux_loss=aux_loss)
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]

@@ -9,8 +9,6 @@ that moves tokens to the ranks owning their experts; the model itself knows noth
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,22 +64,23 @@ class SparseMoeBlock(nn.Module):
     def route(
         self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``hidden (N, H)`` -> ``topk_ids (N, K)``, ``topk_weights (N, K)``, ``router_stats (2, E)`` fp32.
+        """``hidden (N, H)`` -> ``topk_ids (N, K)``, ``topk_weights (N, K)``, ``router_stats (2, E)`` fp32 (float64 for
+        a float64 model: the softmax, top-k and statistics run in fp32 or the gate's dtype, whichever is wider).
 
         ``router_stats`` holds, per expert, the number of (token, slot) assignments and the summed router
         probability over the N tokens (over those ``token_mask (N,)`` bool marks, when given): what the
         load-balancing loss needs, summable across layers and ranks.
         """
         logits = self.gate(hidden)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        counted = torch.ones_like(topk_ids, dtype=torch.float32)
+        counted = torch.ones_like(topk_ids, dtype=probs.dtype)
         if token_mask is not None:
             counted = counted * token_mask[:, None]
             probs = probs * token_mask[:, None]
-        counts = torch.zeros(self.num_experts, device=hidden.device, dtype=torch.float32)
+        counts = torch.zeros(self.num_experts, device=hidden.device, dtype=probs.dtype)
         counts.scatter_add_(0, topk_ids.reshape(-1), counted.reshape(-1))
         stats = torch.stack([counts, probs.sum(dim=0)])
         return topk_ids, topk_weights.to(logits.dtype), stats
@@ -105,11 +104,9 @@ def load_balancing_loss(router_stats: torch.Tensor, num_tokens: torch.Tensor | i
 
     ``router_stats (2, E)``: per-expert assignment counts (over all top-k slots) and summed router
     probabilities, summed over the MoE layers (and over ranks, for a global-batch loss); ``num_tokens``: the
-    number of (token, layer) pairs that went in. Returns ``E * sum_e (count_e / n) * (prob_e / n)``.
+    number of (token, layer) pairs that went in. Returns ``E * sum_e (count_e / n) * (prob_e / n)``, 0 (not 0 / 0)
+    when no token went in (an empty micro-batch, or one that is all padding).
     """
     counts, prob_sums = router_stats[0], router_stats[1]
-    return counts.shape[0] * torch.sum(counts * prob_sums) / (num_tokens * num_tokens)
-
-
-def expert_init_std(config: DecoderConfig) -> float:
-    return config.initializer_range if config.initializer_range > 0 else 1.0 / math.sqrt(config.hidden_size)
+    n = num_tokens.clamp(min=1) if isinstance(num_tokens, torch.Tensor) else max(num_tokens, 1)
+    return counts.shape[0] * torch.sum(counts * prob_sums) / (n * n)
