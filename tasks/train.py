@@ -149,6 +149,28 @@ def resolve_load_path(args: Arguments) -> str | None:
     return load_path
 
 
+def total_train_steps(train: TrainingArguments) -> int:
+    """The run's steps: num_train_epochs epochs of train_steps, or fewer by max_steps; a max_steps that the epochs
+    end before is said, not cut in silence."""
+    epochs = train.train_steps * train.num_train_epochs
+    if train.max_steps is not None and train.max_steps > epochs:
+        logger.warning_rank0("train.max_steps %d is beyond train.num_train_epochs %d x %d steps per epoch: the run "
+                             "stops after %d steps (raise train.num_train_epochs or train.train_steps to go on)",
+                             train.max_steps, train.num_train_epochs, train.train_steps, epochs)
+    return epochs if train.max_steps is None else min(epochs, train.max_steps)
+
+
+def check_model_args(model: ModelArguments) -> None:
+    """``ArgumentError`` when there is no tokenizer or no model config to build (each failed later, in a
+    traceback)."""
+    if not model.tokenizer_path:
+        raise ArgumentError("model.tokenizer_path is required: set it (or model.model_path, its default) in the "
+                            "config or pass --model.tokenizer_path DIR")
+    if not (model.config_path or model.config_overrides):
+        raise ArgumentError("the model has no config: set model.config_path, model.model_path or "
+                            "model.config_overrides (with its model_type)")
+
+
 def check_vocab(tokenizer, vocab_size: int, tokenizer_path: str) -> None:
     """``ArgumentError`` when the tokenizer has ids the model's embedding lacks (they would fail inside the
     embedding lookup, on a GPU as a bare device-side assertion)."""
@@ -181,6 +203,23 @@ def evaluate(model, make_loader, device, group, num_steps: int) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+def start_profiler(train: TrainingArguments, first_step: int, last_step: int):
+    """The started profiler of steps [profile_start_step, profile_end_step), or None, with a warning, when none of
+    them is among this run's steps ``first_step..last_step`` (a resumed run starts after its checkpoint's step)."""
+    if train.profile_start_step > last_step or train.profile_end_step <= first_step:
+        logger.warning("profiling: steps [%d, %d) are not among this run's steps %d..%d: no trace is written (set "
+                       "train.profile_start_step and train.profile_end_step within them)", train.profile_start_step,
+                       train.profile_end_step, first_step, last_step)
+        return None
+    profiler = create_profiler(
+        start_step=train.profile_start_step, end_step=train.profile_end_step, trace_dir=train.profile_trace_dir,
+        record_shapes=train.profile_record_shapes, profile_memory=train.profile_profile_memory,
+        with_stack=train.profile_with_stack, first_step=first_step,
+    )
+    profiler.start()
+    return profiler
+
+
 def check_evaluation_args(args: Arguments) -> None:
     """Evaluation runs when both data.eval_path and train.eval_steps > 0 are set; one without the other is an error
     (a validation set that would never be read, or evaluations with no data)."""
@@ -205,6 +244,7 @@ def main() -> None:
         raise ArgumentError(str(exc)) from exc
     if not args.data.train_path:
         raise ArgumentError("data.train_path is required: set it in the config or pass --data.train_path PATH")
+    check_model_args(args.model)
     check_output_dir(args)
     tokenizer = build_tokenizer(args.model.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
     model_config = build_config(args.model.config_path or args.model.model_path,
@@ -241,9 +281,7 @@ def main() -> None:
     train_dataset = build_dataset(args, args.data.train_path, transform)
     dataset_length = len(train_dataset) if args.data.datasets_type == "mapping" else None
     train.compute_train_steps(args.data.max_seq_len, args.data.train_size, dataset_length)
-    total_steps = train.train_steps * train.num_train_epochs
-    if train.max_steps is not None:
-        total_steps = min(total_steps, train.max_steps)
+    total_steps = total_train_steps(train)
     train_loader = build_loader(args, train_dataset, train.train_steps)
     make_eval_loader = None
     if args.data.eval_path:
@@ -269,7 +307,7 @@ def main() -> None:
     )
     lr_scheduler = build_lr_scheduler(
         optimizer, train_steps=total_steps, lr=train.lr, lr_min=train.lr_min, lr_warmup_ratio=train.lr_warmup_ratio,
-        lr_decay_style=train.lr_decay_style, lr_decay_ratio=train.lr_decay_ratio,
+        lr_decay_style=train.lr_decay_style, lr_decay_ratio=train.lr_decay_ratio, lr_start=train.lr_start,
     )
     num_params = sum(p.numel() for p in model.parameters())
     logger.info_rank0("model: %s, %.2fM parameters, %d steps", config.model_type, num_params / 1e6, total_steps)
@@ -308,12 +346,7 @@ def main() -> None:
     )
     profiler = None
     if train.enable_profiling and ps.is_main_process:
-        profiler = create_profiler(
-            start_step=train.profile_start_step, end_step=train.profile_end_step, trace_dir=train.profile_trace_dir,
-            record_shapes=train.profile_record_shapes, profile_memory=train.profile_profile_memory,
-            with_stack=train.profile_with_stack,
-        )
-        profiler.start()
+        profiler = start_profiler(train, first_step=global_step + 1, last_step=total_steps)
 
     def save(step: int) -> None:
         extra = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict(),
@@ -336,9 +369,7 @@ def main() -> None:
     start_step = global_step
     start_epoch = global_step // train.train_steps
     data_iterator = iter(train_loader)
-    for epoch in range(start_epoch, train.num_train_epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+    for epoch in range(start_epoch, train.num_train_epochs):  # the loader is endless: an epoch is train_steps steps
         for _ in range(global_step % train.train_steps if epoch == start_epoch else 0, train.train_steps):
             if global_step >= total_steps:
                 break
@@ -369,7 +400,7 @@ def main() -> None:
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if make_eval_loader is not None and global_step % train.eval_steps == 0:
                 record["eval_loss"] = evaluate(model, make_eval_loader, device, group, train.eval_batches)
-            if global_step % train.log_steps == 0 or "eval_loss" in record:
+            if global_step % train.log_steps == 0 or global_step == total_steps or "eval_loss" in record:
                 metrics.write(record)
             if progress is not None:
                 progress.update(1)
@@ -380,7 +411,9 @@ def main() -> None:
                     profiler.stop()
                     profiler = None
             if bad_steps >= train.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row (last at step {global_step}); stopping")
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row (last at step {global_step}, "
+                                   f"train.max_bad_steps {train.max_bad_steps}); stopping: lower train.lr, check the "
+                                   "data, or resume from an earlier checkpoint")
             if train.save_steps > 0 and global_step % train.save_steps == 0 and global_step < total_steps:
                 save(global_step)
         if global_step >= total_steps:

@@ -165,13 +165,16 @@ def test_resume_finished_run_and_other_world_size(tmp_path):
     ("out", ["--train.expert_parallel_size", "2"],
      "the parallel layout does not fit this run of 1 process: init_parallel_state: ep_size 2 does not divide the "
      "world size 1 (ep_size is train.expert_parallel_size): change those settings or the number of processes"),
+    ("out", ["--model.tokenizer_path", "null"], "tasks/train.py: error: model.tokenizer_path is required"),
+    ("out", ["--model.config_overrides", "{}"], "error: the model has no config: set model.config_path"),
     pytest.param("out", ["--train.use_wandb", "true"], "train.use_wandb: wandb is not installed",
                  marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
 ])
 def test_bad_setup_fails_before_anything_starts(tmp_path, output_dir, override, message):
     """An output_dir that cannot be created, a missing train_path, a tokenizer with more tokens than the model's
-    vocabulary, a parallel layout that does not fit the processes and a logger that is not installed stop the run
-    with the key named, before the output directory (or its config.yaml) is written."""
+    vocabulary, no tokenizer or model config (a traceback from deep inside, before), a parallel layout that does not
+    fit the processes and a logger that is not installed stop the run with the key named, before the output
+    directory (or its config.yaml) is written."""
     (tmp_path / "a_file").write_text("")
     proc = train_one_process(tmp_path / output_dir, *override)
     assert proc.returncode != 0
@@ -221,6 +224,16 @@ def test_fresh_run_keeps_earlier_checkpoints_out_of_auto(tmp_path, finished_run)
     assert "kept the checkpoints already there as" in proc.stderr
 
 
+def test_empty_load_path_is_no_way_past_the_refusal(tmp_path, finished_run):
+    """``load_path: ""`` is no checkpoint, as null: a run in another run's output_dir is refused unless asked to
+    overwrite; it started anew there, the refusal skipped (the check looked for null only)."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    proc = train_one_process(out, "--train.overwrite_output_dir", "false", "--train.load_path", "", *NO_EVAL)
+    assert proc.returncode == 2 and "already holds checkpoints of another run" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["global_step_1", "global_step_2"]
+
+
 def test_resume_with_other_batch_settings_says_what_to_do(tmp_path, finished_run):
     """A resume whose data settings differ from the saving run's names the checkpoint, the setting and the remedy."""
     out = tmp_path / "out"
@@ -265,3 +278,56 @@ def test_resumed_finished_run_writes_the_hf_weights_it_lacks(tmp_path, finished_
     assert "nothing to train: resumed at step 2" in proc.stderr
     assert (out / "checkpoints" / "global_step_2" / "hf" / "config.json").is_file()
     assert not (out / "checkpoints" / "global_step_1" / "hf").exists()
+
+
+def records(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resumed_run_traces_its_profiling_window(tmp_path, finished_run):
+    """A run resumed after step 1 traces its step 2 for the window [2, 3); the profiler counted the window from its
+    own first step, so it only warmed up at step 2 and wrote a trace without it."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "checkpoints" / "global_step_2")
+    proc = train_one_process(out, "--train.max_steps", "2", "--train.load_path", "auto", "--train.enable_profiling",
+                             "true", "--train.profile_start_step", "2", "--train.profile_end_step", "3", *NO_EVAL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out / "trace" / "trace_rank0.json") as f:
+        names = {event["name"] for event in json.load(f)["traceEvents"]}
+    assert "Optimizer.step#AdamW.step" in names
+
+
+def test_last_step_is_logged_and_cut_settings_are_named(tmp_path):
+    """A max_steps beyond the epochs, and a profiling window after the last step, are said (the run stopped early
+    and traced nothing in silence); the run's last step is in metrics.jsonl whatever log_steps says (it was left
+    out unless a multiple of it)."""
+    out = tmp_path / "out"
+    proc = train_one_process(out, "--train.train_steps", "2", "--train.max_steps", "3", "--train.log_steps", "5",
+                             "--train.enable_profiling", "true", "--train.profile_start_step", "3",
+                             "--train.profile_end_step", "4", *NO_EVAL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["step"] for r in records(out)] == [2]
+    assert "train.max_steps 3 is beyond train.num_train_epochs 1 x 2 steps per epoch: the run stops after 2 steps" \
+        in proc.stderr
+    assert "profiling: steps [3, 4) are not among this run's steps 1..2: no trace is written" in proc.stderr
+    assert not (out / "trace").exists()
+
+
+def test_non_finite_steps_stop_the_run_and_do_not_move_the_schedule(tmp_path):
+    """With an lr of 1e30 and no clipping, steps 2 and 3 have non-finite gradient norms: they are skipped (the lr
+    schedule stays where it was) and the second in a row stops the run, naming train.max_bad_steps, with no
+    checkpoint of the broken state."""
+    out = tmp_path / "out"
+    proc = train_one_process(out, "--train.max_steps", "6", "--train.lr", "1e30", "--train.lr_min", "0",
+                             "--train.lr_warmup_ratio", "0", "--train.lr_decay_style", "linear",
+                             "--train.max_grad_norm", "null", "--train.max_bad_steps", "2", *NO_EVAL)
+    assert proc.returncode == 1
+    assert ("RuntimeError: 2 non-finite steps in a row (last at step 3, train.max_bad_steps 2); stopping: lower "
+            "train.lr") in proc.stderr
+    logged = records(out)
+    assert [(r["step"], r["skipped"], r["grad_norm"]) for r in logged] == [(1, False, logged[0]["grad_norm"]),
+                                                                          (2, True, None), (3, True, None)]
+    assert [r["lr"] for r in logged] == pytest.approx([1e30, 1e30 * 5 / 6, 1e30 * 5 / 6])
+    assert not (out / "checkpoints").exists()

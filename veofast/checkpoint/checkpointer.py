@@ -220,30 +220,17 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def save_checkpoint(
-    output_dir: str,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    extra_state: dict,
-    *,
-    keep: int = 0,
-) -> str:
-    """Save model + optimizer (sharded) and this rank's ``extra_state``; return the checkpoint path.
-
-    ``keep > 0`` then deletes the oldest earlier checkpoints beyond the newest ``keep`` (see ``prune_checkpoints``).
-    """
-    final = checkpoint_path(output_dir, step)
+def _write_checkpoint(
+    final: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra_state: dict
+) -> None:
+    """Write the checkpoint under ``<final>.tmp`` and rename it to ``final`` once every rank has written its part."""
     tmp = final + ".tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written save of our own from a killed run
         os.makedirs(tmp)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    try:
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    except CheckpointException as exc:  # a BaseException: make it one that ``except Exception`` handlers see
-        raise RuntimeError(f"saving checkpoint {final!r} failed ({_dcp_failure(exc)})") from exc
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     torch.save({**extra_state, "rng": rng_state()}, os.path.join(tmp, f"extra_state_rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
@@ -258,8 +245,35 @@ def save_checkpoint(
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        if keep > 0:
-            prune_checkpoints(output_dir, step, keep)
+
+
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra_state: dict,
+    *,
+    keep: int = 0,
+) -> str:
+    """Save model + optimizer (sharded) and this rank's ``extra_state``; return the checkpoint path.
+
+    A save that fails (a full disk, a directory that cannot be written) raises a ``RuntimeError`` naming the
+    checkpoint and the cause, and leaves the checkpoints saved before it as they were. ``keep > 0`` then deletes the
+    oldest earlier checkpoints beyond the newest ``keep`` (see ``prune_checkpoints``).
+    """
+    final = checkpoint_path(output_dir, step)
+    try:
+        _write_checkpoint(final, step, model, optimizer, extra_state)
+    # DCP's failure is a BaseException: make it one that ``except Exception`` handlers see; torch.save's failures
+    # are RuntimeErrors, most without the path
+    except (CheckpointException, OSError, RuntimeError) as exc:
+        cause = _dcp_failure(exc) if isinstance(exc, CheckpointException) else f"{type(exc).__name__}: {exc}"
+        raise RuntimeError(
+            f"saving checkpoint {final!r} failed ({cause}); the checkpoints saved before it are kept"
+        ) from exc
+    if keep > 0 and _rank() == 0:
+        prune_checkpoints(output_dir, step, keep)
     _barrier()
     return final
 

@@ -1,4 +1,4 @@
-"""``build_lr_scheduler``: linear warmup, then constant, linear or cosine decay down to ``lr_min``."""
+"""``build_lr_scheduler``: linear warmup from ``lr_start``, then constant, linear or cosine decay down to ``lr_min``."""
 
 from __future__ import annotations
 
@@ -28,11 +28,19 @@ class ScheduleLR(LambdaLR):
 
 
 def lr_multiplier(
-    step: int, *, train_steps: int, warmup_steps: int, decay_steps: int, style: str, min_ratio: float
+    step: int,
+    *,
+    train_steps: int,
+    warmup_steps: int,
+    decay_steps: int,
+    style: str,
+    min_ratio: float,
+    start_ratio: float = 0.0,
 ) -> float:
-    """The factor applied to the peak lr at ``step`` (0-based count of finished optimizer steps)."""
+    """The factor applied to the peak lr at ``step`` (0-based count of finished optimizer steps). The warm-up rises
+    linearly from ``start_ratio`` (before the first step) to 1 (at its last step)."""
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return start_ratio + (1.0 - start_ratio) * (step + 1) / warmup_steps
     if style == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps))
@@ -47,13 +55,18 @@ def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     train_steps: int,
     lr: float | None = None,
-    lr_min: float = 0.0,
-    lr_warmup_ratio: float = 0.0,
     lr_decay_style: str = "cosine",
     lr_decay_ratio: float = 1.0,
+    lr_warmup_ratio: float = 0.0,
+    lr_min: float = 0.0,
+    lr_start: float = 0.0,
 ) -> ScheduleLR:
-    """Warm up linearly over ``lr_warmup_ratio * train_steps`` steps, then decay over ``lr_decay_ratio`` of the
-    remaining steps to ``lr_min`` (``constant`` keeps the peak). ``lr`` defaults to the optimizer's."""
+    """Warm up linearly from ``lr_start`` over ``lr_warmup_ratio * train_steps`` steps, then decay over
+    ``lr_decay_ratio`` of the remaining steps to ``lr_min`` (``constant`` keeps the peak). The arguments are VeOmni's,
+    in its order.
+
+    Each param group peaks at its own lr; ``lr`` (default: the first group's) is the peak that ``lr_min`` and
+    ``lr_start`` are given against, so a group of another lr follows the same shape scaled to its own."""
     if lr_decay_style not in DECAY_STYLES:
         raise ValueError(f"build_lr_scheduler: lr_decay_style must be one of {DECAY_STYLES}, got {lr_decay_style!r}")
     if isinstance(train_steps, bool) or not isinstance(train_steps, numbers.Integral) or train_steps < 1:
@@ -69,11 +82,13 @@ def build_lr_scheduler(
         raise ValueError(f"build_lr_scheduler: lr_min must be >= 0, got {lr_min}")
     if lr_min > peak:
         raise ValueError(f"build_lr_scheduler: lr_min {lr_min} is above the peak lr {peak}")
+    if not 0 <= lr_start <= peak:
+        raise ValueError(f"build_lr_scheduler: lr_start must be in [0, the peak lr {peak}], got {lr_start}")
     warmup = int(lr_warmup_ratio * train_steps)
     decay = max(1, int(lr_decay_ratio * (train_steps - warmup)))
     # A partial, not an object with state: nothing of the schedule itself is saved; ScheduleLR restores the step.
     schedule = functools.partial(
         lr_multiplier, train_steps=train_steps, warmup_steps=warmup, decay_steps=decay, style=lr_decay_style,
-        min_ratio=lr_min / peak,
+        min_ratio=lr_min / peak, start_ratio=lr_start / peak,
     )
     return ScheduleLR(optimizer, schedule)

@@ -86,6 +86,15 @@ def _in_range(
     return inside, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
+def _expand_home(section: Any, *names: str) -> None:
+    """``~`` at the start of the paths ``names`` of ``section`` is the user's home, as in a shell (which expands
+    neither a YAML value nor ``--key=~/x``)."""
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, str):
+            setattr(section, name, os.path.expanduser(value))
+
+
 @dataclass
 class ModelArguments:
     """What model to build and from where."""
@@ -106,6 +115,7 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow tokenizer code from the model dir."})
 
     def __post_init__(self):
+        _expand_home(self, "config_path", "model_path", "tokenizer_path")
         if self.config_path is None:
             self.config_path = self.model_path
         if self.tokenizer_path is None:
@@ -155,6 +165,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        _expand_home(self, "train_path", "eval_path")
         _require_all(
             "data",
             self,
@@ -264,24 +275,35 @@ class TrainingArguments:
     optimizer: Literal["adamw"] = field(default="adamw", metadata={"help": "veofast.optim.AdamW."})
     lr: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
     lr_min: float = field(default=0.0, metadata={"help": "Learning rate at the end of the decay."})
+    lr_start: float = field(default=0.0, metadata={"help": "Learning rate the warm-up rises from."})
     lr_warmup_ratio: float = field(
         default=0.0, metadata={"help": "Fraction of the steps over which lr rises linearly to its peak."}
     )
     lr_decay_style: Literal["constant", "linear", "cosine"] = field(
         default="cosine", metadata={"help": "Decay from lr to lr_min after the warm-up."}
     )
-    lr_decay_ratio: float = field(default=1.0, metadata={"help": "Fraction of steps over which lr decays."})
+    lr_decay_ratio: float = field(
+        default=1.0, metadata={"help": "Fraction of the steps after the warm-up over which lr decays to lr_min."}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; <= 0: off."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm; <= 0 or null: off."}
+    )
     num_train_epochs: int = field(default=1, metadata={"help": "Epochs of train_steps steps each."})
     train_steps: int | None = field(default=None, metadata={"help": "Steps per epoch; computed when unset."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps in total."})
     seed: int = field(default=42, metadata={"help": "Seed of the model init, the torch RNG and the data order."})
     deterministic: bool = field(default=False, metadata={"help": "Deterministic algorithms (bitwise resume)."})
-    max_bad_steps: int = field(default=5, metadata={"help": "Stop after this many non-finite losses in a row."})
+    max_bad_steps: int = field(
+        default=5,
+        metadata={
+            "help": "Stop after this many non-finite steps (loss or grad norm) in a row; each is skipped: the "
+            "weights and the lr schedule stay as they were."
+        },
+    )
     # checkpoints
     save_steps: int = field(default=0, metadata={"help": "Save every N steps (0: only at the end)."})
     save_hf_weights: bool = field(default=False, metadata={"help": "Also export HF safetensors at each save."})
@@ -309,6 +331,7 @@ class TrainingArguments:
         self.global_rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self._normalize()
         self._check_values()
         if self.rmpad and self.rmpad_with_pos_ids:
             raise ArgumentError("train.rmpad and train.rmpad_with_pos_ids are exclusive: set one of them", key="rmpad")
@@ -349,6 +372,16 @@ class TrainingArguments:
             )
         self.dataloader_batch_size = self.gradient_accumulation_steps  # micro-batches per next(dataloader)
 
+    def _normalize(self) -> None:
+        """Other spellings to one: max_grad_norm null is 0 (no clipping); load_path "" is null (VeOmni's empty
+        load_checkpoint_path: no checkpoint, and so the refusal to start over another run's checkpoints); ``~`` in a
+        path is the home directory."""
+        if self.max_grad_norm is None:
+            self.max_grad_norm = 0.0
+        if self.load_path == "":
+            self.load_path = None
+        _expand_home(self, "output_dir", "load_path", "profile_trace_dir")
+
     def _derived_data_parallel_size(self) -> int:
         """What ``data_parallel_size: -1`` means: the world size over the Ulysses and tensor-parallel sizes, which
         must divide it."""
@@ -388,7 +421,8 @@ class TrainingArguments:
                 ),
                 **dict.fromkeys(("global_batch_size", "max_steps", "train_steps"), _none_or_at_least(1)),
                 **dict.fromkeys(
-                    ("save_steps", "eval_steps", "keep_checkpoints", "dyn_bsz_margin", "lr_min"), _at_least(0)
+                    ("save_steps", "eval_steps", "keep_checkpoints", "dyn_bsz_margin", "lr_min", "lr_start"),
+                    _at_least(0),
                 ),
                 "weight_decay": ((lambda v: math.isfinite(v) and v >= 0), "a finite number >= 0"),
                 # numpy's generators (data order) take seeds >= 0, torch's below 2**64
@@ -405,7 +439,8 @@ class TrainingArguments:
             },
         )
         _require(bool(self.output_dir), "train", "output_dir", self.output_dir, "a directory path")
-        _require(self.lr_min <= self.lr, "train", "lr_min", self.lr_min, f"<= train.lr ({self.lr})")
+        for key in ("lr_min", "lr_start"):
+            _require(getattr(self, key) <= self.lr, "train", key, getattr(self, key), f"<= train.lr ({self.lr})")
         if self.enable_profiling:
             _require(
                 1 <= self.profile_start_step < self.profile_end_step,
@@ -420,15 +455,23 @@ class TrainingArguments:
 
         A mapping dataset of ``dataset_length`` samples gives ``dataset_length // global_batch_size`` steps
         with fixed batches (a remainder that does not fill a step is logged: the endless loader gives it at the start
-        of the next epoch); with dynamic batching (rmpad) a step holds about ``global_batch_size * max_seq_len``
-        tokens, so an iterable dataset of ``train_size`` tokens gives ``train_size / that``.
+        of the next epoch; a dataset smaller than one global batch gives one step, logged too); with dynamic
+        batching (rmpad) a step holds about ``global_batch_size * max_seq_len`` tokens, so an iterable dataset of
+        ``train_size`` tokens gives ``train_size / that``.
         """
         if self.train_steps is not None:
             return self.train_steps
         dynamic = self.rmpad or self.rmpad_with_pos_ids
         if dataset_length is not None and not dynamic:
             steps = dataset_length // self.global_batch_size
-            if steps and dataset_length % self.global_batch_size:  # (with no full step, the one step repeats)
+            if not steps:
+                logger.warning_rank0(
+                    "compute_train_steps: %d samples are fewer than global_batch_size %d: each step of one per epoch "
+                    "holds samples more than once",
+                    dataset_length,
+                    self.global_batch_size,
+                )
+            elif dataset_length % self.global_batch_size:
                 logger.warning_rank0(
                     "compute_train_steps: %d samples / global_batch_size %d = %d step(s) per epoch: the last %d "
                     "samples of an epoch do not fill a step and come first in the next one (with num_train_epochs = 1 "
@@ -695,7 +738,7 @@ def load_config_file(path: str) -> dict:
     """Read a YAML (or JSON) config file into a dict; errors name the file."""
     p = Path(path)
     if not p.is_file():
-        raise ArgumentError(f"config file {path!r} does not exist")
+        raise ArgumentError(f"config file {path!r} {'is not a file' if p.exists() else 'does not exist'}")
     try:
         with open(p) as f:
             data = _load_yaml(f) or {}

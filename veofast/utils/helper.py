@@ -29,11 +29,17 @@ def create_profiler(
     record_shapes: bool = True,
     profile_memory: bool = False,
     with_stack: bool = False,
+    *,
+    first_step: int = 1,
 ) -> torch.profiler.profile:
     """A torch profiler that records steps ``[start_step, end_step)`` (1-based) and writes a Chrome/TensorBoard
-    trace to ``trace_dir``; call ``.step()`` after every training step."""
+    trace to ``trace_dir``; call ``.step()`` after every training step. ``first_step``: the step of the first
+    ``.step()`` call (a resumed run's first step: the schedule counts from it). ``ValueError`` when the window is
+    empty or ends before ``first_step``."""
     if not 1 <= start_step < end_step:
         raise ValueError(f"create_profiler: need 1 <= start_step < end_step, got {start_step}, {end_step}")
+    if end_step <= first_step:
+        raise ValueError(f"create_profiler: steps [{start_step}, {end_step}) end before the first step {first_step}")
     os.makedirs(trace_dir, exist_ok=True)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -43,11 +49,12 @@ def create_profiler(
     def on_trace_ready(prof):
         prof.export_chrome_trace(os.path.join(trace_dir, f"trace_rank{rank}.json"))
 
-    warmup = 1 if start_step >= 2 else 0  # the step before the window warms the profiler up when there is one
+    start = max(start_step, first_step) - first_step  # steps before the window, counted from first_step
+    warmup = 1 if start >= 1 else 0  # the step before the window warms the profiler up when there is one
     return torch.profiler.profile(
         activities=activities,
         schedule=torch.profiler.schedule(
-            wait=start_step - 1 - warmup, warmup=warmup, active=end_step - start_step, repeat=1
+            wait=start - warmup, warmup=warmup, active=end_step - first_step - start, repeat=1
         ),
         on_trace_ready=on_trace_ready,
         record_shapes=record_shapes,

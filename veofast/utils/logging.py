@@ -23,16 +23,26 @@ class RankLogger(logging.LoggerAdapter):
             self.warning(msg, *args, **kwargs)
 
 
+def _log_level() -> str:
+    """``VEOFAST_LOG_LEVEL`` (any case, default INFO) as a level name; ``ValueError`` naming the variable for a
+    value that is not one."""
+    value = os.environ.get("VEOFAST_LOG_LEVEL", "INFO")
+    if value.upper() not in logging.getLevelNamesMapping():
+        raise ValueError(f"VEOFAST_LOG_LEVEL={value!r} is not a logging level: use DEBUG, INFO, WARNING or ERROR")
+    return value.upper()
+
+
 def setup_logging() -> None:
     """One stderr handler for all of veofast, at ``VEOFAST_LOG_LEVEL`` (default INFO), not propagated to the root
     logger (no line twice). Entry points call it (``tasks/train.py``); library modules only take loggers, so that
     importing them leaves the logging of the program that imports them as it was."""
     root = logging.getLogger("veofast")
     if not root.handlers:
+        level = _log_level()
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
-        root.setLevel(os.environ.get("VEOFAST_LOG_LEVEL", "INFO"))
+        root.setLevel(level)
         root.propagate = False
 
 
