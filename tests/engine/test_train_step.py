@@ -145,3 +145,10 @@ def test_micro_batches_accumulate_like_one(parallel_state, max_grad_norm):
         assert result.grad_norm > 0.05
     for split, merged in zip(applied["split"], applied["merged"], strict=True):
         torch.testing.assert_close(split, merged, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_basic_module_is_named_on_one_rank(parallel_state):
+    """One CPU rank wraps no unit, yet a ``basic_modules`` class the model lacks is still an error, not ignored."""
+    model = build_foundation_model(config_overrides=TINY_MOE, init_device="meta", ops_backend="torch")
+    with pytest.raises(ValueError, match=r"basic_modules: no module class named \['DecoderLayr'\]"):
+        build_parallelize_model(model, basic_modules=["DecoderLayr"])

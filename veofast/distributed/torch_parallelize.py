@@ -42,12 +42,20 @@ def _is_on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def _wrap_classes(model: nn.Module, basic_modules: list[str] | None) -> list[nn.Module]:
+def _unit_class_names(model: nn.Module, basic_modules: list[str] | None) -> set[str]:
+    """The class names of the model's layer units: its ``_no_split_modules`` and ``basic_modules``; ValueError
+    naming those of ``basic_modules`` that no module of the model has."""
     names = set(getattr(model, "_no_split_modules", []) or []) | set(basic_modules or [])
     known = {type(m).__name__ for m in model.modules()}
     unknown = sorted(n for n in names if n not in known)
     if unknown:
         raise ValueError(f"basic_modules: no module class named {unknown} in the model (classes: {sorted(known)})")
+    return names
+
+
+def _wrap_classes(model: nn.Module, basic_modules: list[str] | None) -> list[nn.Module]:
+    """The model's layer units (``_unit_class_names``), the model itself left out."""
+    names = _unit_class_names(model, basic_modules)
     return [m for m in model.modules() if type(m).__name__ in names and m is not model]
 
 
@@ -85,6 +93,7 @@ def build_parallelize_model(
         raise ValueError("build_parallelize_model: dp_mode 'ddp' supports neither SP, EP nor offload; use 'fsdp2'")
     if enable_fsdp_offload and ps.device_type != "cuda":
         raise ValueError("build_parallelize_model: enable_fsdp_offload needs CUDA (the model is already on the CPU)")
+    _unit_class_names(model, basic_modules)  # on every path, also where no unit is wrapped
     on_meta = _is_on_meta(model)
     if init_device == "meta" and not on_meta:
         raise ValueError("build_parallelize_model: init_device='meta' but the model's parameters are not on meta")
