@@ -119,6 +119,7 @@ def test_subclass_adds_arguments(config_file):
         (["--train.tensor_parallel_size", "0"], r"train.tensor_parallel_size must be >= 1, got 0"),
         (["--train.dataloader_batch_size", "7"], r"train.dataloader_batch_size is derived .* = 4\); leave it unset"),
         (["--train.output_dir="], r"train.output_dir must be a directory path"),
+        (["--train.output_dir", "null"], r"--train.output_dir cannot be null \(it takes a string; .* write ./null\)"),
         (["--data.max_seq_len", "1"], r"command line: data.max_seq_len must be >= 2, got 1"),
         (["--data.num_workers", "-1"], r"data.num_workers must be >= 0, got -1"),
         (["--data.chat_template", "alpaca"], r"command line: data.chat_template must be one of \['chatml', "),

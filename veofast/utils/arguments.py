@@ -659,6 +659,11 @@ def _dict_from_command_line(value: dict, where: str) -> dict:
 def _leaf_value(value: Any, annotation: Any, where: str) -> Any:
     """The value of the field ``where`` (not a section) with the command line's marks taken off."""
     if _is_cli_leaf(value):
+        if annotation is str and value[1].lower() in ("null", "none"):  # as a file's null: no text, an error
+            raise ArgumentError(
+                f"command line: --{where} cannot be {value[1]} (it takes a string; for a path of that name write "
+                f"./{value[1]})"
+            )
         return value[1]
     if isinstance(value, dict) and _from_command_line(value):
         if annotation is dict or typing.get_origin(annotation) is dict:
