@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import logging
 import sys
 from functools import partial
@@ -292,3 +293,45 @@ def test_a_shard_stream_that_ends_is_a_clear_error(rmpad):
     with pytest.raises(ValueError, match=r"sample stream of shard 0 of 1 ended: .*must return an endless iterator"):
         for _ in range(5):
             next(loader)
+
+
+class _StreamOf(torch.utils.data.IterableDataset):
+    """A user's iterable dataset whose every shard stream repeats ``sample`` (list values, as a transform gives)."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+    def __iter__(self):
+        raise NotImplementedError
+
+    def shard_stream(self, shard: int, num_shards: int):
+        return itertools.repeat(self.sample)
+
+
+@pytest.mark.parametrize(
+    ("sample", "error", "match"),
+    [
+        ({"input_ids": [1, 2, 3]}, TypeError, r"_StreamOf.shard_stream\(0, 1\): a sample must be a dict with"),
+        ([{"input_ids": [1, 2], "labels": [1, 2]}], TypeError, r"gives one sample dict at a time"),
+        ({"input_ids": [1, 2, 3], "labels": [1, 2]}, ValueError, r"_StreamOf.shard_stream\(0, 1\): sample has 3"),
+        ({"input_ids": [1, 2], "labels": [1, -100]}, ValueError, r"shard_stream\(0, 1\): sample has no trainable"),
+    ],
+)
+def test_a_custom_shard_streams_samples_are_checked(sample, error, match):
+    """A user's shard stream is checked sample by sample, as a map-style dataset's items are: an error naming the
+    stream, not a KeyError or a shape error inside the collator."""
+    loader = build_dataloader(
+        _StreamOf(sample), micro_batch_size=1, global_batch_size=1, max_seq_len=8, rmpad=True, dp_rank=0, dp_size=1
+    )
+    with pytest.raises(error, match=match):
+        next(loader)
+
+
+def test_a_custom_shard_stream_of_lists_trains():
+    """Good samples with list values come out of a custom stream as int64 arrays, collated as usual."""
+    loader = build_dataloader(
+        _StreamOf({"input_ids": [5, 6, 7], "labels": [5, 6, 7]}), micro_batch_size=1, global_batch_size=1,
+        max_seq_len=8, rmpad=True, dp_rank=0, dp_size=1,
+    )  # fmt: skip
+    (micro_batch,) = next(loader)
+    assert micro_batch["input_ids"].tolist() == [[5, 6, 7, 5, 6, 7]] and micro_batch["num_label_tokens"] == 4

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from veofast.data.data_collator import DataCollatorWithPacking, DataCollatorWithPadding, DataCollatorWithPositionIDs
-from veofast.data.dataset import MappingShardStream
+from veofast.data.dataset import CheckedShardStream, IterativeDataset, MappingShardStream
 from veofast.data.dynamic_batching import DynamicBatcher, FixedBatcher
 from veofast.data.packing import MAX_BUDGET
 
@@ -70,8 +70,11 @@ def check_dataset(dataset, num_shards: int) -> None:
 
 def open_shard_stream(dataset, shard: int, num_shards: int, *, seed: int):
     """The endless sample stream of shard ``shard`` of ``num_shards`` (see ``veofast.data.dataset``)."""
-    if hasattr(dataset, "shard_stream"):
+    if isinstance(dataset, IterativeDataset):
         return dataset.shard_stream(shard, num_shards)
+    if hasattr(dataset, "shard_stream"):  # a user's: its samples are checked as a map-style dataset's items are
+        where = f"{type(dataset).__name__}.shard_stream({shard}, {num_shards})"
+        return CheckedShardStream(dataset.shard_stream(shard, num_shards), where)
     return MappingShardStream(dataset, shard, num_shards, seed=seed)
 
 

@@ -17,7 +17,8 @@ Custom datasets plug in two ways:
 1. Any map-style ``torch.utils.data.Dataset`` (``__len__``, ``__getitem__``) whose items are a sample or a
    list of samples: the dataloader shards and shuffles it like a ``MappingDataset``.
 2. An iterable dataset with ``shard_stream(shard, num_shards)`` returning an endless iterator of samples that
-   has ``state_dict()`` and ``load_state_dict(state)`` (see ``IterableShardStream``).
+   has ``state_dict()`` and ``load_state_dict(state)`` (see ``IterableShardStream``); the loader checks each
+   sample as it checks a map-style dataset's items (``CheckedShardStream``).
 
 Inside streams, samples hold their ``input_ids`` and ``labels`` as int64 numpy arrays (cheap to copy between
 processes and to collate); the public ``__getitem__``/``__iter__`` give lists, as transforms do.
@@ -255,6 +256,34 @@ class IterableShardStream:
         self.rng.bit_generator.state = state["rng"]
 
 
+class CheckedShardStream:
+    """A custom dataset's shard stream (its ``shard_stream(shard, num_shards)``), each sample checked as a
+    map-style dataset's are (``check_samples``: a ``TypeError`` or ``BadRecordError`` naming the stream) and given
+    out with ``input_ids`` / ``labels`` as int64 arrays. ``state_dict`` / ``load_state_dict`` are the stream's."""
+
+    def __init__(self, stream, where: str) -> None:
+        self.stream, self.where = stream, where
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        sample = next(self.stream)
+        if not isinstance(sample, dict):
+            raise TypeError(f"{self.where}: a shard stream gives one sample dict at a time, got {sample!r:.100}")
+        try:
+            check_samples(sample, self.where)
+        except BadRecordError as exc:
+            raise BadRecordError(f"{self.where}: {exc}") from None
+        return as_arrays(sample)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
 class IterativeDataset(torch.utils.data.IterableDataset):
     """Records streamed from files (see the module doc). For the dataloader: ``shard_stream``.
 
@@ -346,6 +375,7 @@ def build_iterative_dataset(
 
 
 __all__ = [
+    "CheckedShardStream",
     "IterableShardStream",
     "IterativeDataset",
     "MappingDataset",
