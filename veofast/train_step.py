@@ -102,7 +102,8 @@ def train_step(
                 loss.backward()
         step_loss += out.lm_loss.detach()
     if isinstance(optimizer, AdamW):
-        grad_norm = total_grad_norm([p for p in model.parameters() if p.grad is not None])
+        # every trainable parameter, with a gradient or not: the reductions must be the same on every rank
+        grad_norm = total_grad_norm([p for p in model.parameters() if p.requires_grad])
         step_kwargs = {"grad_scale": clip_coefficient(grad_norm, max_grad_norm)}
     else:
         grad_norm, step_kwargs = clip_grad_norm(model, max_grad_norm), {}

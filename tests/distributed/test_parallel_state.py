@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from dist_launch import torchrun
 
 from veofast.distributed.parallel_state import (
@@ -41,13 +42,30 @@ def test_single_process_defaults():
         ({"ulysses_size": 0}, ValueError, "ulysses_size"),
         ({"dp_size": 2}, ValueError, "must equal the world size 1"),
         ({"ep_size": 2}, ValueError, "ep_size 2 does not divide"),
+        # on a machine without CUDA: was torch's "Distributed package doesn't have NCCL built in" (a RuntimeError)
+        ({"device_type": "cuda"}, ValueError, "device_type 'cuda' but this process sees no CUDA device"),
     ],
 )
 def test_bad_sizes_single_process(kwargs, error, message):
+    if kwargs.get("device_type") == "cuda" and torch.cuda.is_available():
+        pytest.skip("checks the error on a machine without CUDA")
     destroy_parallel_state()
     try:
         with pytest.raises(error, match=message):
-            init_parallel_state(device_type="cpu", **kwargs)
+            init_parallel_state(**{"device_type": "cpu", **kwargs})
+    finally:
+        destroy_parallel_state()
+
+
+def test_world_size_without_master_addr_is_refused(monkeypatch):
+    """A launcher that sets WORLD_SIZE but not MASTER_ADDR: each process used to build a one-rank group and train
+    alone, every one of them into the same output directory."""
+    destroy_parallel_state()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    try:
+        with pytest.raises(ValueError, match="WORLD_SIZE=2 is set but MASTER_ADDR is not"):
+            init_parallel_state(device_type="cpu")
     finally:
         destroy_parallel_state()
 

@@ -28,6 +28,7 @@ from veofast.models.layers import Attention
 TRAIN_WORKER = "tests/distributed/workers/train_steps_worker.py"
 CHUNKS_TRAIN_WORKER = "tests/distributed/workers/sp_chunks_train_worker.py"
 ATTENTION_WORKER = "tests/distributed/workers/sp_attention_worker.py"
+TRANSPORT_WORKER = "tests/distributed/workers/transport_worker.py"
 
 
 # ------------------------------------------------------------------------------------------- shard_micro_batch
@@ -192,8 +193,20 @@ def test_transport_resolution():
     cpu = SimpleNamespace(device_type="cpu", sp_size=2, sp_group=None)
     assert resolve_transport("auto", cpu) == "nccl"
     assert resolve_transport("auto", SimpleNamespace(device_type="cuda", sp_size=1, sp_group=None)) == "nccl"
-    assert resolve_transport("copy_engine", SimpleNamespace(device_type="cuda", sp_size=2)) == "copy_engine"
     with pytest.raises(ValueError, match="'copy_engine' moves CUDA tensors"):
         resolve_transport("copy_engine", cpu)
     with pytest.raises(ValueError, match="transport must be one of"):
         resolve_transport("ring", cpu)
+
+
+def test_transport_on_one_host_or_several(tmp_path):
+    """A CUDA run's SP group on one host takes the copy engines (``auto`` or asked for); over two hosts ``auto``
+    takes NCCL and an explicit ``copy_engine`` fails on every rank before training (it used to be kept, and the
+    first forward failed in the symmetric-memory rendezvous)."""
+    torchrun(TRANSPORT_WORKER, str(tmp_path), nproc=2, timeout=60)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["same"] == {"auto": "copy_engine", "copy_engine": "copy_engine", "nccl": "nccl"}, report
+        assert report["split"]["auto"] == report["split"]["nccl"] == "nccl", report
+        assert "copy_engine' needs every rank of a sequence-parallel group on one node" in report["split"][
+            "copy_engine"], report

@@ -7,8 +7,6 @@ copies are counted once. No host-device synchronisation: the norm and the clip f
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,18 +25,29 @@ def _reduce_groups(param: torch.Tensor) -> tuple:
     return tuple(groups)
 
 
+def _squares(grads: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """The summed squares of ``grads`` (fp32 scalar); 0 on ``param``'s (local) device when there are none."""
+    if not grads:
+        local = param.to_local() if isinstance(param, DTensor) else param
+        return torch.zeros((), dtype=torch.float32, device=local.device)
+    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]).sum()
+
+
 @torch.no_grad()
 def total_grad_norm(parameters) -> torch.Tensor:
-    """The global L2 norm of the gradients of ``parameters`` (fp32 scalar on the gradients' device)."""
-    by_groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    """The global L2 norm of the gradients of ``parameters`` (fp32 scalar on the gradients' device).
+
+    A parameter without a gradient counts as a zero gradient, and still joins its groups' reductions: every rank
+    must pass the same parameters, but some may lack gradients on some ranks (not on others) without a hang.
+    """
+    by_groups: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
     for param in parameters:
-        if param.grad is None:
-            continue
-        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-        by_groups[_reduce_groups(param)].append(grad)
+        grads, _ = by_groups.setdefault(_reduce_groups(param), ([], param))
+        if param.grad is not None:
+            grads.append(param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad)
     total = None
-    for groups, grads in by_groups.items():
-        squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]).sum()
+    for groups, (grads, first) in by_groups.items():
+        squares = _squares(grads, first)
         for group in groups:
             dist.all_reduce(squares, group=group)
         total = squares if total is None else total + squares.to(total.device)
@@ -61,8 +70,9 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale all gradients so their global norm is at most ``max_norm`` (<= 0: measure only); return the
     norm before clipping. Non-finite norms leave the gradients untouched (the loop skips such steps)."""
+    # every trainable parameter, with a gradient or not: the reductions must be the same on every rank
+    norm = total_grad_norm([p for p in model.parameters() if p.requires_grad])
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = total_grad_norm(params)
     coef = clip_coefficient(norm, max_norm) if params else None
     if coef is not None:
         for p in params:

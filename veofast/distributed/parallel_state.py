@@ -153,12 +153,18 @@ def _check_size(name: str, value: int) -> None:
 
 
 def _ensure_process_group(device_type: str) -> None:
-    """Initialise torch.distributed from torchrun's environment, or as a single process without one."""
+    """Initialise torch.distributed from torchrun's environment, or as a single process without one (ValueError for
+    a WORLD_SIZE above 1 without MASTER_ADDR)."""
     if dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend=backend)
+    elif os.environ.get("WORLD_SIZE", "1") != "1":  # else each process would train alone, unaware of the others
+        raise ValueError(
+            f"init_parallel_state: WORLD_SIZE={os.environ['WORLD_SIZE']} is set but MASTER_ADDR is not; launch with "
+            "torchrun, or set MASTER_ADDR, MASTER_PORT and RANK as well"
+        )
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
@@ -176,9 +182,9 @@ def init_parallel_state(
     """Build the run's meshes and make them available through ``get_parallel_state()``.
 
     ``dp_size=-1`` takes what the other axes leave of the world size. Initialises torch.distributed (NCCL on
-    CUDA, gloo on CPU) if the caller has not. Sizes that do not multiply to the world size raise ValueError;
-    pipeline and context parallelism are not implemented and raise NotImplementedError when > 1. Returns when
-    every rank has built the meshes (a barrier over all ranks).
+    CUDA, gloo on CPU) if the caller has not. Sizes that do not multiply to the world size, and ``device_type='cuda'``
+    without a visible GPU, raise ValueError; pipeline and context parallelism are not implemented and raise
+    NotImplementedError when > 1. Returns when every rank has built the meshes (a barrier over all ranks).
     """
     global _PARALLEL_STATE
     if dp_mode not in DP_MODES:
@@ -202,6 +208,8 @@ def init_parallel_state(
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"init_parallel_state: device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("init_parallel_state: device_type 'cuda' but this process sees no CUDA device; use 'cpu'")
     _ensure_process_group(device_type)
     world_size = dist.get_world_size()
 

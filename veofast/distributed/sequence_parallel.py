@@ -300,22 +300,33 @@ def _average_router_stats(group):
     return hook
 
 
+def _sp_group_on_one_host(ps) -> bool:
+    """Whether every rank of ``ps.sp_group`` runs on this host (collective over the group)."""
+    hosts = [None] * ps.sp_size
+    dist.all_gather_object(hosts, socket.gethostname(), group=ps.sp_group)
+    return len(set(hosts)) == 1
+
+
 def resolve_transport(transport: str, ps) -> str:
     """``"auto"`` -> ``"copy_engine"`` when the run is on CUDA and every rank of the SP group is on this host (the
     copy engines then move the all-to-alls over NVLink without taking SMs from the attention they hide behind:
-    on 2xH200 they hid 61-67% of it where NCCL hid 3-4%), else ``"nccl"``; other values are checked and kept.
-    Collective over ``ps.sp_group`` when it has to look (every rank of it must call)."""
+    on 2xH200 they hid 61-67% of it where NCCL hid 3-4%), else ``"nccl"``; other values are checked and kept
+    (ValueError for ``"copy_engine"`` on the CPU or with an SP group over several hosts). Collective over
+    ``ps.sp_group`` when it has to look at the hosts (every rank of it must call)."""
     on_cuda = getattr(ps, "device_type", "cpu") == "cuda"
     if transport != "auto":
         check_transport(transport)
         if transport == "copy_engine" and not on_cuda:
             raise ValueError("ulysses_transport 'copy_engine' moves CUDA tensors between GPUs; this run is on the CPU")
+        if transport == "copy_engine" and ps.sp_size > 1 and not _sp_group_on_one_host(ps):
+            raise ValueError(
+                f"ulysses_transport 'copy_engine' needs every rank of a sequence-parallel group on one node, but the "
+                f"{ps.sp_size} ranks of this one (ulysses_size) span several hosts; use 'auto' or 'nccl'"
+            )
         return transport
     if not on_cuda or ps.sp_size == 1:
         return "nccl"
-    hosts = [None] * ps.sp_size
-    dist.all_gather_object(hosts, socket.gethostname(), group=ps.sp_group)
-    return "copy_engine" if len(set(hosts)) == 1 else "nccl"
+    return "copy_engine" if _sp_group_on_one_host(ps) else "nccl"
 
 
 def apply_sequence_parallel(
