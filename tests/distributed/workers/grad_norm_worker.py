@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
+from worker_exit import run_and_exit
 
 from veofast.distributed.grad_norm import clip_grad_norm
-from veofast.utils.helper import exit_process
 
 CASES = {  # case -> per rank: (local grad of sharded or None, grad of plain)
     "missing": [([3.0, 0.0], [0.0, 4.0]), (None, [0.0, 4.0])],
@@ -55,10 +55,4 @@ def main():
 
 
 if __name__ == "__main__":
-    code = 0
-    try:
-        main()
-    except Exception as exc:
-        print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
-        code = 3
-    exit_process(code)
+    run_and_exit(main)

@@ -7,9 +7,9 @@ import sys
 import time
 
 import torch.distributed as dist
+from worker_exit import run_and_exit
 
 from veofast.distributed.parallel_state import init_parallel_state
-from veofast.utils.helper import exit_process
 
 
 def main():
@@ -34,10 +34,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        code = 0
-    except Exception as exc:  # report the error text for the test to check
-        print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
-        code = 3
-    exit_process(code)
+    run_and_exit(main)

@@ -11,13 +11,13 @@ import sys
 
 import torch
 from train_steps_worker import TINY, packed_micro_batch
+from worker_exit import run_and_exit
 
 from veofast.distributed.parallel_state import init_parallel_state
 from veofast.distributed.torch_parallelize import build_parallelize_model
 from veofast.models import build_foundation_model
 from veofast.optim import build_lr_scheduler, build_optimizer
 from veofast.train_step import train_step
-from veofast.utils.helper import exit_process
 
 
 def main():
@@ -44,10 +44,4 @@ def main():
 
 
 if __name__ == "__main__":
-    code = 0
-    try:
-        main()
-    except Exception as exc:
-        print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
-        code = 3
-    exit_process(code)
+    run_and_exit(main)

@@ -11,9 +11,9 @@ import sys
 from types import SimpleNamespace
 
 import torch.distributed as dist
+from worker_exit import run_and_exit
 
 from veofast.distributed.sequence_parallel import resolve_transport
-from veofast.utils.helper import exit_process
 
 
 def resolve(transport: str, ps) -> str:
@@ -36,10 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-    code = 0
-    try:
-        main()
-    except Exception as exc:
-        print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
-        code = 3
-    exit_process(code)
+    run_and_exit(main)
