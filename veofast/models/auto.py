@@ -86,7 +86,8 @@ def build_foundation_model(
     ``init_device="meta"`` allocates nothing: ``build_parallelize_model`` shards the model, then
     materialises it and loads ``weights_path`` (each rank reads only its shards) or initialises it randomly.
     ``"cpu"``/``"cuda"`` build the full model there, randomly initialised with ``seed`` or loaded from
-    ``weights_path`` (HF safetensors, single file or sharded with an index).
+    ``weights_path`` (HF safetensors, single file or sharded with an index). Parameters have torch's default dtype
+    (fp32, the master weights) whatever dtype the checkpoint stores; a bf16 checkpoint's values load exactly.
     """
     if init_device not in ("meta", "cpu", "cuda"):
         raise ValueError(f"init_device must be 'meta', 'cpu' or 'cuda', got {init_device!r}")

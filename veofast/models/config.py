@@ -5,7 +5,7 @@ Both RoPE spellings are understood: ``rope_theta`` + ``rope_scaling`` (transform
 ``rope_parameters`` (transformers 5), with transformers 5's precedence when a config holds both. Left-out keys that
 change the math without changing a shape (norm_topk_prob, RoPE, rms_norm_eps) default as transformers' configs of the
 family do. Fields that would change the math but are not implemented (sliding windows, attention dropout, other
-activations) raise rather than being ignored.
+activations, a partial rotary factor, the dynamic and longrope RoPE types) raise rather than being ignored.
 """
 
 from __future__ import annotations
@@ -176,8 +176,6 @@ class DecoderConfig:
             raise ValueError(f"config: attention_dropout={hf['attention_dropout']} is not supported (only 0)")
         if hf.get("mlp_bias"):
             raise ValueError("config: mlp_bias=true is not supported")
-        if hf.get("pretraining_tp", 1) not in (1, None):
-            raise ValueError("config: pretraining_tp > 1 is not supported")
         if any(kind != "full_attention" for kind in hf.get("layer_types") or ()):
             raise ValueError(f"config: layer_types other than full_attention are not supported: {hf['layer_types']}")
         if hf.get("quantization_config"):
@@ -188,6 +186,7 @@ class DecoderConfig:
 
         rope_theta, rope_scaling = _read_rope(hf)
         qkv_bias, o_proj_bias = _attention_biases(model_type, hf)
+        _warn_qwen3_head_dim(model_type, hf)
         moe = model_type in _MOE_MODEL_TYPES
         num_heads, hidden_size = _require(hf, "num_attention_heads"), _require(hf, "hidden_size")
         _check_int("hidden_size", hidden_size, minimum=1)  # before 4 * hidden_size
@@ -254,6 +253,10 @@ class DecoderConfig:
             del hf["head_dim"]  # as transformers writes these families, whose configs have no head_dim field
         _write_rope(hf, self.rope_theta, self.rope_scaling)
         self._write_attention_biases(hf)
+        if hf.get("layer_types") is not None:
+            # one entry per layer, or transformers 5 refuses the config.json (num_hidden_layers may have been
+            # overridden since the list was written); reading refused any kind but full attention
+            hf["layer_types"] = ["full_attention"] * self.num_hidden_layers
         if self.is_moe:
             hf.update(
                 num_experts=self.num_experts,
@@ -286,6 +289,23 @@ class DecoderConfig:
 
     def replace(self, **changes) -> DecoderConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _warn_qwen3_head_dim(model_type: str, hf: dict) -> None:
+    """Log that a ``qwen3`` config without ``head_dim`` reads differently in transformers, whose Qwen3Config
+    defaults head_dim to 128 where veofast derives hidden_size / num_attention_heads (as every other family does).
+
+    The config.json veofast saves names head_dim, so its own exports read the same everywhere; a checkpoint whose
+    weights were made with 128 fails to load with shape mismatches, which this line explains."""
+    if model_type != "qwen3" or hf.get("head_dim") is not None:
+        return
+    heads, hidden = hf.get("num_attention_heads"), hf.get("hidden_size")
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden // heads != 128:
+        logger.warning(
+            "config: a qwen3 config without head_dim: veofast uses hidden_size / num_attention_heads = %d, while "
+            "transformers' Qwen3Config defaults head_dim to 128; set head_dim to say which one is meant",
+            hidden // heads,
+        )
 
 
 def _require(hf: dict, *names: str) -> Any:
@@ -375,14 +395,24 @@ def _check_rope_values(rope_type: str, scaling: dict, hf: dict) -> None:
             f"config: {where} high_freq_factor ({scaling['high_freq_factor']}) must be greater than low_freq_factor "
             f"({scaling['low_freq_factor']})"
         )
-    partial = scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(
-            f"config: partial_rotary_factor={partial!r} is not supported (only 1: RoPE on all of head_dim)"
-        )
     unknown = sorted(set(scaling) - _ROPE_KEYS)
     if unknown:
         logger.warning("config: %s of rope type %r holds keys veofast does not read: %s", where, rope_type, unknown)
+
+
+def _check_partial_rotary(params: dict, hf: dict) -> None:
+    """ValueError naming ``partial_rotary_factor`` unless it is unset or 1, for every RoPE type.
+
+    The Llama and Qwen families of transformers do not implement a partial rotation: with the default RoPE they
+    rotate all of head_dim whatever the factor says, and with a scaled RoPE their forward fails on the shorter
+    frequency table. A config that sets it was meant for another model, so it is refused rather than read (or
+    dropped from the config.json veofast saves) as a full rotation."""
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(
+            f"config: partial_rotary_factor={partial!r} is not supported (only 1: RoPE on all of head_dim); the "
+            "Llama / Qwen families veofast implements have no partial rotary embedding"
+        )
 
 
 def _read_rope(hf: dict) -> tuple[float, dict | None]:
@@ -391,12 +421,16 @@ def _read_rope(hf: dict) -> tuple[float, dict | None]:
     typed = "rope_type" in params or "type" in params
     if params and not typed and all(isinstance(v, dict) for v in params.values()):
         raise ValueError("config: per-layer-type rope_parameters are not supported")
+    _check_partial_rotary(params, hf)
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return theta, None
     if rope_type not in _ROPE_REQUIRED_KEYS:
-        raise ValueError(f"config: rope type {rope_type!r} is not supported (default, linear, llama3, yarn)")
+        raise ValueError(
+            f"config: rope_scaling/rope_parameters rope type {rope_type!r} is not supported (veofast implements "
+            "default, linear, llama3 and yarn)"
+        )
     missing = [key for key in _ROPE_REQUIRED_KEYS[rope_type] if scaling.get(key) is None]
     if missing:
         raise ValueError(f"config: rope type {rope_type!r} needs {', '.join(missing)} in rope_scaling/rope_parameters")
@@ -421,21 +455,23 @@ def _write_rope(hf: dict, theta: float, scaling: dict | None) -> None:
 
 
 # Keys of a Hugging Face config dict that ``DecoderConfig.from_hf_dict`` reads (or refuses), and keys it leaves alone
-# knowingly: token ids, dtypes, the sliding-window sizes (which only act when use_sliding_window, refused, is set) and
-# the generic fields of transformers' PretrainedConfig.to_dict() that do not change a causal LM's training math.
+# knowingly: token ids, dtypes, the sliding-window sizes (which only act when use_sliding_window, refused, is set),
+# pretraining_tp (transformers 4 split Llama's matmuls into that many slices and summed them: the same math;
+# transformers 5 ignores it) and the generic fields of transformers' PretrainedConfig.to_dict() that do not change a
+# causal LM's training math.
 READ_KEYS = frozenset(
     """architectures attention_bias attention_dropout decoder_sparse_step head_dim hidden_act hidden_size
     initializer_range intermediate_size layer_types max_position_embeddings mlp_bias mlp_only_layers model_type
     moe_intermediate_size norm_topk_prob num_attention_heads num_experts num_experts_per_tok num_hidden_layers
     num_key_value_heads num_local_experts original_max_position_embeddings output_router_logits partial_rotary_factor
-    pretraining_tp qkv_bias quantization_config rms_norm_eps rope_parameters rope_scaling rope_theta
+    qkv_bias quantization_config rms_norm_eps rope_parameters rope_scaling rope_theta
     router_aux_loss_coef shared_expert_intermediate_size tie_word_embeddings use_sliding_window vocab_size""".split()
 )
 INERT_KEYS = frozenset(
     """bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id torch_dtype dtype use_cache
-    transformers_version sliding_window max_window_layers output_hidden_states output_attentions return_dict
-    chunk_size_feed_forward is_encoder_decoder is_decoder add_cross_attention tie_encoder_decoder id2label label2id
-    problem_type finetuning_task task_specific_params tokenizer_class prefix torchscript pruned_heads
+    transformers_version sliding_window max_window_layers pretraining_tp output_hidden_states output_attentions
+    return_dict chunk_size_feed_forward is_encoder_decoder is_decoder add_cross_attention tie_encoder_decoder id2label
+    label2id problem_type finetuning_task task_specific_params tokenizer_class prefix torchscript pruned_heads
     cross_attention_hidden_size""".split()
 )
 

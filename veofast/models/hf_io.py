@@ -6,9 +6,15 @@ the part of each tensor its local shard holds (and only the experts it owns). Ev
 checkpoint and the model is reported at once in one ``ValueError``: a model given ``weights_path`` never trains
 from random weights by accident.
 
+Dtypes: the checkpoint's dtype (``dtype`` / ``torch_dtype`` in its config.json, and the tensors' own) does not choose
+the model's. ``build_foundation_model`` makes parameters of torch's default dtype (fp32): the master weights that
+training keeps (bf16 compute comes from the mixed-precision policy); loading casts bf16 / fp16 values to them exactly.
+
 ``save_hf_weights`` writes the standard HF layout (per-expert expert weights, shards of at most
-``max_shard_size`` with an index, ``config.json``, optional tokenizer files) that any transformers version
-loads. Parameters are gathered one at a time; only rank 0 holds full tensors, on the host, and writes.
+``max_shard_size`` with an index, ``config.json``, ``generation_config.json`` when the source checkpoint has one,
+optional tokenizer files) that any transformers version loads. It saves the parameters' dtype (fp32: twice the
+bytes of a bf16 source) unless given ``dtype=torch.bfloat16``, and ``config.json`` names the dtype saved.
+Parameters are gathered one at a time; only rank 0 holds full tensors, on the host, and writes.
 
 Only safetensors are read: pickled checkpoints (``pytorch_model.bin``) are refused, never unpickled.
 """
@@ -35,6 +41,7 @@ from .hf_keys import Block, is_ignored_key, param_blocks
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 _PICKLED_WEIGHTS = re.compile(r"\.(bin|pt|pth|ckpt)$")
 _SHARD_FILE = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 _MAX_LISTED = 50
@@ -105,9 +112,15 @@ def _rank() -> int:
 
 
 def checkpoint_files(weights_path: str) -> list[str]:
-    """The safetensors files of the checkpoint in directory ``weights_path`` (index first, then single file)."""
+    """The safetensors files of the checkpoint in directory ``weights_path``: ``model.safetensors`` when there is
+    one, else the files that ``model.safetensors.index.json`` names (all of them, ``model.safetensors`` too, when the
+    index names it).
+
+    The single file wins as in transformers' ``from_pretrained``: ``save_pretrained`` into a directory that held a
+    sharded save deletes the old shards but leaves their index behind."""
     if not os.path.isdir(weights_path):
         raise FileNotFoundError(f"load_hf_weights: weights_path {weights_path!r} is not a directory")
+    single = os.path.join(weights_path, SAFE_WEIGHTS_NAME)
     index_path = os.path.join(weights_path, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index_path):
         with open(index_path) as f:
@@ -116,15 +129,15 @@ def checkpoint_files(weights_path: str) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"load_hf_weights: {index_path} is not a valid safetensors index: {exc!r}") from exc
         files = sorted(set(weight_map.values()))
-        for name in files:
-            if os.path.basename(name) != name or not name.endswith(".safetensors"):
-                raise ValueError(
-                    f"load_hf_weights: {index_path} names {name!r}, not a .safetensors file in the directory"
-                )
-            if not os.path.isfile(os.path.join(weights_path, name)):
-                raise FileNotFoundError(f"load_hf_weights: {index_path} names {name!r}, which is missing")
-        return [os.path.join(weights_path, name) for name in files]
-    single = os.path.join(weights_path, SAFE_WEIGHTS_NAME)
+        if SAFE_WEIGHTS_NAME in files or not os.path.isfile(single):
+            for name in files:
+                if os.path.basename(name) != name or not name.endswith(".safetensors"):
+                    raise ValueError(
+                        f"load_hf_weights: {index_path} names {name!r}, not a .safetensors file in the directory"
+                    )
+                if not os.path.isfile(os.path.join(weights_path, name)):
+                    raise FileNotFoundError(f"load_hf_weights: {index_path} names {name!r}, which is missing")
+            return [os.path.join(weights_path, name) for name in files]
     if os.path.isfile(single):
         return [single]
     present = sorted(os.listdir(weights_path))
@@ -353,6 +366,21 @@ def _full_tensors(entries, dtype: torch.dtype | None, write: bool) -> Iterator[t
             yield block.key, full[box].reshape(block.disk_shape).clone()
 
 
+def _source_generation_config(model: nn.Module) -> str | None:
+    """The ``generation_config.json`` of the checkpoint the model was built from (its ``weights_path``, else the
+    directory of its config), or None. It holds what ``generate()`` needs beyond config.json (e.g. the chat models'
+    extra end-of-turn ids, their sampling defaults); transformers' ``save_pretrained`` carries it along the same way."""
+    model = _unwrap(model)
+    for source in (getattr(model, "weights_path", None), getattr(model, "config_source", None)):
+        if not isinstance(source, str):
+            continue
+        directory = source if os.path.isdir(source) else os.path.dirname(source)
+        path = os.path.join(directory, GENERATION_CONFIG_NAME)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def _hf_config(model: nn.Module, dtype: torch.dtype) -> dict:
     config = getattr(_unwrap(model), "config", None)
     if config is None or not hasattr(config, "to_hf_dict"):
@@ -375,11 +403,13 @@ def save_hf_weights(
     tokenizer=None,
     dtype: torch.dtype | None = None,
 ) -> None:
-    """Write ``model`` as an HF checkpoint: safetensors (+ index when sharded), ``config.json``, tokenizer files.
+    """Write ``model`` as an HF checkpoint: safetensors (+ index when sharded), ``config.json``, the source
+    checkpoint's ``generation_config.json`` (when the model was built from a directory that has one), tokenizer files.
 
     Call on every rank: DTensor parameters are gathered one at a time (``full_tensor``); rank 0 moves each to
     the host, cuts it into HF tensors (experts one by one) and writes a shard file whenever a shard of up to
-    ``max_shard_size`` bytes is complete. ``dtype`` casts the saved weights (default: the parameters' dtype).
+    ``max_shard_size`` bytes is complete. ``dtype`` casts the saved weights (default: the parameters' dtype, fp32
+    for a model ``build_foundation_model`` made, even from a bf16 checkpoint); config.json records the dtype saved.
     Files are written to a temporary directory next to ``output_dir`` and moved into place at the end;
     ``output_dir`` must not already hold a safetensors checkpoint (ValueError).
     """
@@ -419,6 +449,9 @@ def save_hf_weights(
             saved_dtype = dtype or entries[0][1].dtype
             with open(os.path.join(tmp_dir, "config.json"), "w") as f:
                 json.dump(_hf_config(model, saved_dtype), f, indent=2, sort_keys=True)
+            generation_config = _source_generation_config(model)
+            if generation_config is not None:
+                shutil.copyfile(generation_config, os.path.join(tmp_dir, GENERATION_CONFIG_NAME))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp_dir)
             _move_into_place(tmp_dir, output_dir)
