@@ -12,22 +12,15 @@ import logging
 
 import pytest
 import torch
-from hf_tiny import random_hf_model, read_checkpoint
+from hf_tiny import BASE, random_hf_model, read_checkpoint
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from veofast.models import DecoderConfig, build_foundation_model
 from veofast.models.hf_io import save_hf_weights
 
-SMALL = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+SMALL = {**{key: BASE[key] for key in SHAPE_KEYS}, "vocab_size": 300, "max_position_embeddings": 256}
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
 LLAMA3 = dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0, original_max_position_embeddings=8)
 
