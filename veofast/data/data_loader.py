@@ -16,7 +16,9 @@ Exact resume: every ``SNAPSHOT_EVERY`` micro-batches a worker sends its state al
 ``state_dict()`` holds, per worker, the last snapshot and how many micro-batches were consumed after it.
 After ``load_state_dict()`` the workers restore their snapshot and silently re-form (without collating) the
 micro-batches consumed since, so the resumed loader continues with exactly the micro-batch that the saved one
-would have given next. Resuming needs the same dataset, seed, dp_size, num_workers and batching arguments.
+would have given next. Resuming needs the same dataset, seed, dp_size, num_workers and batching arguments;
+``load_state_dict`` refuses a state saved with other ones (the dataset by its kind and size, see
+``dataset_signature``).
 """
 
 from __future__ import annotations
@@ -194,6 +196,22 @@ def _to_arrays(state):
     return _map_leaves(state, lambda x: isinstance(x, dict) and _NUMPY in x, _numpy_from_saveable)
 
 
+def dataset_signature(dataset) -> str:
+    """What a saved loader position depends on in ``dataset``, as a phrase: its kind (class name) and size (records of
+    a map-style dataset, files of an ``IterativeDataset``), e.g. ``"MappingDataset of 9000 records"``. A position
+    saved over another kind of dataset cannot be restored (a worker failed on it with a bare ``KeyError``, or, before
+    its first snapshot, replayed other data in silence), and one over another number of records or files points at
+    other records."""
+    kind = type(dataset).__name__
+    if isinstance(dataset, IterativeDataset):
+        count, unit = len(dataset.files), "file"
+    elif not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__"):
+        count, unit = len(dataset), "record"
+    else:
+        return kind
+    return f"{kind} of {count} {unit}" + ("s" if count != 1 else "")
+
+
 class DistributedDataloader:
     """The loader ``build_dataloader`` returns: ``next()`` gives a list of micro-batch dicts (one step).
 
@@ -289,6 +307,7 @@ class DistributedDataloader:
 
     def _signature(self) -> dict:
         return {
+            "dataset": dataset_signature(self.dataset),
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
             "num_workers": self.num_workers,

@@ -21,7 +21,9 @@ Only safetensors are read: pickled checkpoints (``pytorch_model.bin``) are refus
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +40,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .hf_keys import Block, is_ignored_key, param_blocks
+
+logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -394,6 +398,22 @@ def _hf_config(model: nn.Module, dtype: torch.dtype) -> dict:
     return hf
 
 
+def _temporary_prefix(output_dir: str) -> str:
+    """Where an export to ``output_dir`` is written before it is moved into place: ``<parent>/.<name>.tmp-``
+    followed by a random id."""
+    return os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.tmp-")
+
+
+def _remove_unfinished_exports(output_dir: str) -> None:
+    """Delete the temporary directories that exports to ``output_dir`` killed before their end left (each a copy of
+    the weights that nothing reads)."""
+    prefix = _temporary_prefix(output_dir)
+    for path in glob.glob(glob.escape(prefix) + "*"):
+        if re.fullmatch(r"[0-9a-f]{8}", path[len(prefix) :]) and os.path.isdir(path) and not os.path.islink(path):
+            logger.info("save_hf_weights: removing %s, left by an export that did not finish", path)
+            shutil.rmtree(path)
+
+
 @torch.no_grad()
 def save_hf_weights(
     model: nn.Module,
@@ -431,9 +451,10 @@ def save_hf_weights(
             )
     _agree_on_error(error)
 
-    tmp_dir = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp_dir = f"{_temporary_prefix(output_dir)}{uuid.uuid4().hex[:8]}"
     try:
         if write:
+            _remove_unfinished_exports(output_dir)
             os.makedirs(tmp_dir)
         buffers: dict[str, dict[str, torch.Tensor]] = {name: {} for name in keys_of}
         for key, value in _full_tensors(entries, dtype, write):
