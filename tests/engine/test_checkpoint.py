@@ -87,6 +87,17 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, single_process, m
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
+def test_save_removes_half_written_saves_of_other_steps(tmp_path, single_process):
+    """A run killed during its step-3 save and resumed with other save_steps never writes step 3 again: the next save
+    deletes that half-written directory (it stayed for good before), and nothing else."""
+    model, optimizer = make_state(0)
+    root = os.path.join(tmp_path, "checkpoints")
+    for name in ("global_step_3.tmp", "global_step_1", "notes.tmp"):
+        os.makedirs(os.path.join(root, name))
+    save_checkpoint(str(tmp_path), 2, model, optimizer, {"global_step": 2})
+    assert sorted(os.listdir(root)) == ["global_step_1", "global_step_2", "notes.tmp"]
+
+
 def test_keep_and_errors(tmp_path, single_process):
     model, optimizer = make_state(0)
     for step in (1, 2, 3):
@@ -203,6 +214,7 @@ def test_move_aside_checkpoints_keeps_them_out_of_auto(tmp_path, single_process)
     assert checkpointer.move_aside_checkpoints(str(tmp_path)) is None
     for step in (4, 8):
         save_checkpoint(str(tmp_path), step, model, optimizer, {"global_step": step})
+    os.makedirs(checkpointer.checkpoint_path(str(tmp_path), 5) + ".tmp")  # (the saves removed the first one)
     kept = checkpointer.move_aside_checkpoints(str(tmp_path))
     assert kept == os.path.join(tmp_path, "checkpoints.1")
     assert sorted(os.listdir(kept)) == ["global_step_4", "global_step_5.tmp", "global_step_8"]

@@ -5,7 +5,7 @@ each rank writes its own shards), one ``extra_state_rank<r>.pt`` per rank (sched
 position, RNG states: plain tensors and Python values, loaded with ``weights_only=True``) and a
 ``COMPLETE`` marker, a JSON manifest of the step, the world size and every file with its size. It is written
 under ``global_step_<N>.tmp`` and renamed only once every rank has finished, so a run killed during a save
-leaves the previous checkpoint intact; a checkpoint is complete when its marker is there and every file it
+leaves the previous checkpoint intact (the next save deletes what it left); a checkpoint is complete when its marker is there and every file it
 lists is there with its size, and ``find_latest_checkpoint`` skips (with a warning) anything that is not.
 A checkpoint resumes only at the world size that saved it (the data loader position and RNG states are per rank).
 A run that starts anew where another run saved checkpoints keeps them as ``<output_dir>/checkpoints.<k>/``
@@ -37,6 +37,7 @@ COMPLETE = "COMPLETE"
 MANIFEST_FORMAT = "veofast.checkpoint/1"
 _EXTRA_STATE = re.compile(r"^extra_state_rank(\d+)\.pt$")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
+_UNFINISHED_STEP_DIR = re.compile(r"^global_step_\d+\.tmp$")
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -220,13 +221,22 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def _remove_unfinished_saves(root: str) -> None:
+    """Delete the ``global_step_<N>.tmp`` directories under ``root``: saves that a killed run left half-written (a
+    save is synchronous, so none is in progress), whatever their step (a resumed run with other ``save_steps``
+    would not write that step again, and each is up to a whole checkpoint's size)."""
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        if _UNFINISHED_STEP_DIR.match(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def _write_checkpoint(
     final: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra_state: dict
 ) -> None:
     """Write the checkpoint under ``<final>.tmp`` and rename it to ``final`` once every rank has written its part."""
     tmp = final + ".tmp"
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a half-written save of our own from a killed run
+        _remove_unfinished_saves(os.path.dirname(final))
         os.makedirs(tmp)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
