@@ -5,8 +5,9 @@ each rank writes its own shards), one ``extra_state_rank<r>.pt`` per rank (sched
 position, RNG states: plain tensors and Python values, loaded with ``weights_only=True``) and a
 ``COMPLETE`` marker, a JSON manifest of the step, the world size and every file with its size. It is written
 under ``global_step_<N>.tmp`` and renamed only once every rank has finished, so a run killed during a save
-leaves the previous checkpoint intact (the next save deletes what it left); a checkpoint is complete when its marker is there and every file it
-lists is there with its size, and ``find_latest_checkpoint`` skips (with a warning) anything that is not.
+leaves the previous checkpoint intact (and the next save deletes what it left); a checkpoint is complete when its
+marker is there and every file it lists is there with its size, and ``find_latest_checkpoint`` skips (with a
+warning) anything that is not.
 A checkpoint resumes only at the world size that saved it (the data loader position and RNG states are per rank).
 A run that starts anew where another run saved checkpoints keeps them as ``<output_dir>/checkpoints.<k>/``
 (``move_aside_checkpoints``), so that ``load_path auto`` only ever finds the new run's own.
