@@ -267,3 +267,22 @@ def test_torch_implementation_flags_take_torchs_step(flags):
 def test_bad_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         AdamW(_params(), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_step_on_the_parameters_device():
+    """Parameters on cuda:1 while cuda:0 is current step as they do on cuda:0 (the Triton update was launched on
+    the current device and failed)."""
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        gen = torch.Generator(device=device).manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in SHAPES]
+        opt = AdamW(_groups(params), **HYPER, backend="triton")
+        with torch.cuda.device(0):
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn(p.shape, device=device, generator=gen)
+                opt.step(grad_scale=torch.tensor(0.5, device=device))
+        results.append([p.detach().cpu() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -114,7 +114,7 @@ def _outputs(result) -> list[torch.Tensor]:
 
 def _weighted_sum(outputs: list[torch.Tensor]) -> torch.Tensor:
     """A loss that weights every output element differently."""
-    return sum((t.float() * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in outputs)
+    return sum((t.float() * torch.linspace(-1, 1, t.numel(), device=t.device).view_as(t)).sum() for t in outputs)
 
 
 def _run(op: Op, backend: str, tensors: list[torch.Tensor], needs_grad: tuple[int, ...]):
@@ -409,3 +409,29 @@ def test_every_public_op_exports_its_reference():
     ops = [name for name in veofast.ops.__all__ if name[0].islower() and not name.endswith("_reference")]
     missing = [name for name in ops if f"{name}_reference" not in veofast.ops.__all__]
     assert len(ops) == 10 and not missing, missing
+
+
+# ------------------------------------------------------------------------------------------------ devices
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(OPS))
+def test_gpu_triton_path_runs_on_the_inputs_device(name, dtype):
+    """Tensors on cuda:1 while cuda:0 is current: the same outputs and gradients as on cuda:0, on cuda:1, with the
+    current device left as it was (Triton launched on the current device and failed: "Pointer argument cannot be
+    accessed from Triton")."""
+    op = OPS[name]
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        tensors = [  # the differentiable inputs in dtype (inv_freq stays fp32)
+            t.to(device, dtype) if i in op.differentiable else t.to(device) for i, t in enumerate(op.tensors(seed=1))
+        ]
+        with torch.cuda.device(0):
+            outputs, grads = _run(op, "triton", tensors, op.differentiable)
+            assert torch.cuda.current_device() == 0
+        assert {str(t.device) for t in outputs} == {device}
+        results.append([t.cpu() for t in outputs + [g for g in grads if g is not None]])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

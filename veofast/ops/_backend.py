@@ -7,9 +7,11 @@ CUDA device (Triton not installed, or inputs the kernels do not take: ``triton_o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -86,3 +88,29 @@ def triton_or_fallback(op: str, backend: str, unsupported: str | None) -> str:
         raise ValueError(f"{op}: {unsupported}")
     _log_fallback_once(op, unsupported)
     return "torch"
+
+
+def cuda_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(tensor.device)`` when ``tensor`` is on a CUDA device other than the current one, else a
+    context that does nothing. Triton launches a kernel on the current device whatever its tensors' device (a
+    tensor on ``cuda:1`` while ``cuda:0`` is current failed with "Pointer argument cannot be accessed from
+    Triton"); torch's own ops run on their tensors' device, and so must ours."""
+    if tensor.is_cuda and not torch.compiler.is_compiling() and tensor.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def on_inputs_device(op: Callable) -> Callable:
+    """Decorate a public op to run with the device of its first tensor argument current (see ``cuda_device_of``).
+    The backward needs nothing: autograd runs it with its tensors' device current. Under torch.compile the
+    generated code sets the device itself."""
+
+    @functools.wraps(op)
+    def call(*args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                with cuda_device_of(value):
+                    return op(*args, **kwargs)
+        return op(*args, **kwargs)
+
+    return call

@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from ._backend import resolve_backend
+from ._backend import on_inputs_device, resolve_backend
 from ._eager import direct, with_autograd
 
 __all__ = ["varlen_attention", "varlen_attention_reference"]
@@ -326,6 +326,7 @@ _fwd = with_autograd(_fwd_op, _fwd_impl, _backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------- public
+@on_inputs_device
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend, triton_or_fallback
+from ._backend import on_inputs_device, resolve_backend, triton_or_fallback
 from ._eager import first_order_only
 
 OP = "fused_linear_cross_entropy"
@@ -364,6 +364,7 @@ def _label_rows(labels: torch.Tensor, ignore_index: int, count: int) -> torch.Te
     return torch.nonzero_static(kept, size=count).squeeze(1)
 
 
+@on_inputs_device
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from veofast.ops._backend import resolve_backend, triton_or_fallback
+from veofast.ops._backend import on_inputs_device, resolve_backend, triton_or_fallback
 from veofast.ops._eager import first_order_only
 
 logger = logging.getLogger("veofast.ops")
@@ -448,6 +448,7 @@ def _check_count(name: str, value, minimum: int, optional: bool = False) -> None
         raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
 
 
+@on_inputs_device
 def moe_permute(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -478,6 +479,7 @@ def moe_permute(
     return MoEPermutation(*_run_eagerly(_MoEPermute, hidden, topk_ids, num_experts, first_expert, num_rows))
 
 
+@on_inputs_device
 def moe_unpermute(
     rows: torch.Tensor, row_index: torch.Tensor, topk_weights: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
@@ -504,6 +506,7 @@ def moe_unpermute(
     return _run_eagerly(_MoEUnpermute, rows, row_index.contiguous(), topk_weights)
 
 
+@on_inputs_device
 def grouped_mm(
     x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
@@ -529,6 +532,7 @@ def grouped_mm(
     return _run_eagerly(_GroupedMM, x, w, expert_offsets.contiguous())
 
 
+@on_inputs_device
 def expert_ffn(
     rows: torch.Tensor,
     expert_offsets: torch.Tensor,
@@ -553,6 +557,7 @@ def expert_ffn(
     return _run_eagerly(_ExpertFFN, rows, expert_offsets.contiguous(), gate_up_proj, down_proj)
 
 
+@on_inputs_device
 def moe_ffn(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,

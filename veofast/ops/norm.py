@@ -11,7 +11,7 @@ least as close to the exact value; the two differ by about one rounding of the o
 
 import torch
 
-from veofast.ops._backend import resolve_backend, triton_or_fallback
+from veofast.ops._backend import on_inputs_device, resolve_backend, triton_or_fallback
 from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -148,6 +148,7 @@ _rms_norm = with_autograd(_rms_norm_op, _rms_norm_impl, _backward_rms_norm, _set
 _add_rms_norm = with_autograd(_add_rms_norm_op, _add_rms_norm_impl, _backward_add_rms_norm, _setup_add_rms_norm)
 
 
+@on_inputs_device
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from veofast.ops._backend import resolve_backend, triton_or_fallback
+from veofast.ops._backend import on_inputs_device, resolve_backend, triton_or_fallback
 from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -190,6 +190,7 @@ class _RotatedK(torch.autograd.Function):
     backward = staticmethod(_inverse_rotation)
 
 
+@on_inputs_device
 def apply_rotary(
     q: torch.Tensor,
     k: torch.Tensor,

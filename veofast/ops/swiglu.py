@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from veofast.ops._backend import resolve_backend, triton_or_fallback
+from veofast.ops._backend import on_inputs_device, resolve_backend, triton_or_fallback
 from veofast.ops._eager import direct, with_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -84,6 +84,7 @@ def _backward_swiglu(ctx, dy):
 _swiglu = with_autograd(_swiglu_op, _swiglu_impl, _backward_swiglu, _setup_swiglu)
 
 
+@on_inputs_device
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate) * up``; differentiable in gate and up.
 

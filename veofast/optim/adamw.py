@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from veofast.ops._backend import resolve_backend, triton_interpreting
+from veofast.ops._backend import cuda_device_of, resolve_backend, triton_interpreting
 
 OP = "AdamW"
 # what the kernel takes: it computes in fp32, so float64 parameters take torch's step (fp64 math)
@@ -165,16 +165,17 @@ class AdamW(torch.optim.AdamW):
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["step"] += 1
-            adamw_update_(
-                _local(param),
-                _local(param.grad).contiguous(),
-                _local(state["exp_avg"]),
-                _local(state["exp_avg_sq"]),
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                step=int(state["step"].item()),
-                grad_scale=grad_scale,
-            )
+            with cuda_device_of(param):
+                adamw_update_(
+                    _local(param),
+                    _local(param.grad).contiguous(),
+                    _local(state["exp_avg"]),
+                    _local(state["exp_avg_sq"]),
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=int(state["step"].item()),
+                    grad_scale=grad_scale,
+                )
