@@ -35,7 +35,7 @@ and a partial last key block need a mask; the blocks that every row sees whole r
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, _block_range, _load_rows, _store_rows, _tile, _visible
+from .attention_fwd import LOG2E, _block_range, _head_col, _load_rows, _store_rows, _tile, _visible
 
 
 @triton.jit
@@ -150,9 +150,12 @@ def _attn_bwd_dq_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     q_row = q_start + m0
-    q = _load_rows(Q, q_row, head * stride_qh, stride_qt, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
-    do = _load_rows(DO, q_row, head * stride_doh, stride_dot, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
-    o = _load_rows(OUT, q_row, head * stride_oh, stride_ot, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
+    q_col = _head_col(head, stride_qh, USE_TMA)
+    do_col = _head_col(head, stride_doh, USE_TMA)
+    o_col = _head_col(head, stride_oh, USE_TMA)
+    q = _load_rows(Q, q_row, q_col, stride_qt, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
+    do = _load_rows(DO, q_row, do_col, stride_dot, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
+    o = _load_rows(OUT, q_row, o_col, stride_ot, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     stats = head.to(tl.int64) * total_q + q_start + rows
     tl.store(DELTA + stats, delta, mask=row_ok)
@@ -161,8 +164,8 @@ def _attn_bwd_dq_kernel(
     b_lo, f_lo, f_hi, b_hi = _block_range(
         m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, True
     )
-    k_col = kv_head * stride_kh
-    v_col = kv_head * stride_vh
+    k_col = _head_col(kv_head, stride_kh, USE_TMA)
+    v_col = _head_col(kv_head, stride_vh, USE_TMA)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # fmt: off
     if HAS_LEFT:  # the left window edge
@@ -238,8 +241,10 @@ def _dkdv_loop(
         head = kv_head * group_size + g
         m0 = mb * BLOCK_M
         q_row = q_start + m0
-        q = _load_rows(Q, q_row, head * stride_qh, stride_qt, seqlen_q - m0, BLOCK_M, HEAD_DIM, MASKED, USE_TMA)
-        do = _load_rows(DO, q_row, head * stride_doh, stride_dot, seqlen_q - m0, BLOCK_M, HEAD_DIM, MASKED, USE_TMA)
+        q_col = _head_col(head, stride_qh, USE_TMA)
+        do_col = _head_col(head, stride_doh, USE_TMA)
+        q = _load_rows(Q, q_row, q_col, stride_qt, seqlen_q - m0, BLOCK_M, HEAD_DIM, MASKED, USE_TMA)
+        do = _load_rows(DO, q_row, do_col, stride_dot, seqlen_q - m0, BLOCK_M, HEAD_DIM, MASKED, USE_TMA)
         stats = head.to(tl.int64) * total_q + q_row + offs_m
         row_ok = m0 + offs_m < seqlen_q  # LSE = +inf (P = 0) past the document, which TMA tiles may reach
         lse2 = tl.load(LSE + stats, mask=row_ok, other=float("inf")) * LOG2E
@@ -344,8 +349,10 @@ def _attn_bwd_dkdv_kernel(
     off = seqlen_k - seqlen_q
     n0 = block * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, k_start + n0, kv_head * stride_kh, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, True, USE_TMA)
-    v = _load_rows(V, k_start + n0, kv_head * stride_vh, stride_vt, seqlen_k - n0, BLOCK_N, HEAD_DIM, True, USE_TMA)
+    k_col = _head_col(kv_head, stride_kh, USE_TMA)
+    v_col = _head_col(kv_head, stride_vh, USE_TMA)
+    k = _load_rows(K, k_start + n0, k_col, stride_kt, seqlen_k - n0, BLOCK_N, HEAD_DIM, True, USE_TMA)
+    v = _load_rows(V, k_start + n0, v_col, stride_vt, seqlen_k - n0, BLOCK_N, HEAD_DIM, True, USE_TMA)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 

@@ -95,6 +95,19 @@ def _tile(TILES, num_slots, slot):
 
 
 @triton.jit
+def _head_col(head, stride_h, USE_TMA: tl.constexpr):
+    """Offset of head ``head`` within a token row, ``head * stride_h``: an int32 column for a TMA load (TMA needs
+    the heads of a token side by side, so it is below heads * head_dim), else int64: a head-major layout (head
+    stride ``tokens * head_dim``, e.g. a transposed ``(heads, tokens, head_dim)`` tensor) passes 2**31 once
+    ``(heads - 1) * tokens * head_dim`` does."""
+    if USE_TMA:
+        col = head * stride_h
+    else:
+        col = head.to(tl.int64) * stride_h
+    return col
+
+
+@triton.jit
 def _load_rows(
     X,
     row,
@@ -127,7 +140,8 @@ def _store_rows(
 ):
     """Store ``tile`` (BLOCK, HEAD_DIM) to tokens ``row .. row + min(BLOCK, num_rows)``, elements ``col .. col +
     HEAD_DIM`` of each (token stride ``stride_t``), in ``X``'s dtype. ``TILE_STORE``: address the tile from one int64
-    base with int32 offsets within it (below BLOCK * stride_t), instead of a tile of int64 pointers."""
+    base with int32 offsets within it (below BLOCK * stride_t), instead of a tile of int64 pointers. ``col`` may be
+    int32: the launchers allocate the outputs contiguous, so a head's offset stays below heads * head_dim."""
     offs_r = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = (offs_r < num_rows)[:, None]
@@ -311,7 +325,8 @@ def _attn_fwd_kernel(
     kv_head = head // group_size
     m0 = block * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q, q_start + m0, head * stride_qh, stride_qt, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
+    q_col = _head_col(head, stride_qh, USE_TMA)
+    q = _load_rows(Q, q_start + m0, q_col, stride_qt, seqlen_q - m0, BLOCK_M, HEAD_DIM, True, USE_TMA)
 
     b_lo, f_lo, f_hi, b_hi = _block_range(
         m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, True
@@ -319,8 +334,8 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    k_col = kv_head * stride_kh
-    v_col = kv_head * stride_vh
+    k_col = _head_col(kv_head, stride_kh, USE_TMA)
+    v_col = _head_col(kv_head, stride_vh, USE_TMA)
     # fmt: off
     if HAS_LEFT:  # the left window edge
         acc, l_i, m_i = _fwd_loop(

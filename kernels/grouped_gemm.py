@@ -28,6 +28,14 @@ def _config(dtype: torch.dtype) -> dict:
     return {"BLOCK_A": 128, "BLOCK_B": 128, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3}
 
 
+def _check_rows(op: str, num_rows: int, cfg: dict) -> None:
+    """Row indices within the groups are int32 (the offsets are int32, and a tile's indices run up to a tile past
+    the last group's end): ValueError for more rows than they hold."""
+    limit = 2**31 - 1 - max(cfg["BLOCK_A"], cfg["BLOCK_C"])
+    if num_rows > limit:
+        raise ValueError(f"{op}: at most {limit} rows (int32 expert offsets), got {num_rows}")
+
+
 @triton.jit
 def _grouped_mm_kernel(
     x_ptr,
@@ -74,16 +82,22 @@ def _grouped_mm_kernel(
     cols = pid_n * BLOCK_B + tl.arange(0, BLOCK_B)
     col_mask = cols < N
     red = tl.arange(0, BLOCK_C)
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + red[None, :] * stride_xk
-    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + red[:, None] * stride_wk + cols[None, :] * stride_wn
+    # Offsets and steps in int64, all computed before the loop: rows of x (M * K can pass 2**31 elements) and one
+    # expert's weight as well (a (K, N) matrix of 2**31 elements or more, e.g. a (V, H) = (262145, 8192) weight
+    # passed transposed, has column offsets cols * K past 2**31).
+    red64 = red.to(tl.int64)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + red64[None, :] * stride_xk
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + red64[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_C
+    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_C
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_C):
         red_mask = (k0 + red) < K
         a = tl.load(x_ptrs, mask=row_mask[:, None] & red_mask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=red_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision="ieee")
-        x_ptrs += BLOCK_C * stride_xk
-        w_ptrs += BLOCK_C * stride_wk
+        x_ptrs += x_step
+        w_ptrs += w_step
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -136,7 +150,8 @@ def _grouped_mm_wgrad_kernel(
             other=0.0,
         )
         acc = tl.dot(at, bt, acc, input_precision="ieee")
-    out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + ps[:, None] * stride_op + qs[None, :] * stride_oq
+    # int64 within an expert's (P, Q) block too: P * Q can pass 2**31 (once, after the loop)
+    out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + ps.to(tl.int64)[:, None] * stride_op + qs[None, :] * stride_oq
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & q_mask[None, :])
 
 
@@ -147,10 +162,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     """
     num_rows, red = x.shape
     num_experts, _, n = w.shape
+    cfg = _config(x.dtype)
+    _check_rows("grouped_mm", num_rows, cfg)
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0 or n == 0:
         return out
-    cfg = _config(x.dtype)
     tiles_m = triton.cdiv(num_rows, cfg["BLOCK_A"]) + num_experts
     grid = (tiles_m * triton.cdiv(n, cfg["BLOCK_B"]),)
     _grouped_mm_kernel[grid](
@@ -179,10 +195,11 @@ def grouped_mm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
     p = a.shape[1]
     q = b.shape[1]
     num_experts = offsets.shape[0]
+    cfg = _config(a.dtype)
+    _check_rows("grouped_mm_wgrad", a.shape[0], cfg)
     out = torch.empty((num_experts, p, q), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
-    cfg = _config(a.dtype)
     grid = (num_experts * triton.cdiv(p, cfg["BLOCK_A"]) * triton.cdiv(q, cfg["BLOCK_B"]),)
     _grouped_mm_wgrad_kernel[grid](
         a,
@@ -207,12 +224,12 @@ def grouped_mm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
 def _zero_rows_kernel(x_ptr, end_ptr, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """x[end:M] = 0, end read at ``end_ptr``; programs whose rows all lie before ``end`` exit at once."""
     end = tl.load(end_ptr)
-    row0 = tl.program_id(0) * BLOCK_M
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # int64: x may have 2**31 rows or more
     if row0 + BLOCK_M <= end:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = (rows >= end) & (rows < M)
-    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_m + tl.arange(0, BLOCK_N)[None, :]
+    ptrs = x_ptr + rows[:, None] * stride_m + tl.arange(0, BLOCK_N)[None, :]
     zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=x_ptr.dtype.element_ty)
     for n0 in range(0, N, BLOCK_N):
         tl.store(ptrs + n0, zeros, mask=row_ok[:, None] & ((n0 + tl.arange(0, BLOCK_N)) < N)[None, :])

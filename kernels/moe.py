@@ -23,7 +23,7 @@ def _tile(width: int) -> tuple[int, int, int]:
 def _load_gate_up(h_ptr, M, inter, stride_h, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
     """This program's tile: row indices (BLOCK_M,) int64, column indices (BLOCK_I,), the in-bounds mask, and the
     gate and up halves of ``h`` as fp32 (BLOCK_M, BLOCK_I) (0 out of bounds)."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (rows < M)[:, None] & (cols < inter)[None, :]
     h = h_ptr + rows[:, None] * stride_h + cols[None, :]

@@ -260,6 +260,16 @@ def permute(
     topk = topk_ids.shape[1]
     n = num_tokens * topk
     num_rows = n if num_rows is None else num_rows
+    cfg = _config("permute", config)
+    k_pad, block_h, sub_t = _tile(topk, width, cfg["tile"])
+    sub_t = min(sub_t, max(1, 64 // k_pad))  # the rank test compares (SUB_T*K_PAD) x (BLOCK_T*K_PAD) slots
+    block_t = max(sub_t, cfg["rows"] // k_pad)
+    num_blocks = triton.cdiv(num_tokens, block_t)
+    if num_experts * num_blocks >= 2**31:  # the kernels index counts[e, b] with int32 (e * num_blocks + b)
+        raise ValueError(
+            f"moe permute: {num_experts} experts x {num_blocks} blocks of {block_t} tokens make 2**31 per-block "
+            "counts or more (int32 indices); permute fewer tokens per call"
+        )
     hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
     ids = topk_ids.reshape(-1)
     ids = (ids - first_expert) if first_expert else ids.contiguous()
@@ -270,11 +280,6 @@ def permute(
     sizes = torch.empty(num_experts, dtype=torch.int64, device=device)
     if n == 0:
         return rows, ends.zero_(), row_index, sizes.zero_()
-    cfg = _config("permute", config)
-    k_pad, block_h, sub_t = _tile(topk, width, cfg["tile"])
-    sub_t = min(sub_t, max(1, 64 // k_pad))  # the rank test compares (SUB_T*K_PAD) x (BLOCK_T*K_PAD) slots
-    block_t = max(sub_t, cfg["rows"] // k_pad)
-    num_blocks = triton.cdiv(num_tokens, block_t)
     counts = torch.empty(num_experts * num_blocks, dtype=torch.int32, device=device)
     block_e = min(max(triton.next_power_of_2(num_experts), 16), max(16384 // (block_t * k_pad), 16))
     _moe_count_kernel[(num_blocks,)](

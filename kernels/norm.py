@@ -67,12 +67,13 @@ def _rms_norm_fwd_block(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Normalise rows ``[block * BLOCK_M, (block + 1) * BLOCK_M)``."""
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Normalise rows ``[block * BLOCK_M, (block + 1) * BLOCK_M)`` (row indices int64: with narrow rows there can
+    be 2**31 of them or more)."""
+    rows = tl.cast(block, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
-    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    offs = rows[:, None] * n_cols + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + offs, mask=mask, other=0.0)
@@ -131,13 +132,14 @@ def _rms_norm_bwd_block(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Write dx of rows ``[block * BLOCK_M, (block + 1) * BLOCK_M)``; returns their (BLOCK_N,) dweight terms."""
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Write dx of rows ``[block * BLOCK_M, (block + 1) * BLOCK_M)`` (int64 indices, as in the forward); returns
+    their (BLOCK_N,) dweight terms."""
+    rows = tl.cast(block, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     row_mask = rows < n_rows
     mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    offs = rows[:, None] * n_cols + cols[None, :]
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)

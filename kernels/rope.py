@@ -58,6 +58,9 @@ def _rotate_heads(
     """Rotate the heads of ``tokens`` (BLOCK_T,) int64 in steps of BLOCK_H heads: steps ``first_step``,
     ``first_step + GROUPS``, ... of [0, n_heads); cos, sin: (1, BLOCK_T, BLOCK_HALF) fp32.
     out[..., :half] = x1 * cos - x2 * sin; out[..., half:] = x2 * cos + x1 * sin.
+    Head offsets are int64: in a head-major layout (head stride ``tokens * head_dim``, e.g. a transposed
+    ``(heads, tokens, head_dim)`` tensor) ``head * stride`` passes 2**31 once ``(heads - 1) * tokens * head_dim``
+    does; it costs BLOCK_H 64-bit products per step.
 
     Tiles are (heads, tokens, dims): Triton spreads a warp's threads over dims, then tokens, then heads, so few
     threads share a (token, dim) and cos/sin (computed in the same layout) are duplicated across few threads.
@@ -70,6 +73,7 @@ def _rotate_heads(
     for first in tl.range(first_step * BLOCK_H, n_heads, GROUPS * BLOCK_H, num_stages=STAGES):
         heads = (first + tl.arange(0, BLOCK_H))[:, None, None]
         mask = row_mask & (heads < n_heads)
+        heads = heads.to(tl.int64)
         x_first = x_rows + heads * stride_xh
         x1 = tl.load(x_first, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_first + half, mask=mask, other=0.0).to(tl.float32)
@@ -106,7 +110,8 @@ def _rotary_kernel(
     STAGES: tl.constexpr,
     GROUPS: tl.constexpr,
 ):
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # int64 from the start: 2**31 tokens or more (one narrow head) must not wrap either
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < n_tokens
     dims = tl.arange(0, BLOCK_HALF)
     position = tl.load(pos_ptr + tokens, mask=token_mask, other=0).to(tl.float32)
@@ -115,7 +120,6 @@ def _rotary_kernel(
     freqs = (position[:, None] * inv_freq[None, :])[None, :, :]
     cos = tl.cos(freqs) * cos_scale
     sin = tl.sin(freqs) * sin_scale
-    tokens = tokens.to(tl.int64)
     # Steps 0 .. n_q_steps - 1 rotate q heads, the next ones k heads; program ``group`` takes the steps that are
     # ``group`` modulo GROUPS (all of them when GROUPS is 1).
     if GROUPS == 1:

@@ -29,7 +29,7 @@ def _tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     so that consecutive programs stream through memory in order."""
     n_col_blocks = tl.cdiv(n_cols, BLOCK_N)
     pid = tl.program_id(0)
-    rows = ((pid // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 first: 2**31 rows or more
     cols = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     return rows, cols, (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
 

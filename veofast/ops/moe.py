@@ -52,6 +52,8 @@ from veofast.ops._eager import first_order_only
 logger = logging.getLogger("veofast.ops")
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+# Slots (T*K) and permuted rows are counted by int32 indices (row_index, expert_offsets, the kernels' slot indices).
+_MAX_SLOTS = 2**31 - 1
 # What the grouped GEMM kernels take; other dtypes (float64) run on the references.
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -105,6 +107,17 @@ def _check_routing(topk_ids: torch.Tensor, num_tokens: int) -> None:
         raise ValueError(
             f"topk_ids must have shape (T, K) with T = {num_tokens} tokens and K >= 1, got {tuple(topk_ids.shape)}"
         )
+    if topk_ids.numel() > _MAX_SLOTS:
+        raise ValueError(
+            f"topk_ids has T*K = {topk_ids.numel()} slots, more than the 2**31 - 1 supported (row_index and "
+            "expert_offsets are int32)"
+        )
+
+
+def _check_num_rows(num_rows: int | None) -> None:
+    _check_count("num_rows", num_rows, 0, optional=True)
+    if num_rows is not None and num_rows > _MAX_SLOTS:
+        raise ValueError(f"num_rows must be at most 2**31 - 1 (row indices are int32), got {num_rows}")
 
 
 def _check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
@@ -471,7 +484,7 @@ def moe_permute(
     _check_same_device(hidden=hidden, topk_ids=topk_ids)
     _check_count("num_experts", num_experts, 1)
     _check_count("first_expert", first_expert, 0, optional=True)
-    _check_count("num_rows", num_rows, 0, optional=True)
+    _check_num_rows(num_rows)
     if check_ids and first_expert is None:
         _check_ids_in_range(topk_ids, num_experts)
     if resolve_backend("moe_permute", backend, hidden.device) == "torch":
@@ -496,6 +509,11 @@ def moe_unpermute(
     _check_same_device(rows=rows, row_index=row_index, topk_weights=topk_weights)
     if topk_weights.shape[1] == 0:
         raise ValueError(f"topk_weights must have shape (T, K) with K >= 1, got {tuple(topk_weights.shape)}")
+    if row_index.shape[0] > _MAX_SLOTS:
+        raise ValueError(
+            f"row_index has T*K = {row_index.shape[0]} entries, more than the 2**31 - 1 supported (slot indices are "
+            "int32)"
+        )
     if row_index.shape[0] != topk_weights.numel():
         raise ValueError(
             f"row_index must have T*K = {topk_weights.numel()} entries for topk_weights of shape "
@@ -590,7 +608,7 @@ def moe_ffn(
         hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, gate_up_proj=gate_up_proj, down_proj=down_proj
     )
     _check_count("first_expert", first_expert, 0, optional=True)
-    _check_count("num_rows", num_rows, 0, optional=True)
+    _check_num_rows(num_rows)
     if check_ids and first_expert is None:
         _check_ids_in_range(topk_ids, gate_up_proj.shape[0])
     if _gemm_backend("moe_ffn", backend, hidden) == "torch":
