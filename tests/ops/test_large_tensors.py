@@ -8,8 +8,9 @@ reference computed on those elements alone: |fast - ref64| <= k |torch in bf16 -
 as the other GPU tests of tests/ops do.
 
 - Tests named ``..._wrapped_...`` exercise offsets that were int32 before the int64 fixes of this file's commit
-  (their docstrings say which); they were not run against the old kernels. A wrapped offset points up to 4 GiB before the tensor, so on old code they may also fail with an
-  illegal memory access, which spoils the CUDA context for the tests after them.
+  (their docstrings say which); they were not run against the old kernels. A wrapped offset points up to 4 GiB
+  before the tensor, so on old code they may also fail with an illegal memory access, which spoils the CUDA context
+  for the tests after them.
 - The other GPU tests guard offsets that were already int64 (the realistic large shapes: MoE rows, attention with
   many tokens, (T, H) activations, a 2.1e9-element optimizer tensor).
 - The unmarked tests check the ValueErrors of the limits that remain (int32 slot and row indices), on views that
@@ -76,13 +77,29 @@ def _ends(n: int, count: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------- attention
 
 
+def _assert_attention_rows(got: list[torch.Tensor], inputs: list[torch.Tensor], *, num_docs: int, doc: int) -> None:
+    """``got`` = (out, dq, dk, dv) of the fast op on some whole causal documents of ``doc`` tokens and some heads,
+    against the reference on just those: ``inputs`` = (q, k, v, dout) cut to the same documents and heads."""
+    from veofast.ops.attention import varlen_attention_reference
+
+    cu = torch.arange(0, num_docs * doc + 1, doc, dtype=torch.int32, device=inputs[0].device)
+
+    def reference(dtype):
+        q, k, v = (t.to(dtype).clone().requires_grad_() for t in inputs[:3])
+        out = varlen_attention_reference(q, k, v, cu, cu, doc, doc, causal=True)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), inputs[3].to(dtype)))
+
+    for name, fast, low, ref64 in zip(["out", "dq", "dk", "dv"], got, reference(BF16), reference(torch.float64)):
+        _assert_bound(name, fast, low, ref64, floor=4e-3)
+
+
 @pytest.mark.gpu
 def test_gpu_attention_head_major_wrapped_head_offset():
     """q, k, v, dout as (T, H, D) views of (H, T, D) storage (head stride T * D = 2**24), T = 2**17, H = 129, D = 128:
     the pointer path (no TMA for this layout) offsets head h by ``h * stride_h``, int32 before the fix, which wrapped
     to -2**31 for head 128 in the forward, dQ and dK/dV kernels. Fwd + bwd, causal, documents of 128 tokens; the
     last two documents of heads 0, 127 and 128 against the reference. Peak ~36 GB."""
-    from veofast.ops.attention import varlen_attention, varlen_attention_reference
+    from veofast.ops.attention import varlen_attention
 
     _need_gib(40)
     T, H, D, DOC = 2**17, 129, 128, 128
@@ -100,15 +117,7 @@ def test_gpu_attention_head_major_wrapped_head_offset():
     got = [t[tokens][:, heads].detach().clone() for t in (out, *grads)]
     del bases, q, k, v, dout, out, grads
 
-    cu_small = torch.tensor([0, DOC, 2 * DOC], dtype=torch.int32, device=DEVICE)
-
-    def reference(dtype):
-        qs, ks, vs = (t.to(dtype).clone().requires_grad_() for t in inputs[:3])
-        o = varlen_attention_reference(qs, ks, vs, cu_small, cu_small, DOC, DOC, causal=True)
-        return (o.detach(), *torch.autograd.grad(o, (qs, ks, vs), inputs[3].to(dtype)))
-
-    for name, fast, low, ref64 in zip(["out", "dq", "dk", "dv"], got, reference(BF16), reference(torch.float64)):
-        _assert_bound(name, fast, low, ref64, floor=4e-3)
+    _assert_attention_rows(got, inputs, num_docs=2, doc=DOC)
 
 
 @pytest.mark.gpu
@@ -116,7 +125,7 @@ def test_gpu_attention_many_tokens():
     """Token-major q (T, 128, 128) with T = 2**17 + 256 (2**31 + 2**22 elements), GQA with 8 KV heads, TMA path on
     sm90: token offsets were already int64 / TMA coordinates. Fwd + bwd over causal documents of 256 tokens; the
     last document, KV heads 0 and 7 with their 32 query heads, against the reference. Peak ~19 GB."""
-    from veofast.ops.attention import varlen_attention, varlen_attention_reference
+    from veofast.ops.attention import varlen_attention
 
     _need_gib(24)
     T, HQ, HK, D, DOC = 2**17 + 256, 128, 8, 128, 256
@@ -134,15 +143,7 @@ def test_gpu_attention_many_tokens():
     got = [t[tokens][:, hs].detach() for t, hs in zip((out, *grads), (q_heads, q_heads, kv_heads, kv_heads))]
     del q, k, v, dout, out, grads
 
-    cu_small = torch.tensor([0, DOC], dtype=torch.int32, device=DEVICE)
-
-    def reference(dtype):
-        qs, ks, vs = (t.to(dtype).clone().requires_grad_() for t in inputs[:3])
-        o = varlen_attention_reference(qs, ks, vs, cu_small, cu_small, DOC, DOC, causal=True)
-        return (o.detach(), *torch.autograd.grad(o, (qs, ks, vs), inputs[3].to(dtype)))
-
-    for name, fast, low, ref64 in zip(["out", "dq", "dk", "dv"], got, reference(BF16), reference(torch.float64)):
-        _assert_bound(name, fast, low, ref64, floor=4e-3)
+    _assert_attention_rows(got, inputs, num_docs=1, doc=DOC)
 
 
 # ------------------------------------------------------------------------------------------------------------ rope
