@@ -87,7 +87,9 @@ def _reference_pass(
         valid = y != ignore_index
         target = torch.where(valid, y, 0).long()
         target_logit = logits.gather(1, target[:, None])[:, 0]
-        ce_chunk = lse - (1.0 - label_smoothing) * target_logit - label_smoothing * logits.mean(dim=-1)
+        ce_chunk = lse - (1.0 - label_smoothing) * target_logit
+        if label_smoothing:  # not 0 * mean: a -inf logit (a vocab entry masked by its bias) would make it NaN
+            ce_chunk = ce_chunk - label_smoothing * logits.mean(dim=-1)
         ce.append(torch.where(valid, ce_chunk, 0.0))
         z.append(torch.where(valid, lse_square_scale * lse * lse, 0.0))
         if not compute_grad:

@@ -213,7 +213,8 @@ def moe_permute_reference(
 
 def moe_unpermute_reference(rows: torch.Tensor, row_index: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_k topk_weights[t, k] * rows[row_index[t*K + k]], summed in fp32 (float64 for float64 rows), in
-    rows' dtype. A slot with ``row_index`` -1 (dropped) adds nothing.
+    rows' dtype. A slot with ``row_index`` -1 (dropped) adds nothing, also when the row it would read or its weight
+    is not finite, and it gets and gives no gradient.
 
     rows: (R, H); row_index: (T*K,); topk_weights: (T, K). Returns (T, H).
     """
@@ -221,9 +222,12 @@ def moe_unpermute_reference(rows: torch.Tensor, row_index: torch.Tensor, topk_we
     if row_index.numel() and (int(row_index.min()) < -1 or int(row_index.max()) >= rows.shape[0]):
         raise ValueError(f"row_index must lie in [0, rows.shape[0]={rows.shape[0]}) or be -1 (a dropped slot)")
     acc = torch.promote_types(rows.dtype, torch.float32)
-    kept = row_index >= 0
+    kept = (row_index >= 0).view(num_tokens, topk)
+    # A dropped slot reads row 0 (a placeholder for the gather); ``where``, not a zero weight, keeps it out: 0 * NaN
+    # or 0 * inf from another token's row (or, in the backward pass, from this token's gradient) would be NaN.
     gathered = rows[row_index.long().clamp(min=0)].view(num_tokens, topk, rows.shape[1]).to(acc)
-    weights = torch.where(kept.view(num_tokens, topk), topk_weights.to(acc), 0.0)
+    gathered = torch.where(kept.unsqueeze(-1), gathered, 0.0)
+    weights = torch.where(kept, topk_weights.to(acc), 0.0)
     return (gathered * weights.unsqueeze(-1)).sum(1).to(rows.dtype)
 
 
