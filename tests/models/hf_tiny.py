@@ -25,6 +25,16 @@ BASE = dict(
     tie_word_embeddings=False,
 )
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, router_aux_loss_coef=0.05)
+# The smallest qwen3 override dict the config and forward audits build veofast models from (no transformers model).
+TINY_QWEN3 = dict(
+    model_type="qwen3",
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 LLAMA3_ROPE = dict(
     rope_type="llama3",
     rope_theta=10000.0,

@@ -5,18 +5,11 @@ model of the wrong shape, NaN RoPE frequencies or a key that is silently ignored
 from __future__ import annotations
 
 import pytest
+from hf_tiny import TINY_QWEN3
 
 from veofast.models import DecoderConfig, build_config, build_foundation_model
 
-DENSE = dict(
-    model_type="qwen3",
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+DENSE = dict(TINY_QWEN3)
 MOE = dict(DENSE, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 
 

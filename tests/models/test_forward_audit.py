@@ -8,21 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_tiny import TINY_QWEN3
 
 from veofast.models import build_foundation_model, materialize_model
 from veofast.models.moe import SparseMoeBlock, load_balancing_loss
 
-DENSE = dict(
-    model_type="qwen3",
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    initializer_range=0.1,
-)
+DENSE = dict(TINY_QWEN3, head_dim=8, initializer_range=0.1)
 MOE = dict(
     DENSE,
     model_type="qwen2_moe",
