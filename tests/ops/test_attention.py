@@ -411,6 +411,28 @@ def test_gpu_masks(lens_k, causal, window_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_nonfinite_reaches_no_document_out_of_tile_reach(where, causal):
+    """bf16 on the TMA path: a NaN and an inf in document 2's q, k, v or output gradient. The documented limit
+    (``varlen_attention``): only documents ending within one tile (128 tokens) before the token may change; here
+    document 1 (tokens 37..236). Documents 0, 3 and 4 stay bitwise unchanged, in outputs and gradients."""
+    lens = [37, 200, 129, 64, 300]
+    inputs = _inputs(lens, lens, 8, 2, 128, torch.bfloat16, "cuda", seed=3)
+    cu = _cu(lens, "cuda")
+    clean = _fwd_bwd(varlen_attention, *inputs, cu, cu, 300, 300, causal=causal, backend="triton")
+    bad = [t.clone() for t in inputs]
+    poisoned = bad[["q", "k", "v", "dout"].index(where)]
+    poisoned[237 + 5, 0, 3] = float("nan")  # document 2 is tokens 237..365
+    poisoned[237 + 100, 1, 7] = float("inf")
+    got = _fwd_bwd(varlen_attention, *bad, cu, cu, 300, 300, causal=causal, backend="triton")
+    out_of_reach = torch.ones(sum(lens), dtype=torch.bool, device="cuda")
+    out_of_reach[37:366] = False
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, clean, strict=True):
+        assert torch.equal(a[out_of_reach], b[out_of_reach]), f"{name}: a document out of reach changed"
+
+
+@pytest.mark.gpu
 def test_gpu_fp32():
     _check_against_reference([1, 97, 300], [1, 97, 300], 4, 2, 64, torch.float32, causal=True)
 

@@ -358,6 +358,10 @@ def varlen_attention(
     d=128).
     ``check_inputs=True`` also checks the contents of ``cu_seqlens`` on the Triton path on CUDA (one device-to-host
     copy); see the module docstring.
+    Non-finite inputs: finite values never cross documents, and a NaN or inf stays within its document on the
+    torch path and on the Triton pointer path. On the Triton TMA path (fp16/bf16 on sm90+) it can also reach the
+    outputs and gradients of documents that end within one tile (at most 128 tokens) before its token, through
+    ``0 * NaN`` (``kernels/attention_fwd.py``); a NaN anywhere makes the step's loss NaN anyway.
     Raises ValueError naming the argument, before any kernel runs, for shapes, dtypes, devices, head counts,
     ``max_seqlen``, ``softmax_scale`` or ``window_size`` other than these, and for ``cu_seqlens`` contents where
     they are checked.

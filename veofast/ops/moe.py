@@ -370,9 +370,14 @@ class _MoEPermute(torch.autograd.Function):
 
 
 class _MoEUnpermute(torch.autograd.Function):
+    """``zero_unreferenced_rows``: give rows that no slot refers to a zero gradient also when R = T*K (the public
+    op); ``moe_ffn`` leaves them unwritten, as nothing reads them (the expert FFN's backward skips rows past the last
+    expert)."""
+
     @staticmethod
-    def forward(ctx, rows, row_index, topk_weights):
+    def forward(ctx, rows, row_index, topk_weights, zero_unreferenced_rows):
         ctx.save_for_backward(rows, row_index, topk_weights)
+        ctx.zero_unreferenced_rows = zero_unreferenced_rows
         num_tokens, topk = topk_weights.shape
         return _kernels()[0].unpermute(rows, row_index, topk_weights, num_tokens, topk)
 
@@ -387,8 +392,9 @@ class _MoEUnpermute(torch.autograd.Function):
             topk_weights,
             rows_grad=ctx.needs_input_grad[0],
             weights_grad=ctx.needs_input_grad[2],
+            zero_unreferenced_rows=ctx.zero_unreferenced_rows,
         )
-        return grad_rows, None, grad_weights
+        return grad_rows, None, grad_weights, None
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -455,7 +461,7 @@ def _triton_moe_ffn(hidden, topk_ids, topk_weights, gate_up_proj, down_proj, fir
         hidden, topk_ids, gate_up_proj.shape[0], first_expert, num_rows
     )
     out_rows = _ExpertFFN.apply(rows, expert_offsets, gate_up_proj, down_proj)
-    return _MoEUnpermute.apply(out_rows, row_index, topk_weights)
+    return _MoEUnpermute.apply(out_rows, row_index, topk_weights, False)
 
 
 def _check_count(name: str, value, minimum: int, optional: bool = False) -> None:
@@ -505,7 +511,8 @@ def moe_unpermute(
 
     rows: (R, H) float; row_index: (T*K,) int32/int64 (``MoEPermutation.row_index``); topk_weights: (T, K) float.
     Returns (T, H) in rows' dtype; ``topk_weights``' gradient has its dtype. A row that no slot refers to gets a
-    zero gradient, except on the Triton path when R = T*K (some slots dropped): undefined there.
+    zero gradient (on the Triton path with R = T*K, for a ``row_index`` from ``moe_permute``, whose routed rows come
+    first).
     """
     _check_float("rows", rows, 2)
     _check_index("row_index", row_index, 1)
@@ -525,7 +532,7 @@ def moe_unpermute(
         )
     if resolve_backend("moe_unpermute", backend, rows.device) == "torch":
         return moe_unpermute_reference(rows, row_index, topk_weights)
-    return _run_eagerly(_MoEUnpermute, rows, row_index.contiguous(), topk_weights)
+    return _run_eagerly(_MoEUnpermute, rows, row_index.contiguous(), topk_weights, True)
 
 
 @on_inputs_device
