@@ -1,4 +1,5 @@
-"""Test setup: Triton kernels run under the interpreter on machines without a GPU.
+"""Test setup: Triton kernels run under the interpreter on machines without a GPU, and uninitialized memory reads
+NaN.
 
 ``TRITON_INTERPRET`` must be set before triton is first imported, so it is set here, at collection time.
 """
@@ -10,6 +11,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Memory that torch.empty & co. hand out reads NaN (max for integers) in deterministic mode, so an output or a
+# gradient that a kernel leaves unwritten fails its test every time, not now and then. warn_only: ops that have no
+# deterministic implementation still run.
+torch.use_deterministic_algorithms(True, warn_only=True)
+torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 def pytest_collection_modifyitems(config, items):

@@ -439,17 +439,7 @@ def test_moe_nan_token_stays_in_its_token(backend):
 
 def _unpermute_dropped(backend):
     """moe_unpermute over a permutation with dropped slots; row 0 (token 0's) is NaN and token 0's output
-    gradient is inf. Returns (out, rows.grad, weights.grad). Uninitialized memory reads NaN here (deterministic
-    mode), so a gradient row that is never written shows up."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        return _unpermute_dropped_run(backend)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _unpermute_dropped_run(backend):
+    gradient is inf. Returns (out, rows.grad, weights.grad)."""
     hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(12))
     hidden[0] = NAN
     ids = torch.tensor([[2, 5], [3, 2], [5, 6], [2, 3]])
