@@ -35,7 +35,10 @@ from veofast.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 SUITE = "cross_entropy"
 H = 4096
 ANCHOR = (16384, H, 151936)
-SHAPES = [ANCHOR, (4096, H, 151936), (65536, H, 151936), (16384, H, 32000), (16384, H, 128256), (16384, H, 262144)]
+# The anchor, the token counts around it, and every vocabulary at the anchor's N and at the small N (where chunked
+# kernels lose the most).
+VOCABS = (32000, 128256, 151936, 262144)
+SHAPES = [ANCHOR, (65536, H, 151936), *((n, H, v) for n in (16384, 4096) for v in VOCABS if (n, H, v) != ANCHOR)]
 CHUNK_SWEEP_MIB = (128, 512, 1024, 2048)  # the default, 256 MiB, is the plain veofast-triton row
 
 
