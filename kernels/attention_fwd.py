@@ -18,9 +18,11 @@ Tile loads go through TMA tensor descriptors over the 2-D view ``(tokens, heads 
 through pointers. A TMA tile that runs past its document reads the next document's rows, and past the tensor
 zeros; those rows are kept out of every result by the masks (keys) or never stored (queries). That holds for finite
 values only: a NaN or inf in those rows reaches this document through ``0 * NaN`` in the ``P V`` (and backward)
-products. Zeroing the rows past the document after each masked TMA load (``tl.where`` on the tile, the last partial
-query block of the dK/dV kernel included) kept documents apart but took the anchor mix's fwd+bwd from 5.19 to 8.68
-ms (fwd 1.28 to 1.35 ms; H200, 2026-11-30), so the pointer path alone zero-fills them (masked loads, ``other=0``).
+products. Zeroing those rows with ``tl.where`` kept documents apart, but at a cost (anchor mix, H200, 2026-11-30,
+against fwd 1.28 and fwd+bwd 5.18-5.23 ms): on every masked load (the last partial query block of the dK/dV kernel
+left unmasked) fwd 1.35 and fwd+bwd 8.68 ms; only on the operands that need it (V in the forward, K in dQ with dS
+masked, Q and dO in dK/dV, whose partial last query block is then masked) and only in masked blocks, fwd 1.99 and
+fwd+bwd 8.21 ms. So the pointer path alone zero-fills them (masked loads, ``other=0``).
 
 Measured at the anchor mix (d=128, H200, triton 3.6, 2026-11-29) and not kept, against 1.31 ms for this kernel:
 rescaling the accumulator only when a row max grows by more than 8 (log2 units; a block-wide branch) took 1.62
