@@ -5,7 +5,9 @@ each rank writes its own shards), one ``extra_state_rank<r>.pt`` per rank (sched
 position, RNG states: plain tensors and Python values, loaded with ``weights_only=True``) and a
 ``COMPLETE`` marker, a JSON manifest of the step, the world size and every file with its size. It is written
 under ``global_step_<N>.tmp`` and renamed only once every rank has finished, so a run killed during a save
-leaves the previous checkpoint intact (and the next save deletes what it left); a checkpoint is complete when its
+leaves the previous checkpoint intact (and the next save deletes what it left); a checkpoint being deleted (an
+overwritten step, or one beyond ``keep``) is first renamed to ``global_step_<N>.old``, which the next save deletes
+too if a kill cut the deletion short. A checkpoint is complete when its
 marker is there and every file it lists is there with its size, and ``find_latest_checkpoint`` skips (with a
 warning) anything that is not.
 A checkpoint resumes only at the world size that saved it (the data loader position and RNG states are per rank).
@@ -38,7 +40,7 @@ COMPLETE = "COMPLETE"
 MANIFEST_FORMAT = "veofast.checkpoint/1"
 _EXTRA_STATE = re.compile(r"^extra_state_rank(\d+)\.pt$")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
-_UNFINISHED_STEP_DIR = re.compile(r"^global_step_\d+\.tmp$")
+_LEFTOVER_STEP_DIR = re.compile(r"^global_step_\d+\.(tmp|old)$")
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -183,7 +185,7 @@ def prune_checkpoints(output_dir: str, step: int, keep: int) -> None:
     incomplete directories are left alone."""
     older = [path for saved, path in list_checkpoints(output_dir) if saved < step]
     for path in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(path)
+        _delete_checkpoint(path)
 
 
 def rng_state() -> dict:
@@ -222,13 +224,23 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _remove_unfinished_saves(root: str) -> None:
-    """Delete the ``global_step_<N>.tmp`` directories under ``root``: saves that a killed run left half-written (a
-    save is synchronous, so none is in progress), whatever their step (a resumed run with other ``save_steps``
-    would not write that step again, and each is up to a whole checkpoint's size)."""
+def _remove_leftovers(root: str) -> None:
+    """Delete the ``global_step_<N>.tmp`` and ``global_step_<N>.old`` directories under ``root``: saves that a killed
+    run left half-written and checkpoints it left half-deleted (a save is synchronous, so none is in progress),
+    whatever their step (a resumed run with other ``save_steps`` would not write that step again, and each is up to
+    a whole checkpoint's size)."""
     for name in os.listdir(root) if os.path.isdir(root) else ():
-        if _UNFINISHED_STEP_DIR.match(name):
+        if _LEFTOVER_STEP_DIR.match(name):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _delete_checkpoint(path: str) -> None:
+    """Delete checkpoint ``path`` by renaming it to ``<path>.old`` first: gone at once for ``find_latest_checkpoint``,
+    and if a kill cuts the deletion short, the next save deletes the rest (a half-deleted ``global_step_<N>`` is no
+    complete checkpoint, so ``prune_checkpoints`` would never delete it)."""
+    old = path + ".old"
+    os.replace(path, old)
+    shutil.rmtree(old)
 
 
 def _write_checkpoint(
@@ -237,7 +249,7 @@ def _write_checkpoint(
     """Write the checkpoint under ``<final>.tmp`` and rename it to ``final`` once every rank has written its part."""
     tmp = final + ".tmp"
     if _rank() == 0:
-        _remove_unfinished_saves(os.path.dirname(final))
+        _remove_leftovers(os.path.dirname(final))
         os.makedirs(tmp)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -250,7 +262,6 @@ def _write_checkpoint(
             # one is renamed away and deleted after, so the step is missing only between two renames, not for as
             # long as a deletion takes
             old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old)

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -52,6 +55,28 @@ class _Snapshot:
 
 def _identity(item):
     return item
+
+
+# How often a loader worker checks that the process that started it is alive.
+_PARENT_POLL_S = 0.2
+
+
+def _exit_with_parent(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: a daemon thread ends the worker once the process that started it has
+    died (the worker is then re-parented).
+
+    torch's workers notice a dead parent only by polling every 5 s, and one whose output still waits in the pipe to
+    the dead parent (a resume snapshot is larger than the pipe) then blocks forever at exit, holding its shared
+    memory and open files: a training process killed outright (SIGTERM or SIGKILL to it, the OOM killer) left such
+    workers behind."""
+    parent = os.getppid()  # the training process, or the forkserver under that start method
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="veofast-loader-parent-watch", daemon=True).start()
 
 
 def check_dataset(dataset, num_shards: int) -> None:
@@ -285,6 +310,7 @@ class DistributedDataloader:
             pin_memory=self.pin_memory,
             collate_fn=_identity,
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_exit_with_parent,
             **extra,
         )
         self._iterator = iter(loader)
