@@ -38,6 +38,8 @@ CU_SEQLENS = torch.tensor([0, 3, 7], dtype=torch.int32)
 LABELS = torch.tensor([1, -100, 3, 4, 10, 6, 0])
 TOPK_IDS = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0], [2, 1], [2, 2]])
 OFFSETS = torch.tensor([2, 2, 8], dtype=torch.int32)
+# T * 2 slots over T * 2 rows, as moe_permute lays them out with two slots dropped: rows 12 and 13 unreferenced
+ROW_INDEX = torch.tensor([0, 5, 1, -1, 2, 6, 3, 7, 4, 8, 9, -1, 10, 11], dtype=torch.int32)
 
 
 class Op(NamedTuple):
@@ -92,6 +94,12 @@ OPS = {
         ("hidden", "topk_ids", "topk_weights", "gate_up_proj", "down_proj"),
         ((T, 16), TOPK_IDS, (T, 2), (3, 8, 16), (3, 16, 4)),
         (0, 2, 3, 4),
+    ),
+    "moe_unpermute": Op(
+        lambda b, rows, ri, tw: moe_unpermute(rows, ri, tw, backend=b),
+        ("rows", "row_index", "topk_weights"),
+        ((2 * T, 16), ROW_INDEX, (T, 2)),
+        (0, 2),
     ),
     "grouped_mm": Op(
         lambda b, x, w, offs: grouped_mm(x, w, offs, backend=b),
