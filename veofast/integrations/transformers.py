@@ -5,7 +5,7 @@ Usage (a Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE ``...ForCausalLM`` instan
     from veofast.integrations.transformers import apply_veofast_ops, causal_lm_loss
 
     model = AutoModelForCausalLM.from_config(config)        # or from_pretrained(...)
-    apply_veofast_ops(model)                                  # in place; returns what it replaced
+    apply_veofast_ops(model)                                  # in place; returns how many modules run veofast ops
     loss = causal_lm_loss(model, input_ids, labels)           # logits never exist
     loss.backward()
 
@@ -19,6 +19,8 @@ What ``apply_veofast_ops`` does, on this model instance only:
 - attention: ``veofast_attention_forward`` is registered under the name ``"veofast_varlen"`` through transformers'
   public ``AttentionInterface`` (and a mask function through ``AttentionMaskInterface`` that hands on the 2-D padding
   mask, so no (T, T) mask is ever built), and the model is switched to it with ``model.set_attn_implementation``.
+  The attention weights are never formed: ``output_attentions=True`` raises (``set_attn_implementation("eager")``
+  gives them back).
 
 Parameter names, the state dict and any optimizer built before the swap stay valid: the Parameters are the same
 objects. RoPE stays transformers' own (it runs inside the attention module before the attention function).
@@ -301,6 +303,11 @@ def veofast_attention_forward(
         key, value = key[:, :, :k_len], value[:, :, :k_len]
     if dropout:
         raise ValueError(f"{ATTENTION_NAME}: attention dropout is not supported, got dropout={dropout}")
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            f"{ATTENTION_NAME}: output_attentions=True is not supported (the fused kernel never forms the attention "
+            "weights); for them, switch this model to eager attention: model.set_attn_implementation('eager')"
+        )
     for name in ("sliding_window", "softcap"):
         # Qwen2-MoE keeps its window on the module and leaves it to the mask, which this function never builds
         setting = kwargs.get(name, getattr(module, name, None))
@@ -448,10 +455,10 @@ def apply_veofast_ops(
     """Swap veofast's fused ops into a transformers causal-LM instance, in place (module docstring).
 
     ``backend`` (``"auto"`` | ``"triton"`` | ``"torch"``) is passed to every op. Each flag turns one kind of swap
-    on or off. Calling it again is harmless: modules swapped by an earlier call are kept and get the new ``backend``.
-    Returns how many modules of each kind now run veofast's ops (``{"norms": n, "mlp": n, "experts": n,
-    "attention": n}``). Raises ValueError, before changing anything, for model families and settings veofast does not
-    cover (``attention_dropout``, a ``hidden_act`` other than SiLU).
+    on or off. Calling it again is harmless: modules swapped by an earlier call are kept, and those of the kinds
+    turned on get the new ``backend``. Returns how many modules of each kind now run veofast's ops, an earlier call's
+    included (``{"norms": n, "mlp": n, "experts": n, "attention": n}``). Raises ValueError, before changing anything,
+    for model families and settings veofast does not cover (``attention_dropout``, a ``hidden_act`` other than SiLU).
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -479,13 +486,14 @@ def apply_veofast_ops(
         )
     counts = {"norms": 0, "mlp": 0, "experts": 0, "attention": 0}
     enabled = {"norms": norms, "mlp": mlp, "experts": experts}
+    attention_swapped = getattr(config, "_attn_implementation", None) == ATTENTION_NAME  # by an earlier call
     replacements: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         kind = _SWAPPED_KINDS.get(type(module))
-        if kind is not None:  # swapped by an earlier call
+        if kind is not None:  # swapped by an earlier call: kept and counted, whatever the flags
             if enabled[kind]:
                 module.backend = backend
-                counts[kind] += 1
+            counts[kind] += 1
             continue
         if not name:
             continue
@@ -500,8 +508,9 @@ def apply_veofast_ops(
             _check_experts_layout(name, module)
             replacements.append((name, VeofastExperts(module.gate_up_proj, module.down_proj, backend=backend)))
             counts["experts"] += 1
-        elif attention and type(module).__name__.endswith("Attention"):
-            module.veofast_ops_backend = backend
+        elif (attention or attention_swapped) and type(module).__name__.endswith("Attention"):
+            if attention:
+                module.veofast_ops_backend = backend
             counts["attention"] += 1
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
@@ -557,6 +566,7 @@ def causal_lm_loss(
     want_aux = bool(getattr(config, "output_router_logits", False))
     if want_aux:
         model_kwargs["output_router_logits"] = True
+    model_kwargs["return_dict"] = True  # the router logits are read by name, whatever config.return_dict says
     outputs = base(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
     )
