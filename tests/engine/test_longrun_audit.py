@@ -1,8 +1,9 @@
 """Long and interrupted runs: what a training process killed outright leaves behind.
 
 A rank killed by SIGTERM or SIGKILL (a scheduler, ``kill``, the OOM killer) runs no cleanup, so its dataloader workers
-must not depend on it: the loader has the kernel kill them with it. A kill while a save deletes the oldest checkpoint
-(``keep_checkpoints``) must not leave that checkpoint's files behind for good.
+must not depend on it: each watches its parent and exits once it is gone. A kill while a save deletes the oldest
+checkpoint (``keep_checkpoints``) must not leave that checkpoint's files behind for good, and Ctrl-C during a save is
+an interrupt, not a failed save.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import time
 import pytest
 import torch
 from dist_launch import REPO
+from torch.distributed.checkpoint.api import CheckpointException
 
+import veofast.checkpoint.checkpointer as checkpointer
 from veofast.checkpoint import save_checkpoint
 from veofast.checkpoint.checkpointer import COMPLETE
 from veofast.data.data_loader import SNAPSHOT_EVERY
@@ -96,5 +99,43 @@ def test_checkpoint_deletion_cut_short_is_finished_by_the_next_save(tmp_path, mo
         monkeypatch.undo()
         save_checkpoint(str(tmp_path), 3, model, optimizer, {"global_step": 3}, keep=1)
         assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["global_step_3"]
+    finally:
+        destroy_parallel_state()
+
+
+_torch_save = torch.save
+
+
+def _interrupted_torch_save(obj, f, *args, **kwargs):
+    """torch.save of a file (the rank's extra state; DCP saves to buffers) cut short by Ctrl-C: the zip writer's
+    cleanup raises a RuntimeError in the interrupt's context."""
+    if not isinstance(f, str):
+        return _torch_save(obj, f, *args, **kwargs)
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise RuntimeError("unexpected pos 704 vs 598") from None
+
+
+def _interrupted_dcp_save(*args, **kwargs):
+    """DCP's save with a rank interrupted: the interrupt is among its failures."""
+    raise CheckpointException("save failed", {0: KeyboardInterrupt()})
+
+
+@pytest.mark.parametrize("where", ["torch.save", "dcp.save"])
+def test_ctrl_c_during_a_save_is_an_interrupt_not_a_failed_save(tmp_path, monkeypatch, where):
+    """Ctrl-C during a save stops the run as an interrupt saying so (it was reported as a failed save, with a cause
+    such as "unexpected pos 704 vs 598" from the zip writer it cut short)."""
+    destroy_parallel_state()
+    init_parallel_state(device_type="cpu")
+    try:
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.AdamW(model.parameters())
+        if where == "torch.save":
+            monkeypatch.setattr(checkpointer.torch, "save", _interrupted_torch_save)
+        else:
+            monkeypatch.setattr(checkpointer.dcp, "save", _interrupted_dcp_save)
+        with pytest.raises(KeyboardInterrupt, match="interrupted while saving checkpoint"):
+            save_checkpoint(str(tmp_path), 1, model, optimizer, {"global_step": 1})
     finally:
         destroy_parallel_state()

@@ -211,6 +211,23 @@ def _dcp_failure(exc: CheckpointException) -> str:
     return f"{type(failure).__name__} on rank {rank}: {failure}"
 
 
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` comes from a Ctrl-C: a ``KeyboardInterrupt`` in its cause or context chain, or in that of a
+    rank's failure that DCP wrapped (one inside ``torch.save`` surfaces as the ``RuntimeError`` of the writer it cut
+    short, with the interrupt as its context)."""
+    seen = []
+    while exc is not None and not any(exc is e for e in seen):
+        seen.append(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        if isinstance(exc, CheckpointException):
+            failures = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+            if any(_interrupted(f) for f in failures):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -281,7 +298,8 @@ def save_checkpoint(
     """Save model + optimizer (sharded) and this rank's ``extra_state``; return the checkpoint path.
 
     A save that fails (a full disk, a directory that cannot be written) raises a ``RuntimeError`` naming the
-    checkpoint and the cause, and leaves the checkpoints saved before it as they were. ``keep > 0`` then deletes the
+    checkpoint and the cause, and leaves the checkpoints saved before it as they were; one cut short by Ctrl-C raises
+    ``KeyboardInterrupt`` saying so. ``keep > 0`` then deletes the
     oldest earlier checkpoints beyond the newest ``keep`` (see ``prune_checkpoints``).
     """
     final = checkpoint_path(output_dir, step)
@@ -290,6 +308,10 @@ def save_checkpoint(
     # DCP's failure is a BaseException: make it one that ``except Exception`` handlers see; torch.save's failures
     # are RuntimeErrors, most without the path
     except (CheckpointException, OSError, RuntimeError) as exc:
+        if _interrupted(exc):
+            raise KeyboardInterrupt(
+                f"interrupted while saving checkpoint {final!r}; the checkpoints saved before it are kept"
+            ) from exc
         cause = _dcp_failure(exc) if isinstance(exc, CheckpointException) else f"{type(exc).__name__}: {exc}"
         raise RuntimeError(
             f"saving checkpoint {final!r} failed ({cause}); the checkpoints saved before it are kept"
