@@ -8,20 +8,12 @@ import copy
 
 import pytest
 import torch
+from test_integrations import BASE as TINY
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from veofast.integrations.transformers import apply_veofast_ops, causal_lm_loss
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    initializer_range=0.1,
-)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=16, output_router_logits=True)
 TOL = 1e-4
 
