@@ -7,7 +7,9 @@ Providers side by side in one process: veofast (Triton, and the torch reference)
 host's count of kept labels (``num_label_tokens``, which the collators give the training loop; counted outside the
 timing): the ignored tokens are then left out of the matmuls (``tflops`` and ``pct_floor`` still count the matmuls of
 all N tokens, so that row can pass 100%). At the anchor shape veofast also runs with several
-fixed logits-chunk budgets besides the default (``kernels.cross_entropy.default_chunk_bytes``: 256 MiB there).
+fixed logits-chunk budgets besides the default (``kernels.cross_entropy.default_chunk_bytes``: 256 MiB there), and
+the bench times what the matmuls alone take on this GPU (``gemm_bound``): the three cuBLAS GEMMs of the kept tokens
+back to back with no softmax work, chunked as veofast's pass chunks them and unchunked (all logits in memory).
 
 Extra peak memory = peak allocated during fwd+bwd minus what existed before (inputs, weight) minus the gradients of
 hidden and weight that the step leaves behind: the ANCHORS.md convention ("above the steady state where inputs,
@@ -111,6 +113,50 @@ def measure(name: str, fn, hidden, weight, labels, repeats: int, ignored: float)
     return record(SUITE, row)
 
 
+def loss_gemms(x, w, logits, grad_hidden, grad_weight) -> None:
+    """The three GEMMs of a linear cross-entropy over ``x (n, H)`` and ``w (V, H)``, in chunks of
+    ``logits.shape[0]`` rows: ``logits = x @ w.T``, ``grad_hidden = logits @ w``, ``grad_weight += logits.T @ x``
+    (the logits stand in for their gradient; no softmax work)."""
+    rows = logits.shape[0]
+    for start in range(0, x.shape[0], rows):
+        chunk = x[start : start + rows]
+        part = logits[: chunk.shape[0]]
+        torch.mm(chunk, w.t(), out=part)
+        torch.mm(part, w, out=grad_hidden[start : start + rows])
+        if start == 0:
+            torch.mm(part.t(), chunk, out=grad_weight)
+        else:
+            grad_weight.addmm_(part.t(), chunk)
+
+
+def gemm_bound(hidden, weight, labels, repeats: int, ignored: float) -> list[dict]:
+    """Time of ``loss_gemms`` for the tokens whose label is kept, chunked as veofast's pass chunks them with the label
+    count, and in one chunk (all logits in memory). Under sustained load the GPU runs at its power limit, so this,
+    not the isolated GEMM rate, bounds what any provider can reach."""
+    import veofast.kernels.cross_entropy as kernels
+
+    n, h = hidden.shape
+    v = weight.shape[0]
+    x, w = hidden.detach()[labels != -100], weight.detach()
+    kept, elem = x.shape[0], x.element_size()
+    budget = kernels.default_chunk_bytes(kept, h, elem)
+    chunked = kernels.chunk_rows(kept, v, elem, budget_bytes=budget, whole_up_to=h)
+    grad_hidden, grad_weight = torch.empty_like(x), torch.empty_like(w)
+    floor_ms = 6 * n * h * v / (H200_BF16_TFLOPS * 1e12) * 1e3
+    out = []
+    for rows in dict.fromkeys((chunked, kept)):
+        logits = torch.empty(rows, v, dtype=x.dtype, device=x.device)
+        ms = time_ms(functools.partial(loss_gemms, x, w, logits, grad_hidden, grad_weight), warmup=3, repeats=repeats)
+        row = {"provider": f"bound: GEMMs alone[kept rows, chunks of {rows}]", "N": n, "H": h, "V": v}
+        row.update(dtype="bfloat16", ignored=ignored, kept=kept, chunk_rows=rows, ms=ms)
+        row.update(tflops=6 * n * h * v / ms / 1e9, pct_floor=100 * floor_ms / ms)
+        out.append(record(SUITE, row))
+        del logits
+    del x, grad_hidden, grad_weight
+    torch.cuda.empty_cache()
+    return out
+
+
 def correctness(hidden, weight, labels) -> None:
     """Loss and gradients of veofast and of torch's bf16 path, each against torch in fp32, at one shape."""
 
@@ -188,6 +234,7 @@ def main() -> None:
                     )
                 )
             kernels.DEFAULT_CHUNK_BYTES, kernels.MAX_CHUNK_BYTES = default
+            rows.extend(gemm_bound(hidden, weight, labels, args.repeats, args.ignored))
         del hidden, weight, labels
         torch.cuda.empty_cache()
     print(

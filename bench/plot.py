@@ -2,7 +2,10 @@
 
 One PNG per suite found (cross_entropy, attention, moe, small_ops, train, and any other ``*.jsonl``), with one panel
 per case (a shape / op / mode / model) and one bar per provider, so providers compare side by side. The newest row
-of each (case, provider) is plotted; rows with an ``error`` or a ``check`` (correctness rows) are left out. The
+of each (case, provider) is plotted, unless it is over ``STALE_AFTER`` older than the case's newest row (a variant
+that later runs no longer measure); rows with an ``error`` or a ``check`` (correctness rows) are left out. Providers
+named ``bound: ...`` are reference measurements, not providers (e.g. the loss's GEMMs alone): their bars are grey and
+never the best. The
 metric of a panel is the first one its rows have of: tokens/s per GPU (train), TFLOP/s, GB/s, ms (lower is better;
 the panel title says so). For ``train`` a second chart, ``train_split.png``, stacks each run's time split (attention /
 loss / MoE / rest, % of kernel time). Suites without a file, or with nothing plottable, are skipped with a note.
@@ -13,6 +16,7 @@ loss / MoE / rest, % of kernel time). Suites without a file, or with nothing plo
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import sys
@@ -54,6 +58,8 @@ METRICS = (
     ("ms", "ms (lower is better)", False),
 )
 SPLIT = ("attention_pct", "loss_pct", "moe_pct", "rest_pct")
+STALE_AFTER = datetime.timedelta(hours=12)
+REFERENCE_PREFIX = "bound:"
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -99,14 +105,38 @@ def case_name(row: dict) -> str:
     )
 
 
+def _date(row: dict) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.fromisoformat(row["date"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def newest_by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
-    """case -> provider -> the last (newest) valid row: files are appended in time order."""
+    """case -> provider -> the last (newest) valid row (files are appended in time order), leaving out providers whose
+    newest row is over ``STALE_AFTER`` older than the case's newest one; undated rows are kept."""
     cases: dict[str, dict[str, dict]] = {}
     for row in rows:
         if row.get("error") or row.get("check") or "provider" not in row:
             continue
         cases.setdefault(case_name(row), {})[str(row["provider"])] = row
+    for by_provider in cases.values():
+        dates = [d for d in map(_date, by_provider.values()) if d is not None]
+        for provider, row in list(by_provider.items()):
+            date = _date(row)
+            if date is not None and max(dates) - date > STALE_AFTER:
+                del by_provider[provider]
     return cases
+
+
+def bar_colors(names: list[str], values: list[float], higher: bool) -> list[str]:
+    """Green for the best provider, blue for the others, grey for reference rows (``REFERENCE_PREFIX``)."""
+    compared = [v for n, v in zip(names, values) if not n.startswith(REFERENCE_PREFIX)]
+    best = (max(compared) if higher else min(compared)) if compared else None
+    return [
+        "tab:gray" if n.startswith(REFERENCE_PREFIX) else "tab:green" if v == best else "tab:blue"
+        for n, v in zip(names, values)
+    ]
 
 
 def plot_suite(suite: str, rows: list[dict], out: Path, *, max_panels: int = 24) -> Path | None:
@@ -136,9 +166,7 @@ def plot_suite(suite: str, rows: list[dict], out: Path, *, max_panels: int = 24)
     for ax, (case, (_key, label, higher), bars) in zip(axes.flat, panels):
         names = [p for p, _ in bars]
         values = [v for _, v in bars]
-        best = max(values) if higher else min(values)
-        colors = ["tab:green" if v == best else "tab:blue" for v in values]
-        ax.barh(range(len(values)), values, color=colors)
+        ax.barh(range(len(values)), values, color=bar_colors(names, values, higher))
         ax.set_yticks(range(len(values)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(label, fontsize=8)

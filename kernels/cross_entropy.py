@@ -28,8 +28,13 @@ Measured on an H200 (bf16, forward + backward of the public op, 10% of labels ig
   ms, grad_weight 1.28-1.30 ms, or 1.49 ms re-reading grad_weight). Under the sustained load of a whole pass the GPU
   sits at its 700 W power limit and they do not: the op's kernel sequence took 101.1 ms of kernel time back to
   back and 88.4 ms with 0.5 ms of idle before each kernel; 21 logits GEMMs back to back took 1.424 ms each, with
-  idle gaps 1.245 ms (one probe, 2026-11-29). So even with no overhead at all, the GEMMs of all N tokens take about
-  90 ms, and those of the kept 90% about 81 ms, while 84 ms and 1.14x torch.compile need about 81 ms in all.
+  idle gaps 1.245 ms (one probe, 2026-11-29).
+- So the GEMMs alone bound the pass, and ``bench/cross_entropy.py`` times them (``gemm_bound``: the three GEMMs of
+  the kept tokens back to back, no softmax work). One run (2026-11-30): 89.3 ms in the pass's 768-row chunks and
+  80.1 ms in one chunk (4.5 GB of logits), against the op's 91.7 ms with the label count (100.7 without) and
+  torch.compile's 96.0. A probe the same day: 86.2 ms chunked with grad_weight overwritten instead of accumulated
+  (no re-read), 95.1 ms chunked with the logits transposed (``W @ x.T``). Within 0.25 GiB of extra memory the
+  chunks hold at most 768 rows, so no pass built on these GEMMs reaches 84 ms or 1.14x torch.compile here.
 - Measured and not kept (changes under 1% of the total, or a loss elsewhere):
   - Triton GEMMs in place of cuBLAS.
   - A logits GEMM whose epilogue wrote per-block softmax statistics (740 TFLOP/s; the row kernel then read the
@@ -51,6 +56,9 @@ Measured on an H200 (bf16, forward + backward of the public op, 10% of labels ig
     GEMM within 1%.
   - The row kernel with 1-8 programs per multiprocessor looping over rows, or with 2048- or 8192-wide vocab blocks:
     0.192 ms at best, as one program per row with 4096-wide blocks.
+  - The row kernel on a second stream, hidden behind the GEMMs: each chunk's logits GEMM in two or three row
+    parts, each part's row kernel running beside the next part's GEMM, and grad_hidden per part as its row kernel
+    ends (one probe, 2026-11-30, with the label count): 98.5 and 101.1 ms against 94.7-95.4 ms.
 
 At N=8192, H=2048, V=128256: 21.2 ms (floor 16.5) against torch.compile 22.1 and liger 28.5. At N=4096, H=4096,
 V=151936 (floor 19.5 ms) the tokens go in one chunk (N <= H, see ``DEFAULT_CHUNK_BYTES``): 22.5 ms (1.15x the floor,

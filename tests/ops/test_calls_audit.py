@@ -419,6 +419,59 @@ def test_every_public_op_exports_its_reference():
     assert len(ops) == 10 and not missing, missing
 
 
+# ------------------------------------------------------------------------------------------------ autocast
+# The ops built on matmuls, and the indices of the tensors that autocast casts there (as F.linear's or SDPA's).
+AUTOCAST_CAST = {
+    "varlen_attention": (0, 1, 2),
+    "fused_linear_cross_entropy": (0, 1, 3),
+    "moe_ffn": (0, 3, 4),
+    "grouped_mm": (0, 1),
+    "expert_ffn": (0, 2, 3),
+}
+
+
+def _check_autocast(name: str, backend: str, device: str, dtype: torch.dtype) -> None:
+    """fp32 inputs inside ``torch.autocast(device, dtype)`` give the outputs of the same call outside it on the
+    operands cast to ``dtype``, and each fp32 input gets that call's gradient in fp32 (the cast is differentiable;
+    the backward runs after the autocast region, as torch's AMP recipe has it)."""
+    op = OPS[name]
+    tensors = [t.to(device) for t in op.tensors(seed=2)]
+    cast = [t.to(dtype) if i in AUTOCAST_CAST[name] else t for i, t in enumerate(tensors)]
+    want, want_grads = _run(op, backend, cast, op.differentiable)
+    leaves = [t.clone().requires_grad_(i in op.differentiable) for i, t in enumerate(tensors)]
+    with torch.autocast(device, dtype=dtype):
+        got = _outputs(op.call(backend, *leaves))
+    _weighted_sum(got).backward()
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g.detach(), w)
+    for i in op.differentiable:
+        assert leaves[i].grad.dtype == torch.float32, op.names[i]
+        assert torch.equal(leaves[i].grad, want_grads[i].float()), op.names[i]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(AUTOCAST_CAST))
+def test_matmul_ops_cast_their_operands_under_autocast(name, backend):
+    """(fp16 on CPU: the Triton interpreter's bf16 dots are wrong; the cast is the same for any autocast dtype.)"""
+    _check_autocast(name, backend, "cpu", torch.float16)
+
+
+@pytest.mark.parametrize("name", list(AUTOCAST_CAST))
+def test_float64_operands_stay_float64_under_autocast(name):
+    op = OPS[name]
+    tensors = [t.double() if t.is_floating_point() else t for t in op.tensors()]
+    want, _ = _run(op, "torch", tensors, ())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = _run(op, "torch", tensors, ())
+    assert all(g.dtype == torch.float64 and torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(AUTOCAST_CAST))
+def test_gpu_matmul_ops_cast_their_operands_under_autocast(name):
+    _check_autocast(name, "triton", "cuda", torch.bfloat16)
+
+
 # ------------------------------------------------------------------------------------------------ devices
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from veofast.ops import fused_linear_cross_entropy, moe_ffn, rms_norm, swiglu, varlen_attention
+from veofast.ops._backend import autocast_dtype
 
 logger = logging.getLogger("veofast.integrations")
 
@@ -77,16 +78,9 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------------ dtypes
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype active for ``device``'s type, or None when autocast is off there."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on for the tensors' device, else the promoted dtype of the tensors."""
-    dtype = _autocast_dtype(tensors[0].device)
+    dtype = autocast_dtype(tensors[0].device)
     if dtype is not None:
         return dtype
     dtype = tensors[0].dtype
@@ -156,7 +150,7 @@ class VeofastExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        dtype = _autocast_dtype(hidden_states.device) or hidden_states.dtype
+        dtype = autocast_dtype(hidden_states.device) or hidden_states.dtype
         return moe_ffn(
             hidden_states.to(dtype),
             top_k_index,
@@ -573,7 +567,7 @@ def causal_lm_loss(
     hidden = outputs[0]
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    dtype = _autocast_dtype(hidden.device)
+    dtype = autocast_dtype(hidden.device)
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

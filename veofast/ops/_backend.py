@@ -3,12 +3,15 @@
 ``backend="auto"`` takes Triton for CUDA tensors and the reference elsewhere; ``"triton"`` and ``"torch"``
 force one. A backend that was asked for explicitly and cannot run raises; a fallback that ``auto`` takes on a
 CUDA device (Triton not installed, or inputs the kernels do not take: ``triton_or_fallback``) is logged once.
+Ops built on matmuls are decorated with ``casts_like_autocast``, so they work inside ``torch.autocast`` as
+``F.linear`` and SDPA do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -88,6 +91,54 @@ def triton_or_fallback(op: str, backend: str, unsupported: str | None) -> str:
         raise ValueError(f"{op}: {unsupported}")
     _log_fallback_once(op, unsupported)
     return "torch"
+
+
+# Device types torch.autocast knows (``torch.is_autocast_enabled("meta")`` raises).
+_AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
+# The dtypes autocast casts; it leaves float64 (and non-float tensors) as they are.
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device``'s type, or None when autocast is off there."""
+    if device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _autocast_cast(value, dtype: torch.dtype):
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.dtype in _AUTOCAST_ELIGIBLE else value
+
+
+def casts_like_autocast(*operands: str) -> Callable[[Callable], Callable]:
+    """Decorate a matmul-like public op so that it works inside ``torch.autocast`` as ``F.linear`` and SDPA do: when
+    autocast is on for the device type of the first argument, the tensor arguments named ``operands`` that are
+    fp32/fp16/bf16 go to the autocast dtype (a differentiable cast, so a fp32 weight gets a fp32 gradient; float64
+    and None pass unchanged), and the op runs with autocast off, so its own precision rules (fp32 accumulation)
+    hold rather than autocast's op lists. Outside autocast the call passes straight through. E.g.
+    ``fused_linear_cross_entropy(hidden_bf16, lm_head.weight_fp32, labels)`` in a bf16 autocast region runs in
+    bf16."""
+
+    def wrap(op: Callable) -> Callable:
+        params = list(inspect.signature(op).parameters)
+        missing = set(operands) - set(params)
+        assert not missing, f"{op.__name__} has no arguments {missing}"
+        positions = {params.index(name) for name in operands}
+
+        @functools.wraps(op)
+        def call(*args, **kwargs):
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            dtype = autocast_dtype(first.device) if isinstance(first, torch.Tensor) else None
+            if dtype is None:
+                return op(*args, **kwargs)
+            args = tuple(_autocast_cast(a, dtype) if i in positions else a for i, a in enumerate(args))
+            kwargs = {k: _autocast_cast(v, dtype) if k in operands else v for k, v in kwargs.items()}
+            with torch.autocast(first.device.type, enabled=False):
+                return op(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def cuda_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from ._backend import on_inputs_device, resolve_backend
+from ._backend import casts_like_autocast, on_inputs_device, resolve_backend
 from ._eager import direct, with_autograd
 
 __all__ = ["varlen_attention", "varlen_attention_reference"]
@@ -327,6 +327,7 @@ _fwd = with_autograd(_fwd_op, _fwd_impl, _backward, _setup_context)
 
 # --------------------------------------------------------------------------------------------------------- public
 @on_inputs_device
+@casts_like_autocast("q", "k", "v")
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -348,7 +349,8 @@ def varlen_attention(
     num_kv_heads; cu_seqlens_q/k: (num_docs + 1,) int32 document boundaries on q's device; max_seqlen_q/k: Python
     ints, at least the longest document. ``softmax_scale`` defaults to ``head_dim ** -0.5``. Returns
     (total_q, num_q_heads, head_dim) in q's dtype. Causal masks are bottom-right aligned per document and
-    ``window_size`` follows flash-attn (module docstring).
+    ``window_size`` follows flash-attn (module docstring). Inside ``torch.autocast`` q, k and v are first cast to the
+    autocast dtype, as SDPA's are, and the op runs as it would on those (``casts_like_autocast``).
 
     ``backend``: ``"auto"`` (Triton on CUDA, the reference elsewhere; on CUDA, inputs the kernels do not support
     — float64, a head dim above 256 — go to the reference with a one-time warning), ``"triton"`` (fp16/bf16/fp32;

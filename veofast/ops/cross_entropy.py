@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import on_inputs_device, resolve_backend, triton_or_fallback
+from ._backend import casts_like_autocast, on_inputs_device, resolve_backend, triton_or_fallback
 from ._eager import first_order_only
 
 OP = "fused_linear_cross_entropy"
@@ -367,6 +367,7 @@ def _label_rows(labels: torch.Tensor, ignore_index: int, count: int) -> torch.Te
 
 
 @on_inputs_device
+@casts_like_autocast("hidden", "weight", "bias")
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -386,7 +387,8 @@ def fused_linear_cross_entropy(
     """Cross-entropy of ``logits = hidden @ weight.T (+ bias)`` against ``labels``, never materialising all logits.
 
     hidden: (..., H) float (bf16/fp16/fp32; math in fp32); weight: (V, H) same dtype; labels: hidden's shape without
-    H, int64 or int32; bias: (V,) or None.
+    H, int64 or int32; bias: (V,) or None. Inside ``torch.autocast`` hidden, weight and bias are first cast to the
+    autocast dtype, as ``F.linear``'s inputs are, and the op runs as it would on those (``casts_like_autocast``).
 
     - ``softcap``: logits become ``softcap * tanh(logits / softcap)`` before the softmax.
     - ``label_smoothing``: as in ``torch.nn.functional.cross_entropy``.

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from veofast.ops._backend import on_inputs_device, resolve_backend, triton_or_fallback
+from veofast.ops._backend import casts_like_autocast, on_inputs_device, resolve_backend, triton_or_fallback
 from veofast.ops._eager import first_order_only
 
 logger = logging.getLogger("veofast.ops")
@@ -536,6 +536,7 @@ def moe_unpermute(
 
 
 @on_inputs_device
+@casts_like_autocast("x", "w")
 def grouped_mm(
     x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
@@ -544,7 +545,7 @@ def grouped_mm(
     x: (M, K) float; w: (E, K, N) in x's dtype (any strides: pass ``weight.transpose(1, 2)`` for ``(E, N, K)``
     linear weights); expert_offsets: (E,) int32 cumulative end rows. Returns (M, N). Rows at or past
     ``expert_offsets[-1]`` are zero on the torch path and undefined on the Triton path; ``x``'s gradient is zero
-    there on both.
+    there on both. Inside ``torch.autocast`` x and w are first cast to the autocast dtype (``casts_like_autocast``).
     """
     _check_float("x", x, 2)
     _check_float("w", w, 3)
@@ -562,6 +563,7 @@ def grouped_mm(
 
 
 @on_inputs_device
+@casts_like_autocast("rows", "gate_up_proj", "down_proj")
 def expert_ffn(
     rows: torch.Tensor,
     expert_offsets: torch.Tensor,
@@ -575,7 +577,8 @@ def expert_ffn(
     rows: (M, H); expert_offsets: (E,) int32 cumulative end rows; gate_up_proj: (E, 2I, H); down_proj: (E, H, I),
     all in rows' dtype. Returns (M, H); differentiable wrt rows and both weights. Rows at or past
     ``expert_offsets[-1]`` take no part: their output is zero on the torch path and undefined on the Triton path,
-    their gradient zero on both.
+    their gradient zero on both. Inside ``torch.autocast`` rows and both weights are first cast to the autocast
+    dtype (``casts_like_autocast``).
     """
     _check_float("rows", rows, 2)
     _check_expert_weights(gate_up_proj, down_proj, rows, "rows")
@@ -587,6 +590,7 @@ def expert_ffn(
 
 
 @on_inputs_device
+@casts_like_autocast("hidden", "gate_up_proj", "down_proj")
 def moe_ffn(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -605,7 +609,8 @@ def moe_ffn(
     down_proj: (E, H, I). Returns (T, H) in hidden's dtype; differentiable wrt hidden, topk_weights and both
     weights. ``first_expert`` and ``num_rows``: as in ``moe_permute`` (the weights are then experts
     ``[first_expert, first_expert + E)``; slots routed elsewhere add nothing). With ``check_ids=False`` the
-    Triton path makes no host sync (see the module docstring).
+    Triton path makes no host sync (see the module docstring). Inside ``torch.autocast`` hidden and both weights are
+    first cast to the autocast dtype (``casts_like_autocast``; topk_weights keep theirs).
     """
     _check_float("hidden", hidden, 2)
     _check_routing(topk_ids, hidden.shape[0])
