@@ -33,8 +33,9 @@ Measured on an H200 (bf16, forward + backward of the public op, 10% of labels ig
   the kept tokens back to back, no softmax work). One run (2026-11-30): 89.3 ms in the pass's 768-row chunks and
   80.1 ms in one chunk (4.5 GB of logits), against the op's 91.7 ms with the label count (100.7 without) and
   torch.compile's 96.0. A probe the same day: 86.2 ms chunked with grad_weight overwritten instead of accumulated
-  (no re-read), 95.1 ms chunked with the logits transposed (``W @ x.T``). Within 0.25 GiB of extra memory the
-  chunks hold at most 768 rows, so no pass built on these GEMMs reaches 84 ms or 1.14x torch.compile here.
+  (no re-read), 95.1 ms chunked with the logits transposed (``W @ x.T``). Within 0.25 GiB of extra memory a chunk
+  holds at most 883 rows (768 as rounded here), so no pass built on these GEMMs reaches 84 ms or 1.14x torch.compile
+  here; the op's own overhead over its GEMMs (the row kernel, the gathers) is 2.4 ms.
 - Measured and not kept (changes under 1% of the total, or a loss elsewhere):
   - Triton GEMMs in place of cuBLAS.
   - A logits GEMM whose epilogue wrote per-block softmax statistics (740 TFLOP/s; the row kernel then read the
