@@ -15,8 +15,8 @@ veofast providers: fp32 master weights and bf16 compute through the engine's own
 ``build_parallelize_model``, as ``tasks/train.py`` trains: on one GPU each decoder layer (and the root) casts its
 fp32 parameters to bf16 for its forward, gradients come back in fp32 (``veofast.distributed.mixed_precision``); on
 several GPUs FSDP2 ``MixedPrecisionPolicy`` (bf16 params, fp32 gradient reduction); and the engine's AdamW
-(``build_optimizer``: one Triton pass per tensor). veofast's ops are custom autograd functions that autocast does
-not cast, so autocast would run them on fp32 inputs.
+(``build_optimizer``: one Triton pass per tensor), without autocast (each layer's own cast replaces it; under
+autocast veofast's matmul ops would cast their operands as ``F.linear`` does, ``casts_like_autocast``).
 
 Every step: forward + loss, backward, optimizer step, zero_grad; steps are timed with a device sync after each one;
 the median of the timed steps after warm-up is reported. Tokens/s per GPU = sequence length / median step time.
