@@ -2,8 +2,7 @@
 
 One PNG per suite found (cross_entropy, attention, moe, small_ops, train, and any other ``*.jsonl``), with one panel
 per case (a shape / op / mode / model) and one bar per provider, so providers compare side by side. The newest row
-of each (case, provider) is plotted, unless it is over ``STALE_AFTER`` older than the case's newest row (a variant
-that later runs no longer measure); rows with an ``error`` or a ``check`` (correctness rows) are left out. Providers
+of each (case, provider) is plotted; rows with an ``error`` or a ``check`` (correctness rows) are left out. Providers
 named ``bound: ...`` are reference measurements, not providers (e.g. the loss's GEMMs alone): their bars are grey and
 never the best. The
 metric of a panel is the first one its rows have of: tokens/s per GPU (train), TFLOP/s, GB/s, ms (lower is better;
@@ -16,7 +15,6 @@ loss / MoE / rest, % of kernel time). Suites without a file, or with nothing plo
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import sys
@@ -58,7 +56,6 @@ METRICS = (
     ("ms", "ms (lower is better)", False),
 )
 SPLIT = ("attention_pct", "loss_pct", "moe_pct", "rest_pct")
-STALE_AFTER = datetime.timedelta(hours=12)
 REFERENCE_PREFIX = "bound:"
 
 
@@ -105,27 +102,13 @@ def case_name(row: dict) -> str:
     )
 
 
-def _date(row: dict) -> datetime.datetime | None:
-    try:
-        return datetime.datetime.fromisoformat(row["date"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def newest_by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
-    """case -> provider -> the last (newest) valid row (files are appended in time order), leaving out providers whose
-    newest row is over ``STALE_AFTER`` older than the case's newest one; undated rows are kept."""
+    """case -> provider -> the last (newest) valid row: files are appended in time order."""
     cases: dict[str, dict[str, dict]] = {}
     for row in rows:
         if row.get("error") or row.get("check") or "provider" not in row:
             continue
         cases.setdefault(case_name(row), {})[str(row["provider"])] = row
-    for by_provider in cases.values():
-        dates = [d for d in map(_date, by_provider.values()) if d is not None]
-        for provider, row in list(by_provider.items()):
-            date = _date(row)
-            if date is not None and max(dates) - date > STALE_AFTER:
-                del by_provider[provider]
     return cases
 
 

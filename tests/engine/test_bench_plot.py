@@ -11,17 +11,16 @@ def _row(provider, date, ms, **extra):
     return {"provider": provider, "date": date, "N": 8, "ms": ms, **extra}
 
 
-def test_newest_row_per_provider_and_stale_variants_left_out():
+def test_newest_valid_row_per_provider():
     rows = [
-        _row("probe-variant", "2026-11-28T10:00:00+00:00", 5.0),
         _row("veofast", "2026-11-29T10:00:00+00:00", 4.0),
         _row("veofast", "2026-11-30T10:00:00+00:00", 3.0),
-        _row("peer", "2026-11-30T09:00:00+00:00", 3.5),
+        _row("peer", "2026-11-28T09:00:00+00:00", 3.5),
         _row("peer", "2026-11-30T09:30:00+00:00", 9.0, error="OOM"),
-        _row("undated", None, 2.0),
+        _row("veofast", "2026-11-30T11:00:00+00:00", 0.0, check="rel_err_vs_fp32"),
     ]
     (case,) = newest_by_case(rows).values()
-    assert {p: r["ms"] for p, r in case.items()} == {"veofast": 3.0, "peer": 3.5, "undated": 2.0}
+    assert {p: r["ms"] for p, r in case.items()} == {"veofast": 3.0, "peer": 3.5}
 
 
 def test_reference_rows_are_grey_and_never_best():
