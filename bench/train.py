@@ -4,6 +4,8 @@ Providers, side by side in one process, on the same random 8192-token sequence (
 
 - ``veofast``: our model, all fast paths (``ops_backend="auto"``: Triton on CUDA);
 - ``veofast-torch``: our model on the plain-torch references (``ops_backend="torch"``);
+- ``veofast-compile``: ``veofast`` with each decoder layer under ``torch.compile`` (``--train.compile``); only when
+  asked for in ``--providers`` (the compilation takes a minute);
 - ``transformers``: ``AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")``, its own torch loss;
 - ``transformers+veofast``: the same with ``veofast.integrations.transformers.apply_veofast_ops`` (our RMSNorm,
   SwiGLU, experts and varlen attention swapped into the instance) and ``causal_lm_loss`` (fused linear CE);
@@ -81,7 +83,16 @@ from veofast.utils.flops import matmul_params, training_flops  # noqa: E402
 SUITE = "train"
 SEQ_LEN = 8192
 LR = 1e-5
-PROVIDERS = ("veofast", "veofast-torch", "transformers", "transformers+veofast", "transformers+liger")
+PROVIDERS = (
+    "veofast",
+    "veofast-torch",
+    "veofast-compile",
+    "transformers",
+    "transformers+veofast",
+    "transformers+liger",
+)
+# What runs without --providers: every provider but the compiled one.
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p != "veofast-compile")
 
 # Llama-3.2-1B-shaped (RoPE without the llama3 scaling: it does not change the cost).
 LLAMA_1B = dict(
@@ -209,9 +220,10 @@ def _autocast(device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------------- providers
-def build_veofast(hf: dict, backend: str, batch: Batch, device: torch.device) -> Runner:
+def build_veofast(hf: dict, backend: str, batch: Batch, device: torch.device, *, compiled: bool = False) -> Runner:
     """veofast's CausalLM on the meta device, sharded and materialised by ``build_parallelize_model`` (FSDP2 with
-    bf16 mixed precision on CUDA), with the engine's AdamW."""
+    bf16 mixed precision on CUDA; each decoder layer under torch.compile with ``compiled``), with the engine's
+    AdamW."""
     from veofast.distributed.torch_parallelize import build_parallelize_model
     from veofast.models import build_foundation_model
     from veofast.optim import build_optimizer
@@ -219,7 +231,12 @@ def build_veofast(hf: dict, backend: str, batch: Batch, device: torch.device) ->
     ps = get_parallel_state()
     model = build_foundation_model(config_overrides=hf, init_device="meta", ops_backend=backend, seed=0)
     model = build_parallelize_model(
-        model, enable_full_shard=ps.world_size > 1, enable_mixed_precision=True, init_device="meta", seed=0
+        model,
+        enable_full_shard=ps.world_size > 1,
+        enable_mixed_precision=True,
+        enable_compile=compiled,
+        init_device="meta",
+        seed=0,
     )
     model.train()
     optimizer = build_optimizer(model, lr=LR)
@@ -317,6 +334,8 @@ def build_runner(provider: str, hf: dict, batch: Batch, device: torch.device) ->
         return build_veofast(hf, "auto", batch, device)
     if provider == "veofast-torch":
         return build_veofast(hf, "torch", batch, device)
+    if provider == "veofast-compile":
+        return build_veofast(hf, "auto", batch, device, compiled=True)
     if provider == "transformers":
         return build_transformers(hf, "torch", batch, device)
     if provider == "transformers+veofast":
@@ -556,12 +575,20 @@ def build_plan(args) -> list[tuple[str, dict, str]]:
         if m not in ("dense", "moe"):
             raise SystemExit(f"--models: unknown {m!r}; choose from dense, moe")
     if "dense" in models:
-        order = ["veofast", "veofast-torch", "transformers", "transformers+veofast", "transformers+liger"]
+        order = [
+            "veofast",
+            "veofast-compile",
+            "veofast-torch",
+            "transformers",
+            "transformers+veofast",
+            "transformers+liger",
+        ]
         plan += [("llama-3.2-1b", LLAMA_1B, p) for p in order if p in providers]
     if "moe" in models:
-        order = ["veofast", "transformers", "transformers+veofast", "transformers+liger", "veofast-torch"]
+        order = ["veofast", "veofast-compile", "transformers", "transformers+veofast", "transformers+liger"]
+        order += ["veofast-torch"] if args.quick else []
         if not args.quick:
-            order = ["veofast", "veofast-torch", "transformers", "transformers+veofast", "transformers+liger"]
+            order.insert(2, "veofast-torch")
         for layers in (int(x) for x in args.moe_layers.split(",") if x):
             plan += [(f"qwen3-30b-a3b-{layers}l", moe_config(layers), p) for p in order if p in providers]
     return plan
@@ -633,7 +660,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/train.py needs a CUDA GPU (tests/engine/test_bench_train.py runs its core on CPU)")
     if args.providers is None:
-        args.providers = "veofast" if args.fsdp else ",".join(PROVIDERS)
+        args.providers = "veofast" if args.fsdp else ",".join(DEFAULT_PROVIDERS)
     if args.ep > 1 and (not args.fsdp or args.models != "moe"):
         raise SystemExit("--ep > 1 needs --fsdp and --models moe (expert parallelism of the veofast MoE model)")
     if args.moe_layers is None:
