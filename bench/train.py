@@ -586,9 +586,7 @@ def build_plan(args) -> list[tuple[str, dict, str]]:
         plan += [("llama-3.2-1b", LLAMA_1B, p) for p in order if p in providers]
     if "moe" in models:
         order = ["veofast", "veofast-compile", "transformers", "transformers+veofast", "transformers+liger"]
-        order += ["veofast-torch"] if args.quick else []
-        if not args.quick:
-            order.insert(2, "veofast-torch")
+        order.insert(len(order) if args.quick else 2, "veofast-torch")
         for layers in (int(x) for x in args.moe_layers.split(",") if x):
             plan += [(f"qwen3-30b-a3b-{layers}l", moe_config(layers), p) for p in order if p in providers]
     return plan
